@@ -1,0 +1,232 @@
+"""
+The pieces every nanoFM script shares: the schedules, the flow matching loss,
+the Euler sampler, the two networks (an MLP for 2D, the handout's U-Net for
+images) and a few small helpers (device, seed, errors, checkpoints).
+
+Equation numbers refer to the handout (../shared/handout.md, section 1).
+"""
+import math
+import os
+import sys
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# schedules: X_t = alpha_t X_0 + beta_t X_1 (Eq. 5), with the border conditions
+# alpha_0 = beta_1 = 1 and alpha_1 = beta_0 = 0. Each returns alpha, beta and
+# their time derivatives dalpha, dbeta, elementwise in t.
+
+def linear(t):
+    # Eq. 2: the straight line from X_0 to X_1
+    return 1 - t, t, -torch.ones_like(t), torch.ones_like(t)
+
+def cosine(t):
+    # Question 1: cos(a) = 0 and sin(b) = 1 need a = pi/2 + k pi and b = pi/2 + 2k pi,
+    # so the smallest positive a and b are both pi/2 (a quarter of a circle).
+    a = math.pi / 2
+    return torch.cos(a * t), torch.sin(a * t), -a * torch.sin(a * t), a * torch.cos(a * t)
+
+SCHEDULES = {"linear": linear, "cosine": cosine}
+
+def get_schedule(name):
+    if name not in SCHEDULES:
+        raise ValueError(f"unknown schedule {name!r}; known schedules: {', '.join(SCHEDULES)}")
+    return SCHEDULES[name]
+
+# -----------------------------------------------------------------------------
+# training and sampling
+
+def fm_loss(model, x0, x1, schedule):
+    """The flow matching loss (Eq. 4, generalised by Eq. 6) for one batch.
+    x0 ~ mu_0 and x1 ~ mu_1 have the same shape (B, ...); each sample gets its own t ~ U(0, 1)."""
+    t = torch.rand(x0.shape[0], device=x0.device, dtype=x0.dtype)
+    alpha, beta, dalpha, dbeta = (s.view(-1, *[1] * (x0.dim() - 1)) for s in schedule(t))
+    xt = alpha * x0 + beta * x1          # a point on the path, Eq. 5
+    target = dalpha * x0 + dbeta * x1    # its velocity dX_t/dt, Eq. 6 (X_1 - X_0 for linear)
+    # under bf16 autocast the network answers in bf16; the error is taken in x0's precision
+    return (model(xt, t).to(target.dtype) - target).pow(2).mean()
+
+@torch.no_grad()
+def euler(model, x0, steps, trajectory=False):
+    """Integrate dx/dt = model(x, t) from t = 0 to t = 1 in `steps` equal Euler steps:
+        x_{i+1} = x_i + (t_{i+1} - t_i) f_{t_i}(x_i),  t_i = i / steps,  i = 0 .. steps-1.
+    This is Eq. 7 written exactly: the handout's sum runs over i = 1 .. N-1, which is one
+    step short of t = 1, and its integral should read X_0 + int_0^1 v_t(phi_t(X_0)) dt.
+    Returns the final points, or with trajectory=True all steps+1 states (steps+1, B, ...)."""
+    if not (isinstance(steps, int) and steps > 0):
+        raise ValueError(f"the number of Euler steps must be a positive integer, got {steps!r}")
+    ts = torch.linspace(0, 1, steps + 1, device=x0.device)
+    x, xs = x0, [x0]
+    for i in range(steps):
+        x = x + (ts[i + 1] - ts[i]) * model(x, ts[i].expand(x.shape[0]))
+        if trajectory:
+            xs.append(x)
+    return torch.stack(xs) if trajectory else x
+
+# -----------------------------------------------------------------------------
+# networks. Every model is called as model(xt, t) with t of shape (B,).
+
+class MLP(nn.Module):
+    """The MLP of section 2: d + 1 inputs (the point and the time, last), three hidden
+    layers of n_hidden with ReLU, d outputs. The handout also puts a ReLU on the output;
+    we don't: a velocity has negative components too, and a ReLU there could never
+    move a point left or down."""
+
+    def __init__(self, d=2, n_hidden=128):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(d + 1, n_hidden), nn.ReLU(),
+            nn.Linear(n_hidden, n_hidden), nn.ReLU(),
+            nn.Linear(n_hidden, n_hidden), nn.ReLU(),
+            nn.Linear(n_hidden, d),
+        )
+
+    def forward(self, x, t):
+        return self.net(torch.cat([x, t[:, None].to(x.dtype)], dim=1))  # (B, d+1) -> (B, d)
+
+class DoubleConv(nn.Module):
+    """conv 3x3, ReLU, conv 3x3, ReLU; padding keeps the height and width."""
+
+    def __init__(self, c_in, c_out):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(c_in, c_out, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(c_out, c_out, 3, padding=1), nn.ReLU(),
+        )
+
+    def forward(self, x):
+        return self.net(x)
+
+class UNet(nn.Module):
+    """The U-Net of section 3, for 28x28 images, exactly as the handout gives it.
+    The time enters as a constant extra input channel (the "time map")."""
+
+    def __init__(self, c_in=1, c_out=1):
+        super().__init__()
+        self.enc1 = DoubleConv(c_in + 1, 32)
+        self.enc2 = DoubleConv(32, 64)
+        self.mid = DoubleConv(64, 64)
+        self.up2 = nn.ConvTranspose2d(64, 64, 2, stride=2)
+        self.dec2 = DoubleConv(64, 32)
+        self.up1 = nn.ConvTranspose2d(32, 32, 2, stride=2)
+        self.dec1 = DoubleConv(32, 32)
+        self.out = nn.Conv2d(32, c_out, 1)
+
+    def forward(self, x, t):
+        B, _, H, W = x.shape
+        tmap = t.to(x.dtype).view(B, 1, 1, 1).expand(B, 1, H, W)
+        e1 = self.enc1(torch.cat([x, tmap], dim=1))  # (B, 32, 28, 28)
+        e2 = self.enc2(F.max_pool2d(e1, 2))           # (B, 64, 14, 14)
+        m = self.mid(F.max_pool2d(e2, 2))             # (B, 64, 7, 7)
+        d2 = self.dec2(self.up2(m) + e2)              # (B, 32, 14, 14), additive skip
+        d1 = self.dec1(self.up1(d2) + e1)             # (B, 32, 28, 28), additive skip
+        return self.out(d1)                           # (B, c_out, 28, 28)
+
+# -----------------------------------------------------------------------------
+# helpers for the scripts
+
+def die(msg):
+    """A user's mistake: one line on stderr naming the script, exit status 1."""
+    raise SystemExit(f"{os.path.basename(sys.argv[0]) or 'nanofm'}: error: {msg}")
+
+def positive_int(s):
+    """argparse type for counts (steps, epochs, ...): a clear error for 0, -3 or 'ten'."""
+    try:
+        n = int(s)
+    except ValueError:
+        n = 0
+    if n <= 0:
+        raise ValueError(s)  # argparse turns this into "invalid positive_int value: 's'"
+    return n
+
+def one_line_errors(parser):
+    """argparse prints its usage (several lines) before an error; we print the error alone."""
+    parser.error = lambda msg: die(msg)
+    return parser
+
+def pick_device(name="auto"):
+    """'auto' takes cuda, then mps, then cpu; a named device must exist here."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        die(f"unknown device {name!r}; use auto, cpu, cuda or mps")
+    if (device.type == "cuda" and not torch.cuda.is_available()) or \
+       (device.type == "mps" and not torch.backends.mps.is_available()):
+        die(f"device {name!r} is not available on this machine")
+    return device
+
+def seed_everything(seed):
+    torch.manual_seed(seed)  # seeds the CPU and every CUDA device
+
+# -----------------------------------------------------------------------------
+# helpers for the image scripts (mnist.py, translate.py)
+
+def pick_dtype(name, device):
+    """'auto' takes bfloat16 only where the hardware computes it natively: a CUDA GPU
+    that supports it, or a CPU with AVX512-BF16 or AMX. Elsewhere bf16 is emulated and
+    slower than fp32 (measured in the README)."""
+    if name == "auto":
+        if device.type == "cuda":
+            native = torch.cuda.is_bf16_supported()
+        elif device.type == "cpu":
+            native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+        else:
+            native = False
+        return torch.bfloat16 if native else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+
+def autocast(device, dtype):
+    """Mixed precision: matmuls and convs in bf16, weights and the loss stay in fp32."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
+
+IDX_FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+             "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
+
+def load_images(name, root, train=True):
+    """All images of MNIST or FashionMNIST as one float tensor (N, 1, 28, 28) in [-1, 1].
+    torchvision downloads the files into root/name/raw on first use; offline, we say
+    exactly what to put where. Pixels go to [-1, 1] to be centred and of the same scale
+    as the N(0, I) noise the flow starts from."""
+    import torchvision  # only the image scripts need it
+    cls = getattr(torchvision.datasets, name)
+    try:
+        ds = cls(root, train=train, download=True)
+    except Exception as e:  # no network, a proxy, a truncated file: all end here
+        raw = os.path.join(root, name, "raw")
+        die(f"{name} is not in {raw} and could not be downloaded ({type(e).__name__}); "
+            f"put the four files {', '.join(IDX_FILES)} there")
+    return ds.data[:, None].float() / 127.5 - 1  # uint8 (N, 28, 28) -> (N, 1, 28, 28)
+
+def to_unit(x):
+    """[-1, 1] (what the model makes, clipped) -> [0, 1] (what an image file holds)."""
+    return (x.float().clamp(-1, 1) + 1) / 2
+
+def atomic_save(obj, path):
+    """torch.save to a temporary file, then rename: a kill mid-write never leaves a half file."""
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+def load_checkpoint(path):
+    if not os.path.exists(path):
+        die(f"no checkpoint at {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        die(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+
+def restore(model, ckpt, path):
+    """Load a checkpoint's weights into model, or say clearly that they do not fit it."""
+    try:
+        model.load_state_dict(ckpt["model"])
+    except (KeyError, IndexError, TypeError, RuntimeError):
+        die(f"{path} does not hold weights for this script's {type(model).__name__}")
+    return model

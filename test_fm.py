@@ -1,0 +1,187 @@
+"""
+Tests of nanoFM: the maths against closed forms, then each script end to end on
+small settings (MNIST-shaped data is written by the tests as IDX files). Run:
+    python -m pytest
+"""
+import csv
+import math
+import os
+import struct
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import common
+from common import MLP, UNet, cosine, euler, fm_loss, get_schedule, linear
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SCHEDULES = [linear, cosine]
+
+# -----------------------------------------------------------------------------
+# schedules (Eq. 5, questions 1 to 4)
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_border_conditions(schedule):
+    alpha, beta, _, _ = schedule(torch.tensor([0.0, 1.0], dtype=torch.float64))
+    assert alpha.tolist() == pytest.approx([1, 0], abs=1e-12)  # alpha_0 = 1, alpha_1 = 0
+    assert beta.tolist() == pytest.approx([0, 1], abs=1e-12)   # beta_0 = 0,  beta_1 = 1
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_derivatives_match_finite_differences(schedule):
+    t, h = torch.linspace(0.01, 0.99, 50, dtype=torch.float64), 1e-6
+    _, _, dalpha, dbeta = schedule(t)
+    (ap, bp, _, _), (am, bm, _, _) = schedule(t + h), schedule(t - h)
+    torch.testing.assert_close(dalpha, (ap - am) / (2 * h), rtol=0, atol=1e-8)
+    torch.testing.assert_close(dbeta, (bp - bm) / (2 * h), rtol=0, atol=1e-8)
+
+def test_cosine_constants_are_the_smallest():
+    # question 1: a = b = pi/2; any smaller a > 0 leaves alpha_1 = cos(a) > 0
+    alpha, beta, _, _ = cosine(torch.tensor([0.5], dtype=torch.float64))
+    assert alpha.item() == pytest.approx(math.cos(math.pi / 4))
+    assert beta.item() == pytest.approx(math.sin(math.pi / 4))
+
+def test_cosine_is_variance_preserving_and_linear_is_not():
+    t = torch.linspace(0, 1, 101, dtype=torch.float64)
+    a, b, _, _ = cosine(t)
+    torch.testing.assert_close(a ** 2 + b ** 2, torch.ones_like(t))  # Var X_t = 1 for all t
+    a, b, _, _ = linear(torch.tensor([0.5], dtype=torch.float64))
+    assert (a ** 2 + b ** 2).item() == 0.5                            # question 3: 1/4 + 1/4
+    # and by sampling, as in question 3: X_0 ~ N(0, 1), X_1 ~ N(1, 1)
+    g = torch.Generator().manual_seed(0)
+    x0, x1 = torch.randn(400_000, generator=g), 1 + torch.randn(400_000, generator=g)
+    for schedule, var in [(linear, 0.5), (cosine, 1.0)]:
+        a, b, _, _ = schedule(torch.tensor(0.5))
+        assert (a * x0 + b * x1).var().item() == pytest.approx(var, abs=0.01)
+
+def test_unknown_schedule_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown schedule 'sigmoid'; known schedules: linear, cosine"):
+        get_schedule("sigmoid")
+
+# -----------------------------------------------------------------------------
+# the loss (Eq. 4 / 6) and the Euler sampler (Eq. 7)
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_loss_is_zero_for_the_exact_velocity(schedule):
+    # from one point x0 to one point x1 the velocity is known: dalpha_t x0 + dbeta_t x1
+    x0 = torch.tensor([[0.3, -1.2]], dtype=torch.float64).repeat(64, 1)
+    x1 = torch.tensor([[2.0, 0.5]], dtype=torch.float64).repeat(64, 1)
+    def exact(x, t):
+        _, _, da, db = schedule(t[:, None])
+        return da * x0 + db * x1
+    assert fm_loss(exact, x0, x1, schedule).item() == pytest.approx(0, abs=1e-24)
+    # off by (0.1, -0.2) everywhere: the mean squared error is (0.01 + 0.04) / 2
+    off = lambda x, t: exact(x, t) + torch.tensor([0.1, -0.2], dtype=torch.float64)
+    assert fm_loss(off, x0, x1, schedule).item() == pytest.approx(0.025)
+
+@pytest.mark.parametrize("steps", [1, 3, 10])
+def test_euler_is_exact_on_a_constant_field(steps):
+    c = torch.tensor([0.5, -2.0], dtype=torch.float64)
+    x0 = torch.randn(5, 2, dtype=torch.float64)
+    traj = euler(lambda x, t: c.expand_as(x), x0, steps, trajectory=True)
+    assert traj.shape == (steps + 1, 5, 2)
+    for i in range(steps + 1):
+        torch.testing.assert_close(traj[i], x0 + c * i / steps)
+    torch.testing.assert_close(euler(lambda x, t: c.expand_as(x), x0, steps), x0 + c)
+
+@pytest.mark.parametrize("steps", [1, 2, 10, 37])
+def test_euler_reaches_a_single_target_exactly(steps):
+    # linear schedule, mu_1 = one point x1: the exact field is (x1 - x) / (1 - t). Each Euler
+    # step shrinks x1 - x by (1 - t_{i+1}) / (1 - t_i), so the last step lands on x1.
+    # (The handout's Eq. 7 sums to N-1 and would stop one step short.)
+    x1 = torch.tensor([1.5, -0.5], dtype=torch.float64)
+    x0 = torch.randn(8, 2, dtype=torch.float64)
+    field = lambda x, t: (x1 - x) / (1 - t[:, None])
+    torch.testing.assert_close(euler(field, x0, steps), x1.expand(8, 2), rtol=0, atol=1e-12)
+
+def test_euler_time_is_a_batch_vector_from_0_to_1():
+    seen = []
+    euler(lambda x, t: seen.append(t.clone()) or torch.zeros_like(x), torch.zeros(3, 2), 4)
+    assert [s.tolist() for s in seen] == [[i / 4] * 3 for i in range(4)]
+
+@pytest.mark.parametrize("steps", [0, -3, 2.5])
+def test_euler_rejects_bad_steps(steps):
+    with pytest.raises(ValueError, match="positive integer"):
+        euler(lambda x, t: x, torch.zeros(2, 2), steps)
+
+# -----------------------------------------------------------------------------
+# networks
+
+def test_mlp_shapes_and_negative_outputs():
+    torch.manual_seed(0)
+    model = MLP(d=2, n_hidden=32)
+    assert [m.in_features for m in model.net if isinstance(m, torch.nn.Linear)] == [3, 32, 32, 32]
+    x, t = torch.randn(1000, 2), torch.rand(1000)
+    out = model(x, t)
+    assert out.shape == (1000, 2)
+    # the handout's final ReLU would make both of these impossible: velocities need both signs
+    assert (out < 0).any()
+    with torch.no_grad():
+        model.net[-1].weight.neg_(), model.net[-1].bias.neg_()
+    torch.testing.assert_close(model(x, t), -out)  # the output layer is affine, no ReLU
+
+def test_unet_layers_and_parameter_count():
+    model = UNet()
+    conv = lambda cin, cout, k: cin * cout * k * k + cout
+    double = lambda cin, cout: conv(cin, cout, 3) + conv(cout, cout, 3)
+    expected = (double(2, 32) + double(32, 64) + double(64, 64)   # encoder and bottleneck
+                + conv(64, 64, 2) + double(64, 32)                # up to 14x14
+                + conv(32, 32, 2) + double(32, 32)                # up to 28x28
+                + conv(32, 1, 1))                                 # 1x1 output
+    assert sum(p.numel() for p in model.parameters()) == expected == 205_953
+    shapes = {}
+    for name in ["enc1", "enc2", "mid", "up2", "dec2", "up1", "dec1", "out"]:
+        getattr(model, name).register_forward_hook(lambda m, i, o, name=name: shapes.__setitem__(name, tuple(o.shape[1:])))
+    model(torch.randn(3, 1, 28, 28), torch.rand(3))
+    assert shapes == {"enc1": (32, 28, 28), "enc2": (64, 14, 14), "mid": (64, 7, 7), "up2": (64, 14, 14),
+                      "dec2": (32, 14, 14), "up1": (32, 28, 28), "dec1": (32, 28, 28), "out": (1, 28, 28)}
+    assert model.enc1.net[0].in_channels == 2  # the image and the time map
+
+# -----------------------------------------------------------------------------
+# the 2D scripts, small and fast
+
+def moon_distance(points, n=4000):
+    """Distance of each point to the nearest point of the noise-free moons (centred as in moons.py)."""
+    theta = torch.linspace(0, math.pi, n // 2)
+    upper = torch.stack([torch.cos(theta), torch.sin(theta)], 1)
+    lower = torch.stack([1 - torch.cos(theta), 0.5 - torch.sin(theta)], 1)
+    curve = torch.cat([upper, lower]) - torch.tensor([0.5, 0.25])
+    return torch.cdist(points, curve).min(dim=1).values
+
+def test_moons_training_learns_the_moons(tmp_path):
+    import moons
+    out = moons.main(["--iters", "1500", "--n-samples", "1000", "--steps", "50", "--gif", "0", "--out", str(tmp_path)])
+    losses = out["losses"]
+    # the loss has a floor near 1 (the spread of X_1 - X_0 given X_t), far below the start
+    assert sum(losses[-100:]) / 100 < 0.8 * sum(losses[:20]) / 20
+    assert moon_distance(out["samples"]).median() < 0.1                # the moons' own noise is 0.05
+    assert moon_distance(torch.randn(1000, 2)).median() > 0.3          # the source is far from them
+    assert (tmp_path / "moons.png").stat().st_size > 10_000
+
+def test_gaussian_writes_a_well_formed_variance_csv(tmp_path):
+    import gaussian
+    gaussian.main(["--iters", "300", "--steps", "10", "--n-samples", "2000", "--out", str(tmp_path)])
+    with open(tmp_path / "variance.csv") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["schedule", "t", "var_measured", "var_theory"]
+    assert [r[0] for r in rows[1:]] == ["linear"] * 11 + ["cosine"] * 11
+    for name, block in [("linear", rows[1:12]), ("cosine", rows[12:])]:
+        t = [float(r[1]) for r in block]
+        assert t == pytest.approx([i / 10 for i in range(11)])
+        theory = [float(r[3]) for r in block]
+        assert theory == pytest.approx([(1 - s) ** 2 + s ** 2 if name == "linear" else 1 for s in t], abs=1e-5)
+        assert float(block[0][2]) == pytest.approx(1, abs=0.1)  # x_0 ~ N(0, I)
+    assert (tmp_path / "variance.png").exists()
+
+@pytest.mark.parametrize("script,args,message", [
+    ("moons.py", ["--schedule", "sigmoid"], "invalid choice: 'sigmoid'"),
+    ("moons.py", ["--steps", "0"], "argument --steps: invalid positive_int value: '0'"),
+    ("gaussian.py", ["--iters", "-5"], "argument --iters: invalid positive_int value: '-5'"),
+    ("moons.py", ["--device", "cuda:7"], "is not available on this machine"),
+])
+def test_bad_input_is_one_line_and_a_non_zero_exit(script, args, message):
+    r = subprocess.run([sys.executable, os.path.join(HERE, script), *args], capture_output=True, text=True, cwd=HERE)
+    assert r.returncode != 0
+    assert r.stderr.count("\n") == 1 and message in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
