@@ -185,3 +185,97 @@ def test_bad_input_is_one_line_and_a_non_zero_exit(script, args, message):
     assert r.returncode != 0
     assert r.stderr.count("\n") == 1 and message in r.stderr, r.stderr
     assert "Traceback" not in r.stderr
+
+# -----------------------------------------------------------------------------
+# mnist.py on small IDX files written here (torchvision reads them as the real ones)
+
+def write_idx(root, name, n_train=48, n_test=16, seed=0):
+    """root/name/raw/ with the four IDX files: blurry random strokes, labels 0..9."""
+    raw = root / name / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    for prefix, n in [("train", n_train), ("t10k", n_test)]:
+        images = (torch.rand(n, 28, 28, generator=g) > 0.8).to(torch.uint8) * 255
+        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(struct.pack(">IIII", 0x0803, n, 28, 28) + images.numpy().tobytes())
+        labels = torch.arange(n, dtype=torch.uint8) % 10
+        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(struct.pack(">II", 0x0801, n) + labels.numpy().tobytes())
+    return root
+
+@pytest.fixture
+def mnist_data(tmp_path):
+    return write_idx(tmp_path / "data", "MNIST")
+
+def run_mnist(data, out, *extra):
+    import mnist
+    return mnist.main(["--data", str(data), "--out", str(out), "--batch-size", "16", "--steps", "2", *extra])
+
+def test_load_images_reads_idx_files_into_minus_one_one(mnist_data):
+    x = common.load_images("MNIST", str(mnist_data))
+    assert x.shape == (48, 1, 28, 28) and x.dtype == torch.float32
+    assert set(x.unique().tolist()) == {-1.0, 1.0}  # 0 -> -1, 255 -> 1
+
+def test_mnist_trains_writes_grid_and_checkpoint_then_samples(mnist_data, tmp_path, capsys):
+    out = tmp_path / "out"
+    run_mnist(mnist_data, out, "--epochs", "1", "--schedule", "linear")
+    log = capsys.readouterr().out
+    line = [l for l in log.splitlines() if l.startswith("epoch")][0]
+    assert "epoch   1/1 | loss " in line and " img/s | " in line
+    assert math.isfinite(float(line.split("loss ")[1].split()[0]))
+    assert (out / "epoch001.png").exists()
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["epoch"] == 1 and ckpt["config"]["schedule"] == "linear"
+    assert not (out / "ckpt.pt.tmp").exists()
+
+    run_mnist(mnist_data, out, "--sample", "10")
+    x = torch.load(out / "samples.pt", weights_only=True)
+    assert x.shape == (10, 1, 28, 28) and x.dtype == torch.float32
+    assert x.min() >= 0 and x.max() <= 1
+    assert (out / "samples.png").exists()
+
+def test_mnist_resumed_after_a_kill_ends_with_the_same_weights(mnist_data, tmp_path, monkeypatch):
+    import mnist
+    run_mnist(mnist_data, tmp_path / "a", "--epochs", "3")  # never interrupted
+    # the same run, killed in the middle of epoch 2 (48 images / 16 = 3 steps an epoch)
+    calls = {"n": 0}
+    def dying_loss(*a):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return fm_loss(*a)
+    monkeypatch.setattr(mnist, "fm_loss", dying_loss)
+    with pytest.raises(KeyboardInterrupt):
+        run_mnist(mnist_data, tmp_path / "b", "--epochs", "3")
+    assert torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["epoch"] == 1
+    monkeypatch.setattr(mnist, "fm_loss", fm_loss)
+    run_mnist(mnist_data, tmp_path / "b", "--epochs", "3", "--resume")
+    a = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)
+    assert a["epoch"] == b["epoch"] == 3
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+
+def expect_error(message, fn, *args):
+    with pytest.raises(SystemExit) as e:
+        fn(*args)
+    assert message in str(e.value.code) and "\n" not in str(e.value.code), e.value.code
+
+def test_mnist_bad_input_is_a_clear_error(mnist_data, tmp_path, monkeypatch):
+    import torchvision
+    # no data and no network: name the folder and the four files
+    monkeypatch.setattr(torchvision.datasets.MNIST, "mirrors", ["http://127.0.0.1:9/"])
+    empty = tmp_path / "empty"
+    expect_error(f"MNIST is not in {empty / 'MNIST' / 'raw'} and could not be downloaded", run_mnist, empty, tmp_path / "o1")
+    expect_error("t10k-labels-idx1-ubyte there", run_mnist, empty, tmp_path / "o1")
+    expect_error("invalid choice: 'sigmoid'", run_mnist, mnist_data, tmp_path / "o2", "--schedule", "sigmoid")
+    expect_error("no checkpoint at", run_mnist, mnist_data, tmp_path / "o3", "--sample", "4")
+    expect_error("no checkpoint at", run_mnist, mnist_data, tmp_path / "o3", "--resume")
+    # a checkpoint of another network, a corrupt file
+    (tmp_path / "o4").mkdir()
+    torch.save({"model": MLP().state_dict()}, tmp_path / "o4" / "ckpt.pt")
+    expect_error("does not hold weights for this script's UNet", run_mnist, mnist_data, tmp_path / "o4", "--sample", "4")
+    expect_error("does not hold weights for this script's UNet", run_mnist, mnist_data, tmp_path / "o4", "--resume")
+    (tmp_path / "o4" / "ckpt.pt").write_bytes(b"not a checkpoint")
+    expect_error("cannot read checkpoint", run_mnist, mnist_data, tmp_path / "o4", "--sample", "4")
+    # an existing run is never overwritten by a fresh one
+    expect_error("ckpt.pt exists: add --resume", run_mnist, mnist_data, tmp_path / "o4")
+    assert (tmp_path / "o4" / "ckpt.pt").read_bytes() == b"not a checkpoint"
