@@ -279,3 +279,17 @@ def test_mnist_bad_input_is_a_clear_error(mnist_data, tmp_path, monkeypatch):
     # an existing run is never overwritten by a fresh one
     expect_error("ckpt.pt exists: add --resume", run_mnist, mnist_data, tmp_path / "o4")
     assert (tmp_path / "o4" / "ckpt.pt").read_bytes() == b"not a checkpoint"
+
+def test_euler_on_the_exact_gaussian_field_has_the_predicted_discretisation_error():
+    # N(0, 1) -> N(1, 1), linear schedule, independent X_0, X_1: the exact velocity field is
+    # v_t(x) = 1 + a_t (x - t) with a_t = (2t - 1) / ((1 - t)^2 + t^2) (README, question 6).
+    # Euler keeps the mean exact and scales a deviation by (1 + h a_{t_i}) each step, so the
+    # variance it reaches is prod_i (1 + h a_{t_i})^2 instead of 1.
+    a = lambda t: (2 * t - 1) / ((1 - t) ** 2 + t ** 2)
+    field = lambda x, t: 1 + a(t)[:, None] * (x - t[:, None])
+    for steps in [2, 5, 10, 100]:
+        x = euler(field, torch.tensor([[0.0], [1.0]], dtype=torch.float64), steps)
+        predicted = math.prod((1 + a(i / steps) / steps) ** 2 for i in range(steps))
+        assert x[0].item() == pytest.approx(1.0, abs=1e-12)                       # the mean: exact
+        assert ((x[1] - x[0]) ** 2).item() == pytest.approx(predicted, rel=1e-12)  # the variance
+    assert predicted == pytest.approx(0.9746, abs=1e-4)  # 100 steps: the number in the README
