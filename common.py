@@ -57,7 +57,7 @@ def euler(model, x0, steps, trajectory=False):
     Returns the final points, or with trajectory=True all steps+1 states (steps+1, B, ...)."""
     if not (isinstance(steps, int) and steps > 0):
         raise ValueError(f"the number of Euler steps must be a positive integer, got {steps!r}")
-    ts = torch.linspace(0, 1, steps + 1, device=x0.device)
+    ts = torch.linspace(0, 1, steps + 1, device=x0.device, dtype=x0.dtype)
     x, xs = x0, [x0]
     for i in range(steps):
         x = x + (ts[i + 1] - ts[i]) * model(x, ts[i].expand(x.shape[0]))
