@@ -242,11 +242,11 @@ def test_mnist_resumed_after_a_kill_ends_with_the_same_weights(mnist_data, tmp_p
         if calls["n"] == 5:
             raise KeyboardInterrupt
         return fm_loss(*a)
-    monkeypatch.setattr(mnist, "fm_loss", dying_loss)
+    monkeypatch.setattr(common, "fm_loss", dying_loss)
     with pytest.raises(KeyboardInterrupt):
         run_mnist(mnist_data, tmp_path / "b", "--epochs", "3")
     assert torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["epoch"] == 1
-    monkeypatch.setattr(mnist, "fm_loss", fm_loss)
+    monkeypatch.setattr(common, "fm_loss", fm_loss)
     run_mnist(mnist_data, tmp_path / "b", "--epochs", "3", "--resume")
     a = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)
     b = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)
@@ -293,3 +293,44 @@ def test_euler_on_the_exact_gaussian_field_has_the_predicted_discretisation_erro
         assert x[0].item() == pytest.approx(1.0, abs=1e-12)                       # the mean: exact
         assert ((x[1] - x[0]) ** 2).item() == pytest.approx(predicted, rel=1e-12)  # the variance
     assert predicted == pytest.approx(0.9746, abs=1e-4)  # 100 steps: the number in the README
+
+# -----------------------------------------------------------------------------
+# translate.py: Fashion-MNIST -> MNIST, on small IDX files
+
+@pytest.fixture
+def both_data(tmp_path):
+    return write_idx(write_idx(tmp_path / "data", "MNIST"), "FashionMNIST", n_train=40, n_test=24, seed=1)
+
+def run_translate(data, out, *extra):
+    import translate
+    return translate.main(["--data", str(data), "--out", str(out), "--batch-size", "16", "--steps", "2", *extra])
+
+def test_translate_starts_from_garments_and_writes_pictures(both_data, tmp_path, monkeypatch):
+    from PIL import Image
+    garments = common.load_images("FashionMNIST", str(both_data)).flatten(1)
+    starts = []
+    def recording_loss(model, x0, x1, schedule):
+        starts.append(x0.flatten(1))
+        return fm_loss(model, x0, x1, schedule)
+    monkeypatch.setattr(common, "fm_loss", recording_loss)
+    out = tmp_path / "out"
+    run_translate(both_data, out, "--epochs", "1")
+    x0 = torch.cat(starts)
+    assert len(x0) == 48  # one start per MNIST training image
+    # every x0 is a Fashion-MNIST training image (not noise, not a digit)
+    assert (torch.cdist(x0, garments).min(dim=1).values == 0).all()
+    assert Image.open(out / "epoch001.png").size == (16 * 30 + 2, 2 * 30 + 2)  # sources over results
+
+    run_translate(both_data, out, "--sample", "10")
+    x = torch.load(out / "samples.pt", weights_only=True)
+    assert x.shape == (10, 1, 28, 28) and x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1
+    assert Image.open(out / "samples.png").size == (10 * 30 + 2, 2 * 30 + 2)
+    # 20 images: a full row of 16 pairs, then 4 pairs padded with black
+    run_translate(both_data, out, "--sample", "20")
+    assert Image.open(out / "samples.png").size == (16 * 30 + 2, 4 * 30 + 2)
+    expect_error("--sample 25: Fashion-MNIST has only 24 test images", run_translate, both_data, out, "--sample", "25")
+
+def test_translate_without_fashion_mnist_is_a_clear_error(mnist_data, tmp_path, monkeypatch):
+    import torchvision
+    monkeypatch.setattr(torchvision.datasets.FashionMNIST, "mirrors", ["http://127.0.0.1:9/"])
+    expect_error(f"FashionMNIST is not in {mnist_data / 'FashionMNIST' / 'raw'}", run_translate, mnist_data, tmp_path / "o")
