@@ -3,7 +3,7 @@ The pieces every nanoFM script shares: the schedules, the flow matching loss,
 the Euler sampler, the two networks (an MLP for 2D, the handout's U-Net for
 images) and a few small helpers (device, seed, errors, checkpoints).
 
-Equation numbers refer to the handout (../shared/handout.md, section 1).
+Equation numbers refer to the handout of the practical (section 1; see README.md).
 """
 import argparse
 import math
@@ -272,7 +272,7 @@ def train(args, model, ckpt, device, dtype, x1_all, draw_x0, picture):
     on the device; draw_x0(x1) gives the matching batch of starting points; picture(model,
     epoch) draws the epoch's PNG. After every epoch: one log line, the picture, then the
     checkpoint, written atomically, with all it takes to resume exactly."""
-    # channels_last: the layout the fast conv kernels want (+4% in fp32 on our CPU)
+    # channels_last: the layout the fast conv kernels want (README, "How fast")
     model = model.to(device, memory_format=torch.channels_last)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     schedule, N, start = get_schedule(args.schedule), len(x1_all), 0
@@ -308,16 +308,17 @@ def train(args, model, ckpt, device, dtype, x1_all, draw_x0, picture):
         }, os.path.join(args.out, "ckpt.pt"))
 
 def load_model(out, device):
-    """The U-Net of OUT/ckpt.pt, for sampling."""
+    """The U-Net of OUT/ckpt.pt, for sampling. channels_last doubles the speed of the
+    forward pass on our CPU (README, "How fast")."""
     path = os.path.join(out, "ckpt.pt")
-    return restore(UNet(), load_checkpoint(path), path).to(device)
+    return restore(UNet(), load_checkpoint(path), path).to(device, memory_format=torch.channels_last)
 
 @torch.no_grad()
 def generate(model, x0, steps, device, dtype, quiet=True):
     """Euler from x0 (N, 1, 28, 28) to t = 1, in chunks to bound the memory: (N, 1, 28, 28)
     in [0, 1] on the CPU. quiet=False prints the speed."""
     t0, xs = time.time(), []
-    for chunk in x0.split(500):
+    for chunk in x0.split(256):
         with autocast(device, dtype):
             xs.append(to_unit(euler(model, chunk.to(device), steps)).cpu())
     if not quiet:
