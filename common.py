@@ -67,6 +67,22 @@ def euler(model, x0, steps, trajectory=False):
             xs.append(x)
     return torch.stack(xs) if trajectory else x
 
+def train_2d(model, draw, schedule, args, every, tag=""):
+    """The training loop of the 2D scripts: args.iters Adam steps on fresh batches
+    x0, x1 = draw(args.batch_size), printing the mean loss every `every` steps."""
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    losses, t0 = [], time.time()
+    for it in range(1, args.iters + 1):
+        x0, x1 = draw(args.batch_size)
+        loss = fm_loss(model, x0, x1, schedule)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        if it % every == 0:
+            print(f"{tag}iter {it:5d}/{args.iters} | loss {sum(losses[-every:]) / every:.4f} | {time.time() - t0:5.1f} s")
+    return losses
+
 # -----------------------------------------------------------------------------
 # networks. Every model is called as model(xt, t) with t of shape (B,).
 

@@ -14,14 +14,13 @@ Writes OUT/variance.csv (schedule,t,var_measured,var_theory) and OUT/variance.pn
 import argparse
 import csv
 import os
-import time
 
 import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
 
-from common import MLP, SCHEDULES, euler, fm_loss, get_schedule, one_line_errors, pick_device, positive_int, seed_everything
+from common import MLP, SCHEDULES, euler, get_schedule, one_line_errors, pick_device, positive_int, seed_everything, train_2d
 
 # -----------------------------------------------------------------------------
 # settings; the defaults are the recommended run
@@ -50,19 +49,13 @@ def main(argv=None):
         # training, as in moons.py, with x1 ~ N((1, 1), I)
         seed_everything(args.seed)
         schedule = get_schedule(name)
+        def draw(n):
+            x0 = torch.randn(n, 2, device=device)
+            return x0, MU1.to(device) + torch.randn(n, 2, device=device)
+
         model = MLP(d=2, n_hidden=args.n_hidden).to(device)
-        opt = torch.optim.Adam(model.parameters(), lr=args.lr)
-        losses, t0, every = [], time.time(), max(1, args.iters // 5)
-        for it in range(1, args.iters + 1):
-            x0 = torch.randn(args.batch_size, 2, device=device)
-            x1 = MU1.to(device) + torch.randn(args.batch_size, 2, device=device)
-            loss = fm_loss(model, x0, x1, schedule)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-            if it % every == 0:
-                print(f"{name} | iter {it:5d}/{args.iters} | loss {sum(losses[-every:]) / every:.4f} | {time.time() - t0:5.1f} s")
+        every = max(1, args.iters // 5)
+        losses = train_2d(model, draw, schedule, args, every, tag=f"{name} | ")
 
         # ---------------------------------------------------------------------
         # the variance of the generated points at every Euler step, next to the theory

@@ -10,7 +10,6 @@ the learned velocity field at a few times, the loss) and OUT/moons.gif (the poin
 import argparse
 import math
 import os
-import time
 
 import matplotlib
 matplotlib.use("Agg")  # no screen needed
@@ -18,7 +17,7 @@ import matplotlib.pyplot as plt
 from matplotlib.animation import FuncAnimation, PillowWriter
 import torch
 
-from common import MLP, SCHEDULES, euler, fm_loss, get_schedule, one_line_errors, pick_device, positive_int, seed_everything
+from common import MLP, SCHEDULES, euler, get_schedule, one_line_errors, pick_device, positive_int, seed_everything, train_2d
 
 # -----------------------------------------------------------------------------
 # settings; the defaults are the recommended run
@@ -52,19 +51,12 @@ def main(argv=None):
 
     # -------------------------------------------------------------------------
     # training: mu_0 = N(0, I), mu_1 = the moons, both sampled afresh every iteration
+    def draw(n):
+        x1 = sample_moons(n).to(device)
+        return torch.randn_like(x1), x1  # x0 ~ N(0, I), x1 ~ the moons
+
     model = MLP(d=2, n_hidden=args.n_hidden).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
-    losses, t0, every = [], time.time(), max(1, args.iters // 10)
-    for it in range(1, args.iters + 1):
-        x1 = sample_moons(args.batch_size).to(device)
-        x0 = torch.randn_like(x1)
-        loss = fm_loss(model, x0, x1, schedule)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-        if it % every == 0:
-            print(f"iter {it:5d}/{args.iters} | loss {sum(losses[-every:]) / every:.4f} | {time.time() - t0:5.1f} s")
+    losses = train_2d(model, draw, schedule, args, every=max(1, args.iters // 10))  # fm_loss + Adam, common.py
 
     # -------------------------------------------------------------------------
     # sampling: the whole trajectory of n_samples points, (steps+1, n, 2)
