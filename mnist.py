@@ -29,7 +29,8 @@ def main(argv=None):
     noise = lambda n: torch.randn(n, 1, 28, 28, generator=torch.Generator().manual_seed(args.seed))
 
     if args.sample:  # no training: N digits from N fresh noise images
-        x = generate(load_model(args.out, device), noise(args.sample), args.steps, device, dtype, quiet=False)
+        model = load_model(args.out, device, args.raw)
+        x = generate(model, noise(args.sample), args.steps, device, dtype, args.solver, quiet=False)
         atomic_save(x, os.path.join(args.out, "samples.pt"))  # (N, 1, 28, 28) in [0, 1]
         save_image(x[:256], os.path.join(args.out, "samples.png"), nrow=16)
         print(f"wrote {args.out}/samples.pt and {args.out}/samples.png")
@@ -40,7 +41,8 @@ def main(argv=None):
     fixed = noise(64)  # the same noise every epoch, so the grids can be compared
 
     def picture(model, epoch):
-        save_image(generate(model, fixed, args.steps, device, dtype), os.path.join(args.out, f"epoch{epoch:03d}.png"), nrow=8)
+        x = generate(model, fixed, args.steps, device, dtype, args.solver)
+        save_image(x, os.path.join(args.out, f"epoch{epoch:03d}.png"), nrow=8)
 
     # x0 ~ mu_0 = N(0, I): fresh noise for every batch
     train(args, model, ckpt, device, dtype, x1_all, draw_x0=torch.randn_like, picture=picture)

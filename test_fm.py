@@ -3,7 +3,9 @@ Tests of nanoFM: the maths against closed forms, then each script end to end on
 small settings (MNIST-shaped data is written by the tests as IDX files). Run:
     python -m pytest
 """
+import contextlib
 import csv
+import io
 import math
 import os
 import struct
@@ -105,6 +107,34 @@ def test_euler_rejects_bad_steps(steps):
     with pytest.raises(ValueError, match="positive integer"):
         euler(lambda x, t: x, torch.zeros(2, 2), steps)
 
+@pytest.mark.parametrize("solver,ratio", [("euler", 2), ("heun", 4)])
+def test_solver_order_of_accuracy(solver, ratio):
+    # dx/dt = t x, x(0) = 1: x(1) = e^(1/2). Halving the step divides the error by 2^order.
+    field = lambda x, t: t[:, None] * x
+    x0 = torch.ones(1, 1, dtype=torch.float64)
+    errors = [abs(common.sample(field, x0, n, solver).item() - math.exp(0.5)) for n in [20, 40, 80]]
+    assert errors[0] / errors[1] == pytest.approx(ratio, rel=0.07)
+    assert errors[1] / errors[2] == pytest.approx(ratio, rel=0.04)
+
+def test_heun_is_exact_where_the_velocity_is_linear_in_t_and_euler_is_not():
+    # dx/dt = a + b t: x(1) = x0 + a + b / 2. The trapezoid rule integrates a line exactly;
+    # Euler takes the left end of each step and falls short by b / (2 steps).
+    a, b = torch.tensor([0.5, -1.0], dtype=torch.float64), torch.tensor([2.0, 3.0], dtype=torch.float64)
+    field = lambda x, t: a + b * t[:, None]
+    x0 = torch.randn(4, 2, dtype=torch.float64)
+    for steps in [1, 3, 8]:
+        torch.testing.assert_close(common.sample(field, x0, steps, "heun"), x0 + a + b / 2)
+        torch.testing.assert_close(common.sample(field, x0, steps, "euler"), x0 + a + b / 2 - b / (2 * steps))
+
+def test_heun_calls_the_network_twice_a_step_at_both_ends():
+    seen = []
+    common.sample(lambda x, t: seen.append(t[0].item()) or torch.zeros_like(x), torch.zeros(3, 2), 4, "heun")
+    assert seen == pytest.approx([0, 0.25, 0.25, 0.5, 0.5, 0.75, 0.75, 1.0])
+
+def test_unknown_solver_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown solver 'rk4'; known solvers: euler, heun"):
+        common.sample(lambda x, t: x, torch.zeros(2, 2), 3, "rk4")
+
 # -----------------------------------------------------------------------------
 # networks
 
@@ -189,15 +219,20 @@ def test_bad_input_is_one_line_and_a_non_zero_exit(script, args, message):
 # -----------------------------------------------------------------------------
 # mnist.py on small IDX files written here (torchvision reads them as the real ones)
 
-def write_idx(root, name, n_train=48, n_test=16, seed=0):
-    """root/name/raw/ with the four IDX files: blurry random strokes, labels 0..9."""
+def write_idx(root, name, n_train=48, n_test=16, seed=0, classes=False):
+    """root/name/raw/ with the four IDX files: random dots, labels 0..9. With classes=True
+    each label also has its own bright bar, so that a classifier can learn them."""
     raw = root / name / "raw"
     raw.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(seed)
     for prefix, n in [("train", n_train), ("t10k", n_test)]:
         images = (torch.rand(n, 28, 28, generator=g) > 0.8).to(torch.uint8) * 255
-        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(struct.pack(">IIII", 0x0803, n, 28, 28) + images.numpy().tobytes())
         labels = torch.arange(n, dtype=torch.uint8) % 10
+        if classes:
+            for i, k in enumerate(labels.tolist()):
+                r, c = 3 + 12 * (k // 5), 1 + 5 * (k % 5)
+                images[i, r:r + 8, c:c + 5] = 255
+        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(struct.pack(">IIII", 0x0803, n, 28, 28) + images.numpy().tobytes())
         (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(struct.pack(">II", 0x0801, n) + labels.numpy().tobytes())
     return root
 
@@ -225,6 +260,9 @@ def test_mnist_trains_writes_grid_and_checkpoint_then_samples(mnist_data, tmp_pa
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     assert ckpt["epoch"] == 1 and ckpt["config"]["schedule"] == "linear"
     assert not (out / "ckpt.pt.tmp").exists()
+    # the moving average of the weights, next to them
+    assert ckpt["ema"].keys() == ckpt["model"].keys()
+    assert not torch.equal(ckpt["ema"]["out.bias"], ckpt["model"]["out.bias"])
 
     run_mnist(mnist_data, out, "--sample", "10")
     x = torch.load(out / "samples.pt", weights_only=True)
@@ -253,6 +291,42 @@ def test_mnist_resumed_after_a_kill_ends_with_the_same_weights(mnist_data, tmp_p
     assert a["epoch"] == b["epoch"] == 3
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
+        assert torch.equal(a["ema"][k], b["ema"][k]), k
+
+def test_update_ema_is_the_weighted_mean():
+    torch.manual_seed(0)
+    ema, model = MLP(n_hidden=8), MLP(n_hidden=8)
+    before = [p.clone() for p in ema.parameters()]
+    common.update_ema(ema, model, 0.75)
+    for e, b, p in zip(ema.parameters(), before, model.parameters()):
+        torch.testing.assert_close(e, 0.75 * b + 0.25 * p)
+
+def test_ema_in_training_follows_its_warm_up_and_sampling_uses_it(mnist_data, tmp_path, monkeypatch):
+    # record the weights after each of the 3 optimiser steps; the EMA starts from the initial ones
+    import mnist
+    snapshots = []
+    real_update = common.update_ema
+    def spy(ema, model, decay):
+        snapshots.append((decay, [p.detach().clone() for p in model.parameters()]))
+        real_update(ema, model, decay)
+    monkeypatch.setattr(common, "update_ema", spy)
+    torch.manual_seed(0)
+    initial = [p.clone() for p in UNet().parameters()]  # run_mnist seeds 0 the same way
+    run_mnist(mnist_data, tmp_path / "a", "--epochs", "1")
+    assert [d for d, _ in snapshots] == pytest.approx([2 / 11, 3 / 12, 4 / 13])
+    expected = initial
+    for d, weights in snapshots:
+        expected = [d * e + (1 - d) * w for e, w in zip(expected, weights)]
+    ckpt = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)
+    for (name, _), e in zip(UNet().named_parameters(), expected):
+        torch.testing.assert_close(ckpt["ema"][name], e)
+    # sampling takes the average by default, the trained weights with --raw
+    ema_model, raw_model = common.load_model(tmp_path / "a", "cpu"), common.load_model(tmp_path / "a", "cpu", raw=True)
+    assert torch.equal(ema_model.out.bias, ckpt["ema"]["out.bias"])
+    assert torch.equal(raw_model.out.bias, ckpt["model"]["out.bias"])
+    # --ema 0: no average in the checkpoint
+    run_mnist(mnist_data, tmp_path / "b", "--epochs", "1", "--ema", "0")
+    assert "ema" not in torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)
 
 def expect_error(message, fn, *args):
     with pytest.raises(SystemExit) as e:
@@ -267,6 +341,8 @@ def test_mnist_bad_input_is_a_clear_error(mnist_data, tmp_path, monkeypatch):
     expect_error(f"MNIST is not in {empty / 'MNIST' / 'raw'} and could not be downloaded", run_mnist, empty, tmp_path / "o1")
     expect_error("t10k-labels-idx1-ubyte there", run_mnist, empty, tmp_path / "o1")
     expect_error("invalid choice: 'sigmoid'", run_mnist, mnist_data, tmp_path / "o2", "--schedule", "sigmoid")
+    expect_error("argument --ema: invalid decay value: '1.5'", run_mnist, mnist_data, tmp_path / "o2", "--ema", "1.5")
+    expect_error("invalid choice: 'rk4'", run_mnist, mnist_data, tmp_path / "o2", "--solver", "rk4")
     expect_error("no checkpoint at", run_mnist, mnist_data, tmp_path / "o3", "--sample", "4")
     expect_error("no checkpoint at", run_mnist, mnist_data, tmp_path / "o3", "--resume")
     # a checkpoint of another network, a corrupt file
@@ -334,3 +410,90 @@ def test_translate_without_fashion_mnist_is_a_clear_error(mnist_data, tmp_path, 
     import torchvision
     monkeypatch.setattr(torchvision.datasets.FashionMNIST, "mirrors", ["http://127.0.0.1:9/"])
     expect_error(f"FashionMNIST is not in {mnist_data / 'FashionMNIST' / 'raw'}", run_translate, mnist_data, tmp_path / "o")
+
+# -----------------------------------------------------------------------------
+# evaluate.py: the Frechet distance against closed forms, then the script on small IDX files
+
+def random_covariance(d, seed):
+    a = torch.randn(d, d, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    return a @ a.T + 0.1 * torch.eye(d, dtype=torch.float64)
+
+def test_frechet_distance_closed_forms():
+    from evaluate import frechet_distance
+    s, mu = random_covariance(6, 0), torch.randn(6, dtype=torch.float64)
+    assert frechet_distance(mu, s, mu, s) == pytest.approx(0, abs=1e-9)
+    # s2 = c^2 s1: (s1 s2)^(1/2) = c s1, so the distance is |dmu|^2 + (1 - c)^2 Tr(s1)
+    shift = torch.tensor([1.0, -2.0, 0, 0, 0, 0.5], dtype=torch.float64)
+    assert frechet_distance(mu, s, mu + shift, 9 * s) == pytest.approx(5.25 + 4 * s.trace().item(), rel=1e-9)
+    # diagonal covariances: sum of (sqrt(a_i) - sqrt(b_i))^2
+    a, b = torch.tensor([1.0, 4.0, 0.25], dtype=torch.float64), torch.tensor([9.0, 1.0, 0.25], dtype=torch.float64)
+    z = torch.zeros(3, dtype=torch.float64)
+    assert frechet_distance(z, torch.diag(a), z, torch.diag(b)) == pytest.approx(4 + 1 + 0)
+    # symmetric in its two arguments, also for covariances that do not commute
+    s2 = random_covariance(6, 1)
+    assert frechet_distance(mu, s, z.new_zeros(6), s2) == pytest.approx(frechet_distance(z.new_zeros(6), s2, mu, s), rel=1e-9)
+
+def test_coverage_counts_effective_classes():
+    from evaluate import coverage
+    assert coverage(torch.arange(1000) % 10) == pytest.approx(1.0)
+    assert coverage(torch.full((50,), 3)) == pytest.approx(0.1)
+    assert coverage(torch.arange(1000) % 5) == pytest.approx(0.5)
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory):
+    """Small MNIST-like data whose classes can be learned, and evaluate.py's first call on
+    200 of its training images ('real'), which trains and caches the classifier."""
+    import evaluate
+    tmp = tmp_path_factory.mktemp("evaluate")
+    data = write_idx(write_idx(tmp / "data", "MNIST", n_train=300, n_test=200, classes=True),
+                     "FashionMNIST", n_train=40, n_test=60, seed=1)
+    run = lambda *args: evaluate.main([*args, "--data", str(data), "--classifier", str(tmp / "classifier.pt"), "--epochs", "8"])
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        real = run("real", "--n", "200")
+    return run, data, real, buf.getvalue()
+
+def test_evaluate_real_images_score_near_zero_and_noise_far(evaluated, tmp_path, capsys):
+    run, data, real, log = evaluated
+    assert "(trained now): MNIST test accuracy 100.00%" in log  # the bars are easy to tell apart
+    last = dict(kv.split("=") for kv in log.strip().splitlines()[-1].split())
+    assert last.keys() == {"n", "fid", "confidence", "coverage", "accuracy"} and last["n"] == "200"
+    assert real["confidence"] > 0.9 and real["coverage"] > 0.99 and real["fid"] < 5
+    noise = run("noise", "--n", "200")
+    assert "(cached)" in capsys.readouterr().out
+    assert noise["fid"] > 100 * real["fid"]
+    # a samples.pt that holds the very reference images scores 0
+    test_images = common.load_images("MNIST", str(data), train=False)
+    torch.save(common.to_unit(test_images), tmp_path / "samples.pt")
+    same = run(str(tmp_path / "samples.pt"))
+    assert same["n"] == 200 and same["fid"] == pytest.approx(0, abs=1e-6)
+    assert same["counts"].tolist() == [20] * 10
+
+def test_evaluate_translation_table(evaluated, tmp_path, capsys):
+    run = evaluated[0]
+    torch.save(torch.rand(60, 1, 28, 28), tmp_path / "samples.pt")
+    run(str(tmp_path / "samples.pt"), "--translation")
+    rows = [l for l in capsys.readouterr().out.splitlines() if l.startswith("  ")]
+    assert [r.split()[0] for r in rows] == ["T-shirt", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Boot"]
+    for r in rows:  # each row: ten shares that add up to 100 %, then its count (6 of each label)
+        shares = [float(v) for v in r.split()[1:11]]
+        assert sum(shares) == pytest.approx(100, abs=3) and r.split()[-1] == "6"
+
+def test_evaluate_bad_input_is_a_clear_error(tmp_path):
+    import evaluate
+    eval_data = write_idx(tmp_path / "data", "MNIST")
+    run_evaluate = lambda data, tmp, *args: evaluate.main([*args, "--data", str(data), "--classifier", str(tmp / "cls" / "classifier.pt")])
+    s = tmp_path / "samples.pt"
+    expect_error("no checkpoint at", run_evaluate, eval_data, tmp_path, str(tmp_path / "missing.pt"))
+    torch.save(torch.rand(5, 3, 32, 32), s)
+    expect_error("does not hold images: expected a float tensor (N, 1, 28, 28), got (5, 3, 32, 32)", run_evaluate, eval_data, tmp_path, str(s))
+    torch.save(torch.rand(5, 1, 28, 28) * 2 - 1, s)
+    expect_error("values in [0, 1]", run_evaluate, eval_data, tmp_path, str(s))
+    torch.save(torch.rand(5, 1, 28, 28), s)
+    expect_error("--n 9: ", run_evaluate, eval_data, tmp_path, str(s), "--n", "9")
+    expect_error("--translation needs a samples.pt of translate.py", run_evaluate, eval_data, tmp_path, "real", "--translation")
+    (tmp_path / "cls").mkdir()
+    (tmp_path / "cls" / "classifier.pt").write_bytes(b"garbage")
+    expect_error("cannot read checkpoint", run_evaluate, eval_data, tmp_path, str(s))
+    torch.save({"model": UNet().state_dict()}, tmp_path / "cls" / "classifier.pt")
+    expect_error("is not an evaluate.py classifier", run_evaluate, eval_data, tmp_path, str(s))

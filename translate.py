@@ -41,12 +41,12 @@ def main(argv=None):
     dtype = pick_dtype(args.dtype, device)
 
     if args.sample:  # no training: translate the first N Fashion-MNIST test images
-        model = load_model(args.out, device)
+        model = load_model(args.out, device, args.raw)
         x0 = load_images("FashionMNIST", args.data, train=False)
         if args.sample > len(x0):
             die(f"--sample {args.sample}: Fashion-MNIST has only {len(x0)} test images")
         x0 = x0[: args.sample]
-        x = generate(model, x0, args.steps, device, dtype, quiet=False)
+        x = generate(model, x0, args.steps, device, dtype, args.solver, quiet=False)
         atomic_save(x, os.path.join(args.out, "samples.pt"))  # (N, 1, 28, 28) in [0, 1]
         save_pairs(x0[:128], x[:128], os.path.join(args.out, "samples.png"))
         print(f"wrote {args.out}/samples.pt and {args.out}/samples.png")
@@ -61,7 +61,7 @@ def main(argv=None):
         return x0_all[torch.randint(len(x0_all), (len(x1),)).to(x0_all.device)]
 
     def picture(model, epoch):
-        x = generate(model, fixed, args.steps, device, dtype)
+        x = generate(model, fixed, args.steps, device, dtype, args.solver)
         save_pairs(fixed, x, os.path.join(args.out, f"epoch{epoch:03d}.png"))
 
     train(args, model, ckpt, device, dtype, x1_all, draw_x0=draw_x0, picture=picture)

@@ -1,0 +1,179 @@
+"""
+Numbers for image quality: score generated digits with a small MNIST classifier.
+
+    python evaluate.py out/mnist-cosine/samples.pt                       # FID, confidence, coverage
+    python evaluate.py out/translate-cosine/samples.pt --translation     # + which garment becomes which digit
+    python evaluate.py real --n 1000     # 1000 real MNIST training images: the best one can hope for
+    python evaluate.py noise --n 1000    # 1000 images of uniform noise: far away
+
+The first call trains a small convolutional classifier on the MNIST training set (about
+a minute on a laptop CPU) and caches it, with its test accuracy and the statistics of the
+MNIST test set, in out/classifier.pt. The last line of the output holds the figures as
+name=value pairs:
+    n       the number of images scored
+    fid     the Frechet distance between Gaussians fitted to the classifier's 128 features
+            (the layer before the logits) of these images and of the 10,000 MNIST test
+            images. 0 is perfect. This is the usual FID with a digit classifier in place of
+            Inception; like FID it grows as n shrinks, so compare numbers at the same n.
+    confidence   the classifier's mean top probability: does each image look like a digit?
+    coverage     exp(entropy of the predicted digits) / 10: 1 when all ten digits are
+                 equally frequent, 0.1 when only one is ever drawn
+    accuracy     the classifier's accuracy on the MNIST test set (>= 0.98 expected)
+"""
+import argparse
+import math
+import os
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from common import (atomic_save, die, load_checkpoint, load_images, one_line_errors, positive_int,
+                    seed_everything)
+
+GARMENTS = ["T-shirt", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Boot"]
+
+parser = one_line_errors(argparse.ArgumentParser(description="Score generated MNIST digits with a classifier."))
+parser.add_argument("samples", help="a samples.pt of mnist.py or translate.py (N, 1, 28, 28) in [0, 1]; "
+                                    "or 'real' (MNIST training images) or 'noise' (uniform noise), for reference")
+parser.add_argument("--n", type=positive_int, default=None,
+                    help="score the first N images (default: all of samples.pt; 1000 for real and noise)")
+parser.add_argument("--translation", action="store_true",
+                    help="samples.pt is translate.py's: image i comes from Fashion-MNIST test image i")
+parser.add_argument("--data", default="data", help="torchvision's data folder (as for mnist.py)")
+parser.add_argument("--classifier", default="out/classifier.pt", help="where the classifier is cached")
+parser.add_argument("--epochs", type=positive_int, default=2, help="the classifier's training epochs")
+parser.add_argument("--seed", type=int, default=0, help="seeds the classifier and the reference images")
+
+class Classifier(nn.Module):
+    """Two conv layers and two linear ones; features() is the 128-d layer FID compares."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),   # (B, 32, 14, 14)
+            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # (B, 64, 7, 7)
+            nn.Flatten(), nn.Linear(64 * 7 * 7, 128), nn.ReLU(),          # (B, 128)
+        )
+        self.head = nn.Linear(128, 10)
+
+    def forward(self, x):  # x in [-1, 1], as everywhere in nanoFM
+        return self.head(self.features(x))
+
+@torch.no_grad()
+def features_and_probs(model, x):
+    """x (N, 1, 28, 28) in [-1, 1] -> features (N, 128) in float64 and class probabilities (N, 10)."""
+    feats, probs = [], []
+    for chunk in x.split(1000):
+        f = model.features(chunk)
+        feats.append(f.double())
+        probs.append(F.softmax(model.head(f), dim=1))
+    return torch.cat(feats), torch.cat(probs)
+
+def gaussian_stats(f):
+    """Mean and covariance (unbiased) of features f (N, D)."""
+    return f.mean(0), torch.cov(f.T)
+
+def frechet_distance(mu1, s1, mu2, s2):
+    """The Frechet (2-Wasserstein) distance between N(mu1, s1) and N(mu2, s2), squared:
+        |mu1 - mu2|^2 + Tr(s1) + Tr(s2) - 2 Tr((s1 s2)^(1/2)).
+    s1 s2 is not symmetric, but it has the eigenvalues of r s2 r with r = s1^(1/2), which
+    is symmetric and positive semi-definite; Tr((s1 s2)^(1/2)) is the sum of their roots."""
+    w, v = torch.linalg.eigh(s1)
+    r = (v * w.clamp(min=0).sqrt()) @ v.T
+    m = r @ s2 @ r
+    tr_sqrt = torch.linalg.eigvalsh((m + m.T) / 2).clamp(min=0).sqrt().sum()
+    d = ((mu1 - mu2) ** 2).sum().item() + (s1.trace() + s2.trace() - 2 * tr_sqrt).item()
+    return max(d, 0.0)  # rounding can take equal distributions a hair below 0
+
+def coverage(pred):
+    """exp(entropy of the histogram of predicted digits) / 10, in [0.1, 1]."""
+    p = torch.bincount(pred, minlength=10).double() / len(pred)
+    return math.exp(-(p[p > 0] * p[p > 0].log()).sum().item()) / 10
+
+def train_classifier(args):
+    """Train the classifier on MNIST, measure it on the test set, cache it with the test
+    set's feature statistics (the FID reference). About a minute on two CPU cores."""
+    seed_everything(args.seed)
+    x, y = load_images("MNIST", args.data, labels=True)
+    x_test, y_test = load_images("MNIST", args.data, train=False, labels=True)
+    model = Classifier()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    t0 = time.time()
+    for epoch in range(args.epochs):
+        for idx in torch.randperm(len(x)).split(128):
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        print(f"classifier epoch {epoch + 1}/{args.epochs} | last loss {loss.item():.4f} | {time.time() - t0:.0f} s")
+    model.eval()
+    feats, probs = features_and_probs(model, x_test)
+    mu, sigma = gaussian_stats(feats)
+    cache = {"model": model.state_dict(), "accuracy": (probs.argmax(1) == y_test).double().mean().item(),
+             "mu": mu, "sigma": sigma, "n_reference": len(x_test)}
+    os.makedirs(os.path.dirname(args.classifier) or ".", exist_ok=True)
+    atomic_save(cache, args.classifier)
+    return cache
+
+def load_classifier(args):
+    """The cached classifier, or a new one trained now. Returns (model, cache)."""
+    fresh = not os.path.exists(args.classifier)
+    cache = train_classifier(args) if fresh else load_checkpoint(args.classifier)
+    model = Classifier()
+    try:
+        model.load_state_dict(cache["model"])
+        accuracy = cache["accuracy"]
+    except (KeyError, IndexError, TypeError, RuntimeError):
+        die(f"{args.classifier} is not an evaluate.py classifier; delete it to train a new one")
+    print(f"classifier {args.classifier} ({'trained now' if fresh else 'cached'}): "
+          f"MNIST test accuracy {100 * accuracy:.2f}%")
+    return model.eval(), cache
+
+def images_to_score(args):
+    """The images to score, (N, 1, 28, 28) in [-1, 1]."""
+    if args.samples == "real":  # real digits the classifier's reference (the test set) does not contain
+        return load_images("MNIST", args.data)[: args.n or 1000]
+    if args.samples == "noise":
+        return torch.rand(args.n or 1000, 1, 28, 28, generator=torch.Generator().manual_seed(args.seed)) * 2 - 1
+    x = load_checkpoint(args.samples)
+    if not (isinstance(x, torch.Tensor) and x.dim() == 4 and x.shape[1:] == (1, 28, 28) and x.is_floating_point()):
+        die(f"{args.samples} does not hold images: expected a float tensor (N, 1, 28, 28), "
+            f"got {tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    if len(x) < 2 or x.min() < 0 or x.max() > 1:
+        die(f"{args.samples}: expected at least 2 images with values in [0, 1] (mnist.py --sample N writes them)")
+    if args.n and args.n > len(x):
+        die(f"--n {args.n}: {args.samples} holds only {len(x)} images")
+    return x[: args.n].float() * 2 - 1
+
+def translation_table(args, pred):
+    """Rows: the garment class of each source image; columns: the digit it became, in %."""
+    _, garment = load_images("FashionMNIST", args.data, train=False, labels=True)
+    garment = garment[: len(pred)]
+    print("garment  -> digit (% of the row)   " + " ".join(f"{d:>4d}" for d in range(10)) + "     n")
+    for g, name in enumerate(GARMENTS):
+        row = torch.bincount(pred[garment == g], minlength=10)
+        share = 100 * row.double() / max(row.sum().item(), 1)
+        print(f"  {name:<31s}" + " ".join(f"{s:4.0f}" for s in share) + f" {row.sum().item():5d}")
+
+def main(argv=None):
+    args = parser.parse_args(argv)
+    if args.translation and args.samples in ("real", "noise"):
+        die("--translation needs a samples.pt of translate.py")
+    x = images_to_score(args)  # before the classifier: a wrong path is told at once
+    model, cache = load_classifier(args)
+    feats, probs = features_and_probs(model, x)
+    fid = frechet_distance(*gaussian_stats(feats), cache["mu"], cache["sigma"])
+    confidence, pred = probs.max(1)
+    counts = torch.bincount(pred, minlength=10)
+    print("predicted digits  " + " ".join(f"{d}:{c}" for d, c in enumerate(counts.tolist())))
+    if args.translation:
+        translation_table(args, pred)
+    print(f"n={len(x)} fid={fid:.3f} confidence={confidence.mean().item():.4f} "
+          f"coverage={coverage(pred):.4f} accuracy={cache['accuracy']:.4f}")
+    return {"n": len(x), "fid": fid, "confidence": confidence.mean().item(), "coverage": coverage(pred),
+            "counts": counts, "accuracy": cache["accuracy"]}
+
+if __name__ == "__main__":
+    main()
