@@ -5,6 +5,8 @@ Numbers for image quality: score generated digits with a small MNIST classifier.
     python evaluate.py out/translate-cosine/samples.pt --translation     # + which garment becomes which digit
     python evaluate.py real --n 1000     # 1000 real MNIST training images: the best one can hope for
     python evaluate.py noise --n 1000    # 1000 images of uniform noise: far away
+    python evaluate.py out/mnist-cosine --n 1000   # a run folder: quality against the number of
+                                                   # network evaluations, both solvers (nfe.csv, nfe.png)
 
 The first call trains a small convolutional classifier on the MNIST training set (about
 a minute on a laptop CPU) and caches it, with its test accuracy and the statistics of the
@@ -21,6 +23,7 @@ name=value pairs:
     accuracy     the classifier's accuracy on the MNIST test set (>= 0.98 expected)
 """
 import argparse
+import csv
 import math
 import os
 import time
@@ -29,16 +32,21 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (atomic_save, die, load_checkpoint, load_images, one_line_errors, positive_int,
-                    seed_everything)
+from common import (NFE_PER_STEP, SOLVERS, atomic_save, die, generate, load_checkpoint, load_images,
+                    load_model, one_line_errors, pick_device, pick_dtype, positive_int, seed_everything)
 
 GARMENTS = ["T-shirt", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Boot"]
 
 parser = one_line_errors(argparse.ArgumentParser(description="Score generated MNIST digits with a classifier."))
 parser.add_argument("samples", help="a samples.pt of mnist.py or translate.py (N, 1, 28, 28) in [0, 1]; "
-                                    "or 'real' (MNIST training images) or 'noise' (uniform noise), for reference")
+                                    "'real' (MNIST training images) or 'noise' (uniform noise), for reference; "
+                                    "or a run folder (OUT of mnist.py or translate.py) to sweep the solvers")
 parser.add_argument("--n", type=positive_int, default=None,
-                    help="score the first N images (default: all of samples.pt; 1000 for real and noise)")
+                    help="score the first N images (default: all of samples.pt; 1000 otherwise)")
+parser.add_argument("--nfe", type=positive_int, nargs="+", default=[5, 10, 20, 50, 100],
+                    help="run folder: the numbers of network evaluations to try (Heun: 2 a step, rounded up)")
+parser.add_argument("--raw", action="store_true", help="run folder: the trained weights, not their average")
+parser.add_argument("--device", default="auto", help="run folder: where to sample (auto, cpu, cuda, mps)")
 parser.add_argument("--translation", action="store_true",
                     help="samples.pt is translate.py's: image i comes from Fashion-MNIST test image i")
 parser.add_argument("--data", default="data", help="torchvision's data folder (as for mnist.py)")
@@ -157,23 +165,83 @@ def translation_table(args, pred):
         share = 100 * row.double() / max(row.sum().item(), 1)
         print(f"  {name:<31s}" + " ".join(f"{s:4.0f}" for s in share) + f" {row.sum().item():5d}")
 
+def score(classifier, cache, x):
+    """The figures for images x (N, 1, 28, 28) in [-1, 1]."""
+    feats, probs = features_and_probs(classifier, x)
+    confidence, pred = probs.max(1)
+    return {"n": len(x), "fid": frechet_distance(*gaussian_stats(feats), cache["mu"], cache["sigma"]),
+            "confidence": confidence.mean().item(), "coverage": coverage(pred), "pred": pred,
+            "counts": torch.bincount(pred, minlength=10), "accuracy": cache["accuracy"]}
+
+def line(r):
+    return f"n={r['n']} fid={r['fid']:.3f} confidence={r['confidence']:.4f} coverage={r['coverage']:.4f}"
+
+def sweep(args, classifier, cache):
+    """Sample the run in args.samples with each solver at each number of network
+    evaluations, from the same starting points (mnist.py's --sample noise, or the first
+    Fashion-MNIST test images), and score each. Writes RUN/nfe.csv and RUN/nfe.png."""
+    n, run = args.n or 1000, args.samples
+    device = pick_device(args.device)
+    dtype = pick_dtype("auto", device)
+    model = load_model(run, device, args.raw)
+    if args.translation:
+        x0 = load_images("FashionMNIST", args.data, train=False)[:n]
+    else:  # the noise of mnist.py --sample n --seed S: the same samples
+        x0 = torch.randn(n, 1, 28, 28, generator=torch.Generator().manual_seed(args.seed))
+    rows = []
+    for solver in SOLVERS:
+        for nfe in args.nfe:
+            steps = math.ceil(nfe / NFE_PER_STEP[solver])
+            t0 = time.time()
+            x = generate(model, x0, steps, device, dtype, solver)
+            seconds = time.time() - t0
+            r = score(classifier, cache, x * 2 - 1)
+            rows.append({"solver": solver, "steps": steps, "nfe": steps * NFE_PER_STEP[solver], "n": n,
+                         "fid": round(r["fid"], 3), "confidence": round(r["confidence"], 4),
+                         "coverage": round(r["coverage"], 4), "seconds": round(seconds, 1)})
+            print(f"solver={solver} steps={steps} nfe={rows[-1]['nfe']} {line(r)} seconds={seconds:.1f}", flush=True)
+    with open(os.path.join(run, "nfe.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    plot_sweep(rows, os.path.join(run, "nfe.png"), f"{run}{' (raw weights)' if args.raw else ''}, n = {n}")
+    print(f"wrote {run}/nfe.csv and {run}/nfe.png")
+    return rows
+
+def plot_sweep(rows, path, title):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    for ax, key in zip(axes, ["fid", "confidence"]):
+        for solver in SOLVERS:
+            pts = [(r["nfe"], r[key]) for r in rows if r["solver"] == solver]
+            ax.plot(*zip(*pts), "o-", label=solver)
+        ax.set_xscale("log")
+        ax.set_xlabel("network evaluations per image")
+        ax.set_ylabel({"fid": "FID (classifier features, lower is better)", "confidence": "mean confidence"}[key])
+        ax.grid(alpha=0.3)
+    axes[0].set_yscale("log")
+    axes[0].legend()
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
 def main(argv=None):
     args = parser.parse_args(argv)
     if args.translation and args.samples in ("real", "noise"):
-        die("--translation needs a samples.pt of translate.py")
+        die("--translation needs translate.py's samples.pt or run folder")
+    if os.path.isdir(args.samples):
+        load_checkpoint(os.path.join(args.samples, "ckpt.pt"))  # a folder without a run is told at once
+        return sweep(args, *load_classifier(args))
     x = images_to_score(args)  # before the classifier: a wrong path is told at once
-    model, cache = load_classifier(args)
-    feats, probs = features_and_probs(model, x)
-    fid = frechet_distance(*gaussian_stats(feats), cache["mu"], cache["sigma"])
-    confidence, pred = probs.max(1)
-    counts = torch.bincount(pred, minlength=10)
-    print("predicted digits  " + " ".join(f"{d}:{c}" for d, c in enumerate(counts.tolist())))
+    r = score(*load_classifier(args), x)
+    print("predicted digits  " + " ".join(f"{d}:{c}" for d, c in enumerate(r["counts"].tolist())))
     if args.translation:
-        translation_table(args, pred)
-    print(f"n={len(x)} fid={fid:.3f} confidence={confidence.mean().item():.4f} "
-          f"coverage={coverage(pred):.4f} accuracy={cache['accuracy']:.4f}")
-    return {"n": len(x), "fid": fid, "confidence": confidence.mean().item(), "coverage": coverage(pred),
-            "counts": counts, "accuracy": cache["accuracy"]}
+        translation_table(args, r["pred"])
+    print(f"{line(r)} accuracy={r['accuracy']:.4f}")
+    return r
 
 if __name__ == "__main__":
     main()

@@ -479,19 +479,33 @@ def test_evaluate_translation_table(evaluated, tmp_path, capsys):
         shares = [float(v) for v in r.split()[1:11]]
         assert sum(shares) == pytest.approx(100, abs=3) and r.split()[-1] == "6"
 
+def test_evaluate_sweeps_a_run_over_solvers_and_network_evaluations(evaluated, tmp_path, capsys):
+    run, data = evaluated[:2]
+    out = tmp_path / "run"
+    run_mnist(data, out, "--epochs", "1", "--limit", "48")
+    rows = run(str(out), "--nfe", "1", "3", "--n", "20")
+    assert [(r["solver"], r["steps"], r["nfe"]) for r in rows] == [("euler", 1, 1), ("euler", 3, 3), ("heun", 1, 2), ("heun", 2, 4)]
+    with open(out / "nfe.csv") as f:
+        assert [r["fid"] for r in csv.DictReader(f)] == [str(r["fid"]) for r in rows]
+    assert (out / "nfe.png").stat().st_size > 10_000
+    # the sweep samples what mnist.py --sample draws, from the same noise
+    run_mnist(data, out, "--sample", "20", "--steps", "3")
+    assert run(str(out / "samples.pt"))["fid"] == pytest.approx(rows[1]["fid"], abs=1e-3)
+
 def test_evaluate_bad_input_is_a_clear_error(tmp_path):
     import evaluate
     eval_data = write_idx(tmp_path / "data", "MNIST")
     run_evaluate = lambda data, tmp, *args: evaluate.main([*args, "--data", str(data), "--classifier", str(tmp / "cls" / "classifier.pt")])
     s = tmp_path / "samples.pt"
     expect_error("no checkpoint at", run_evaluate, eval_data, tmp_path, str(tmp_path / "missing.pt"))
+    expect_error("no checkpoint at", run_evaluate, eval_data, tmp_path, str(tmp_path))  # a folder, no run
     torch.save(torch.rand(5, 3, 32, 32), s)
     expect_error("does not hold images: expected a float tensor (N, 1, 28, 28), got (5, 3, 32, 32)", run_evaluate, eval_data, tmp_path, str(s))
     torch.save(torch.rand(5, 1, 28, 28) * 2 - 1, s)
     expect_error("values in [0, 1]", run_evaluate, eval_data, tmp_path, str(s))
     torch.save(torch.rand(5, 1, 28, 28), s)
     expect_error("--n 9: ", run_evaluate, eval_data, tmp_path, str(s), "--n", "9")
-    expect_error("--translation needs a samples.pt of translate.py", run_evaluate, eval_data, tmp_path, "real", "--translation")
+    expect_error("--translation needs translate.py's samples.pt or run folder", run_evaluate, eval_data, tmp_path, "real", "--translation")
     (tmp_path / "cls").mkdir()
     (tmp_path / "cls" / "classifier.pt").write_bytes(b"garbage")
     expect_error("cannot read checkpoint", run_evaluate, eval_data, tmp_path, str(s))
