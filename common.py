@@ -41,10 +41,15 @@ def get_schedule(name):
 # -----------------------------------------------------------------------------
 # training and sampling
 
-def fm_loss(model, x0, x1, schedule):
+def fm_loss(model, x0, x1, schedule, t_dist="uniform"):
     """The flow matching loss (Eq. 4, generalised by Eq. 6) for one batch.
-    x0 ~ mu_0 and x1 ~ mu_1 have the same shape (B, ...); each sample gets its own t ~ U(0, 1)."""
-    t = torch.rand(x0.shape[0], device=x0.device, dtype=x0.dtype)
+    x0 ~ mu_0 and x1 ~ mu_1 have the same shape (B, ...); each sample gets its own t,
+    drawn from U(0, 1), or with t_dist="logit-normal" as sigmoid(N(0, 1)): more samples
+    in the middle of the path, fewer near its ends (Esser et al. 2024)."""
+    if t_dist == "uniform":
+        t = torch.rand(x0.shape[0], device=x0.device, dtype=x0.dtype)
+    else:
+        t = torch.sigmoid(torch.randn(x0.shape[0], device=x0.device, dtype=x0.dtype))
     alpha, beta, dalpha, dbeta = (s.view(-1, *[1] * (x0.dim() - 1)) for s in schedule(t))
     xt = alpha * x0 + beta * x1          # a point on the path, Eq. 5
     target = dalpha * x0 + dbeta * x1    # its velocity dX_t/dt, Eq. 6 (X_1 - X_0 for linear)
@@ -229,6 +234,9 @@ def image_parser(description, epochs):
     add("--epochs", type=positive_int, default=epochs, help="passes over the training set")
     add("--batch-size", type=positive_int, default=128, help="images per optimiser step")
     add("--lr", type=float, default=1e-3, help="Adam learning rate")
+    add("--lr-schedule", default="constant", choices=["constant", "cosine"],
+        help="cosine: the learning rate falls from --lr to 0 over the run's --epochs")
+    add("--t-dist", default="uniform", choices=["uniform", "logit-normal"], help="the distribution of t in training")
     add("--steps", type=positive_int, default=100, help="solver steps when sampling (Eq. 7 for Euler)")
     add("--solver", default="euler", choices=list(SOLVERS), help="euler: 1 network call a step; heun: 2, more exact")
     add("--ema", type=decay, default=0.999, metavar="DECAY",
@@ -355,15 +363,19 @@ def train(args, model, ckpt, device, dtype, x1_all, draw_x0, picture):
         print(f"resuming {args.out}/ckpt.pt after epoch {start}")
     print(f"device {device}, dtype {str(dtype).removeprefix('torch.')}, schedule {args.schedule}, "
           f"seed {args.seed}, {N} training images, {sum(p.numel() for p in model.parameters())} parameters")
-    n = start * math.ceil(N / args.batch_size)  # optimiser steps so far
+    per_epoch = math.ceil(N / args.batch_size)
+    n, n_total = start * per_epoch, args.epochs * per_epoch  # optimiser steps: done, in all
     for epoch in range(start, args.epochs):
         t0 = time.time()
         total = torch.zeros((), device=device)
         for idx in torch.randperm(N).split(args.batch_size):
             x1 = x1_all[idx.to(device)]  # (B, 1, 28, 28)
             x0 = draw_x0(x1)
+            if args.lr_schedule == "cosine":  # from the step count: a resumed run goes on exactly
+                for group in opt.param_groups:
+                    group["lr"] = args.lr * (1 + math.cos(math.pi * n / n_total)) / 2
             with autocast(device, dtype):
-                loss = fm_loss(model, x0, x1, schedule)
+                loss = fm_loss(model, x0, x1, schedule, args.t_dist)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -77,6 +77,17 @@ def test_loss_is_zero_for_the_exact_velocity(schedule):
     off = lambda x, t: exact(x, t) + torch.tensor([0.1, -0.2], dtype=torch.float64)
     assert fm_loss(off, x0, x1, schedule).item() == pytest.approx(0.025)
 
+@pytest.mark.parametrize("t_dist,below_01", [("uniform", 0.1), ("logit-normal", 0.0140)])
+def test_the_distribution_of_t_in_training(t_dist, below_01):
+    # P(t < 0.1): 0.1 for U(0, 1); Phi(logit(0.1)) = Phi(-2.197) = 0.0140 for sigmoid(N(0, 1))
+    seen = []
+    x = torch.zeros(200_000, 1)
+    fm_loss(lambda x, t: seen.append(t) or x, x, x, linear, t_dist)
+    t = seen[0]
+    assert 0 < t.min() and t.max() < 1
+    assert (t < 0.1).double().mean().item() == pytest.approx(below_01, abs=0.002)
+    assert t.mean().item() == pytest.approx(0.5, abs=0.003)  # both symmetric about 1/2
+
 @pytest.mark.parametrize("steps", [1, 3, 10])
 def test_euler_is_exact_on_a_constant_field(steps):
     c = torch.tensor([0.5, -2.0], dtype=torch.float64)
@@ -272,7 +283,8 @@ def test_mnist_trains_writes_grid_and_checkpoint_then_samples(mnist_data, tmp_pa
 
 def test_mnist_resumed_after_a_kill_ends_with_the_same_weights(mnist_data, tmp_path, monkeypatch):
     import mnist
-    run_mnist(mnist_data, tmp_path / "a", "--epochs", "3")  # never interrupted
+    extra = ["--lr-schedule", "cosine", "--t-dist", "logit-normal"]  # both follow the step count
+    run_mnist(mnist_data, tmp_path / "a", "--epochs", "3", *extra)  # never interrupted
     # the same run, killed in the middle of epoch 2 (48 images / 16 = 3 steps an epoch)
     calls = {"n": 0}
     def dying_loss(*a):
@@ -282,13 +294,14 @@ def test_mnist_resumed_after_a_kill_ends_with_the_same_weights(mnist_data, tmp_p
         return fm_loss(*a)
     monkeypatch.setattr(common, "fm_loss", dying_loss)
     with pytest.raises(KeyboardInterrupt):
-        run_mnist(mnist_data, tmp_path / "b", "--epochs", "3")
+        run_mnist(mnist_data, tmp_path / "b", "--epochs", "3", *extra)
     assert torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["epoch"] == 1
     monkeypatch.setattr(common, "fm_loss", fm_loss)
     run_mnist(mnist_data, tmp_path / "b", "--epochs", "3", "--resume")
     a = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)
     b = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)
     assert a["epoch"] == b["epoch"] == 3
+    assert a["optimizer"]["param_groups"][0]["lr"] == b["optimizer"]["param_groups"][0]["lr"]
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
         assert torch.equal(a["ema"][k], b["ema"][k]), k
@@ -324,6 +337,10 @@ def test_ema_in_training_follows_its_warm_up_and_sampling_uses_it(mnist_data, tm
     ema_model, raw_model = common.load_model(tmp_path / "a", "cpu"), common.load_model(tmp_path / "a", "cpu", raw=True)
     assert torch.equal(ema_model.out.bias, ckpt["ema"]["out.bias"])
     assert torch.equal(raw_model.out.bias, ckpt["model"]["out.bias"])
+    # the cosine learning rate: set from the step count n before each step, lr (1 + cos(pi n / 3)) / 2
+    run_mnist(mnist_data, tmp_path / "c", "--epochs", "1", "--lr-schedule", "cosine", "--lr", "0.01")
+    lr = torch.load(tmp_path / "c" / "ckpt.pt", weights_only=True)["optimizer"]["param_groups"][0]["lr"]
+    assert lr == pytest.approx(0.01 * (1 + math.cos(2 * math.pi / 3)) / 2)
     # --ema 0: no average in the checkpoint
     run_mnist(mnist_data, tmp_path / "b", "--epochs", "1", "--ema", "0")
     assert "ema" not in torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)
@@ -385,9 +402,9 @@ def test_translate_starts_from_garments_and_writes_pictures(both_data, tmp_path,
     from PIL import Image
     garments = common.load_images("FashionMNIST", str(both_data)).flatten(1)
     starts = []
-    def recording_loss(model, x0, x1, schedule):
+    def recording_loss(model, x0, x1, *rest):
         starts.append(x0.flatten(1))
-        return fm_loss(model, x0, x1, schedule)
+        return fm_loss(model, x0, x1, *rest)
     monkeypatch.setattr(common, "fm_loss", recording_loss)
     out = tmp_path / "out"
     run_translate(both_data, out, "--epochs", "1")
