@@ -191,6 +191,13 @@ def positive_int(s):
         raise ValueError(s)  # argparse turns this into "invalid positive_int value: 's'"
     return n
 
+def positive_float(s):
+    """argparse type for a learning rate: a clear error for 0, -1e-3 or 'fast'."""
+    x = float(s)  # argparse turns a ValueError into "invalid positive_float value: 's'"
+    if not x > 0:
+        raise ValueError(s)
+    return x
+
 def decay(s):
     """argparse type for a moving average's decay: 0 <= d < 1."""
     d = float(s)  # argparse turns a ValueError into "invalid decay value: 's'"
@@ -233,7 +240,7 @@ def image_parser(description, epochs):
     add("--schedule", default="cosine", choices=list(SCHEDULES), help="the path from x0 to x1 (Eq. 5)")
     add("--epochs", type=positive_int, default=epochs, help="passes over the training set")
     add("--batch-size", type=positive_int, default=128, help="images per optimiser step")
-    add("--lr", type=float, default=1e-3, help="Adam learning rate")
+    add("--lr", type=positive_float, default=1e-3, help="Adam learning rate")
     add("--lr-schedule", default="constant", choices=["constant", "cosine"],
         help="cosine: the learning rate falls from --lr to 0 over the run's --epochs")
     add("--t-dist", default="uniform", choices=["uniform", "logit-normal"], help="the distribution of t in training")

@@ -360,6 +360,7 @@ def test_mnist_bad_input_is_a_clear_error(mnist_data, tmp_path, monkeypatch):
     expect_error("invalid choice: 'sigmoid'", run_mnist, mnist_data, tmp_path / "o2", "--schedule", "sigmoid")
     expect_error("argument --ema: invalid decay value: '1.5'", run_mnist, mnist_data, tmp_path / "o2", "--ema", "1.5")
     expect_error("invalid choice: 'rk4'", run_mnist, mnist_data, tmp_path / "o2", "--solver", "rk4")
+    expect_error("argument --lr: invalid positive_float value: '-0.001'", run_mnist, mnist_data, tmp_path / "o2", "--lr", "-0.001")
     expect_error("no checkpoint at", run_mnist, mnist_data, tmp_path / "o3", "--sample", "4")
     expect_error("no checkpoint at", run_mnist, mnist_data, tmp_path / "o3", "--resume")
     # a checkpoint of another network, a corrupt file
