@@ -20,7 +20,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
 
-from common import MLP, SCHEDULES, euler, get_schedule, one_line_errors, pick_device, positive_int, seed_everything, train_2d
+from common import (MLP, SCHEDULES, euler, get_schedule, one_line_errors, pick_device, positive_float,
+                    positive_int, seed_everything, train_2d)
 
 # -----------------------------------------------------------------------------
 # settings; the defaults are the recommended run
@@ -29,7 +30,7 @@ parser.add_argument("--schedule", default="both", choices=["both", *SCHEDULES], 
 parser.add_argument("--iters", type=positive_int, default=3000, help="training iterations per schedule")
 parser.add_argument("--batch-size", type=positive_int, default=1024, help="points per iteration (large: a precise mean)")
 parser.add_argument("--n-hidden", type=positive_int, default=128, help="width of the MLP's hidden layers")
-parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+parser.add_argument("--lr", type=positive_float, default=1e-3, help="Adam learning rate")
 parser.add_argument("--steps", type=positive_int, default=100, help="Euler steps when sampling (Eq. 7)")
 parser.add_argument("--n-samples", type=positive_int, default=50000, help="points whose variance we measure")
 parser.add_argument("--seed", type=int, default=0, help="makes the run repeat itself")

@@ -219,6 +219,7 @@ def test_gaussian_writes_a_well_formed_variance_csv(tmp_path):
     ("moons.py", ["--schedule", "sigmoid"], "invalid choice: 'sigmoid'"),
     ("moons.py", ["--steps", "0"], "argument --steps: invalid positive_int value: '0'"),
     ("gaussian.py", ["--iters", "-5"], "argument --iters: invalid positive_int value: '-5'"),
+    ("moons.py", ["--lr", "0"], "argument --lr: invalid positive_float value: '0'"),
     ("moons.py", ["--device", "cuda:7"], "is not available on this machine"),
 ])
 def test_bad_input_is_one_line_and_a_non_zero_exit(script, args, message):
