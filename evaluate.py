@@ -159,11 +159,23 @@ def translation_table(args, pred):
     """Rows: the garment class of each source image; columns: the digit it became, in %."""
     _, garment = load_images("FashionMNIST", args.data, train=False, labels=True)
     garment = garment[: len(pred)]
+    table = torch.stack([torch.bincount(pred[garment == g], minlength=10) for g in range(10)])
     print("garment  -> digit (% of the row)   " + " ".join(f"{d:>4d}" for d in range(10)) + "     n")
-    for g, name in enumerate(GARMENTS):
-        row = torch.bincount(pred[garment == g], minlength=10)
+    for name, row in zip(GARMENTS, table):
         share = 100 * row.double() / max(row.sum().item(), 1)
         print(f"  {name:<31s}" + " ".join(f"{s:4.0f}" for s in share) + f" {row.sum().item():5d}")
+    chi2, dof = independence_chi2(table)
+    print(f"chi2 = {chi2:.1f} with {dof} degrees of freedom: about {dof} +- {math.sqrt(2 * dof):.0f} "
+          f"if the digit did not depend on the garment")
+    return table
+
+def independence_chi2(table):
+    """Pearson's chi-squared statistic of a contingency table against independence of its
+    rows and columns, and its degrees of freedom (empty rows and columns left out)."""
+    t = table.double()
+    t = t[t.sum(1) > 0][:, t.sum(0) > 0]
+    expected = t.sum(1, keepdim=True) * t.sum(0, keepdim=True) / t.sum()
+    return ((t - expected) ** 2 / expected).sum().item(), (t.shape[0] - 1) * (t.shape[1] - 1)
 
 def score(classifier, cache, x):
     """The figures for images x (N, 1, 28, 28) in [-1, 1]."""

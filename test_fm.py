@@ -8,6 +8,7 @@ import csv
 import io
 import math
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -452,6 +453,15 @@ def test_frechet_distance_closed_forms():
     s2 = random_covariance(6, 1)
     assert frechet_distance(mu, s, z.new_zeros(6), s2) == pytest.approx(frechet_distance(z.new_zeros(6), s2, mu, s), rel=1e-9)
 
+def test_independence_chi2_closed_forms():
+    from evaluate import independence_chi2
+    # rows proportional to each other: exactly independent
+    assert independence_chi2(torch.tensor([[10, 20, 30], [1, 2, 3]])) == (pytest.approx(0), 2)
+    # each row all in its own column: chi2 = N (k - 1) for N samples and k classes
+    assert independence_chi2(torch.eye(4, dtype=torch.long) * 25) == (pytest.approx(100 * 3), 9)
+    # an empty row and column do not count
+    assert independence_chi2(torch.tensor([[5, 0, 5], [0, 0, 0], [5, 0, 5]])) == (pytest.approx(0), 1)
+
 def test_coverage_counts_effective_classes():
     from evaluate import coverage
     assert coverage(torch.arange(1000) % 10) == pytest.approx(1.0)
@@ -492,11 +502,13 @@ def test_evaluate_translation_table(evaluated, tmp_path, capsys):
     run = evaluated[0]
     torch.save(torch.rand(60, 1, 28, 28), tmp_path / "samples.pt")
     run(str(tmp_path / "samples.pt"), "--translation")
-    rows = [l for l in capsys.readouterr().out.splitlines() if l.startswith("  ")]
+    out = capsys.readouterr().out
+    rows = [l for l in out.splitlines() if l.startswith("  ")]
     assert [r.split()[0] for r in rows] == ["T-shirt", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Boot"]
     for r in rows:  # each row: ten shares that add up to 100 %, then its count (6 of each label)
         shares = [float(v) for v in r.split()[1:11]]
         assert sum(shares) == pytest.approx(100, abs=3) and r.split()[-1] == "6"
+    assert re.search(r"^chi2 = \d+\.\d with \d+ degrees of freedom: about \d+ \+- \d+ if", out, re.M), out
 
 def test_evaluate_sweeps_a_run_over_solvers_and_network_evaluations(evaluated, tmp_path, capsys):
     run, data = evaluated[:2]
