@@ -244,8 +244,9 @@ def image_parser(description, epochs):
     add("--lr-schedule", default="constant", choices=["constant", "cosine"],
         help="cosine: the learning rate falls from --lr to 0 over the run's --epochs")
     add("--t-dist", default="uniform", choices=["uniform", "logit-normal"], help="the distribution of t in training")
-    add("--steps", type=positive_int, default=100, help="solver steps when sampling (Eq. 7 for Euler)")
-    add("--solver", default="euler", choices=list(SOLVERS), help="euler: 1 network call a step; heun: 2, more exact")
+    # Heun with 25 steps samples as well as Euler with 100, at half the cost (README, section 4)
+    add("--steps", type=positive_int, default=25, help="solver steps when sampling (Eq. 7 for Euler)")
+    add("--solver", default="heun", choices=list(SOLVERS), help="euler: 1 network call a step; heun: 2, more exact")
     add("--ema", type=decay, default=0.999, metavar="DECAY",
         help="keep an exponential moving average of the weights (0: none); sampling uses it")
     add("--raw", action="store_true", help="with --sample: the trained weights, not their average")

@@ -520,7 +520,7 @@ def test_evaluate_sweeps_a_run_over_solvers_and_network_evaluations(evaluated, t
         assert [r["fid"] for r in csv.DictReader(f)] == [str(r["fid"]) for r in rows]
     assert (out / "nfe.png").stat().st_size > 10_000
     # the sweep samples what mnist.py --sample draws, from the same noise
-    run_mnist(data, out, "--sample", "20", "--steps", "3")
+    run_mnist(data, out, "--sample", "20", "--solver", "euler", "--steps", "3")
     assert run(str(out / "samples.pt"))["fid"] == pytest.approx(rows[1]["fid"], abs=1e-3)
 
 def test_evaluate_bad_input_is_a_clear_error(tmp_path):
