@@ -8,10 +8,10 @@ Numbers for image quality: score generated digits with a small MNIST classifier.
     python evaluate.py out/mnist-cosine --n 1000   # a run folder: quality against the number of
                                                    # network evaluations, both solvers (nfe.csv, nfe.png)
 
-The first call trains a small convolutional classifier on the MNIST training set (about
-a minute on a laptop CPU) and caches it, with its test accuracy and the statistics of the
-MNIST test set, in out/classifier.pt. The last line of the output holds the figures as
-name=value pairs:
+The first call trains a small convolutional classifier on the MNIST training set (225 s on
+our 2-core CPU, while it was busy with other work) and caches it, with its test accuracy
+and the statistics of the MNIST test set, in out/classifier.pt. The last line of the output
+holds the figures as name=value pairs:
     n       the number of images scored
     fid     the Frechet distance between Gaussians fitted to the classifier's 128 features
             (the layer before the logits) of these images and of the 10,000 MNIST test
@@ -102,7 +102,7 @@ def coverage(pred):
 
 def train_classifier(args):
     """Train the classifier on MNIST, measure it on the test set, cache it with the test
-    set's feature statistics (the FID reference). About a minute on two CPU cores."""
+    set's feature statistics (the FID reference). A few minutes on two CPU cores."""
     seed_everything(args.seed)
     x, y = load_images("MNIST", args.data, labels=True)
     x_test, y_test = load_images("MNIST", args.data, train=False, labels=True)
