@@ -48,8 +48,10 @@ def fm_loss(model, x0, x1, schedule, t_dist="uniform"):
     in the middle of the path, fewer near its ends (Esser et al. 2024)."""
     if t_dist == "uniform":
         t = torch.rand(x0.shape[0], device=x0.device, dtype=x0.dtype)
-    else:
+    elif t_dist == "logit-normal":
         t = torch.sigmoid(torch.randn(x0.shape[0], device=x0.device, dtype=x0.dtype))
+    else:
+        raise ValueError(f"unknown distribution of t {t_dist!r}; known: uniform, logit-normal")
     alpha, beta, dalpha, dbeta = (s.view(-1, *[1] * (x0.dim() - 1)) for s in schedule(t))
     xt = alpha * x0 + beta * x1          # a point on the path, Eq. 5
     target = dalpha * x0 + dbeta * x1    # its velocity dX_t/dt, Eq. 6 (X_1 - X_0 for linear)
@@ -394,7 +396,7 @@ def train(args, model, ckpt, device, dtype, x1_all, draw_x0, picture):
         dt = time.time() - t0
         print(f"epoch {epoch + 1:3d}/{args.epochs} | loss {total.item() / N:.4f} | "
               f"{N / dt:5.0f} img/s | {dt:6.1f} s", flush=True)
-        picture(ema or model, epoch + 1)
+        picture(ema if ema is not None else model, epoch + 1)
         atomic_save({
             "model": model.state_dict(), "optimizer": opt.state_dict(), "config": vars(args),
             **({"ema": ema.state_dict()} if ema is not None else {}),
@@ -424,6 +426,11 @@ def generate(model, x0, steps, device, dtype, solver="euler", quiet=True):
         print(f"{len(x0)} images, {steps} {solver} steps ({steps * NFE_PER_STEP[solver]} network calls each): "
               f"{dt:.1f} s ({len(x0) / dt:.1f} img/s)")
     return torch.cat(xs)
+
+def fixed_noise(n, seed):
+    """n noise images (n, 1, 28, 28) that depend on the seed alone: mnist.py's pictures and
+    --sample, and evaluate.py's sweeps, start from the same ones."""
+    return torch.randn(n, 1, 28, 28, generator=torch.Generator().manual_seed(seed))
 
 def to_unit(x):
     """[-1, 1] (what the model makes, clipped) -> [0, 1] (what an image file holds)."""

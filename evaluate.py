@@ -32,8 +32,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (NFE_PER_STEP, SOLVERS, atomic_save, die, generate, load_checkpoint, load_images,
-                    load_model, one_line_errors, pick_device, pick_dtype, positive_int, seed_everything)
+from common import (NFE_PER_STEP, SOLVERS, atomic_save, die, fixed_noise, generate, load_checkpoint,
+                    load_images, load_model, one_line_errors, pick_device, pick_dtype, positive_int,
+                    seed_everything)
 
 GARMENTS = ["T-shirt", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Boot"]
 
@@ -188,18 +189,16 @@ def score(classifier, cache, x):
 def line(r):
     return f"n={r['n']} fid={r['fid']:.3f} confidence={r['confidence']:.4f} coverage={r['coverage']:.4f}"
 
-def sweep(args, classifier, cache):
-    """Sample the run in args.samples with each solver at each number of network
-    evaluations, from the same starting points (mnist.py's --sample noise, or the first
-    Fashion-MNIST test images), and score each. Writes RUN/nfe.csv and RUN/nfe.png."""
+def sweep(args, model, device, classifier, cache):
+    """Sample the run's model with each solver at each number of network evaluations, from
+    the same starting points (mnist.py's --sample noise, or the first Fashion-MNIST test
+    images), and score each. Writes RUN/nfe.csv and RUN/nfe.png."""
     n, run = args.n or 1000, args.samples
-    device = pick_device(args.device)
     dtype = pick_dtype("auto", device)
-    model = load_model(run, device, args.raw)
     if args.translation:
         x0 = load_images("FashionMNIST", args.data, train=False)[:n]
     else:  # the noise of mnist.py --sample n --seed S: the same samples
-        x0 = torch.randn(n, 1, 28, 28, generator=torch.Generator().manual_seed(args.seed))
+        x0 = fixed_noise(n, args.seed)
     rows = []
     for solver in SOLVERS:
         for nfe in args.nfe:
@@ -245,8 +244,9 @@ def main(argv=None):
     if args.translation and args.samples in ("real", "noise"):
         die("--translation needs translate.py's samples.pt or run folder")
     if os.path.isdir(args.samples):
-        load_checkpoint(os.path.join(args.samples, "ckpt.pt"))  # a folder without a run is told at once
-        return sweep(args, *load_classifier(args))
+        device = pick_device(args.device)
+        model = load_model(args.samples, device, args.raw)  # a folder without a run is told at once
+        return sweep(args, model, device, *load_classifier(args))
     x = images_to_score(args)  # before the classifier: a wrong path is told at once
     r = score(*load_classifier(args), x)
     print("predicted digits  " + " ".join(f"{d}:{c}" for d, c in enumerate(r["counts"].tolist())))

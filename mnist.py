@@ -16,8 +16,8 @@ import os
 import torch
 from torchvision.utils import save_image
 
-from common import (atomic_save, generate, image_parser, load_images, load_model, pick_device,
-                    pick_dtype, start_run, train)
+from common import (atomic_save, fixed_noise, generate, image_parser, load_images, load_model,
+                    pick_device, pick_dtype, start_run, train)
 
 parser = image_parser("Flow matching on MNIST: noise -> digits.", epochs=20)
 
@@ -26,7 +26,7 @@ def main(argv=None):
     args.out = args.out or f"out/mnist-{args.schedule}"
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
-    noise = lambda n: torch.randn(n, 1, 28, 28, generator=torch.Generator().manual_seed(args.seed))
+    noise = lambda n: fixed_noise(n, args.seed)
 
     if args.sample:  # no training: N digits from N fresh noise images
         model = load_model(args.out, device, args.raw)

@@ -143,6 +143,10 @@ def test_heun_calls_the_network_twice_a_step_at_both_ends():
     common.sample(lambda x, t: seen.append(t[0].item()) or torch.zeros_like(x), torch.zeros(3, 2), 4, "heun")
     assert seen == pytest.approx([0, 0.25, 0.25, 0.5, 0.5, 0.75, 0.75, 1.0])
 
+def test_unknown_distribution_of_t_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown distribution of t 'beta'; known: uniform, logit-normal"):
+        fm_loss(lambda x, t: x, torch.zeros(2, 1), torch.zeros(2, 1), linear, "beta")
+
 def test_unknown_solver_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown solver 'rk4'; known solvers: euler, heun"):
         common.sample(lambda x, t: x, torch.zeros(2, 2), 3, "rk4")
