@@ -374,6 +374,8 @@ def test_mnist_bad_input_is_a_clear_error(mnist_data, tmp_path, monkeypatch):
     torch.save({"model": MLP().state_dict()}, tmp_path / "o4" / "ckpt.pt")
     expect_error("does not hold weights for this script's UNet", run_mnist, mnist_data, tmp_path / "o4", "--sample", "4")
     expect_error("does not hold weights for this script's UNet", run_mnist, mnist_data, tmp_path / "o4", "--resume")
+    torch.save({"model": UNet().state_dict()}, tmp_path / "o4" / "ckpt.pt")  # weights, no settings
+    expect_error("has no training settings to resume from", run_mnist, mnist_data, tmp_path / "o4", "--resume")
     (tmp_path / "o4" / "ckpt.pt").write_bytes(b"not a checkpoint")
     expect_error("cannot read checkpoint", run_mnist, mnist_data, tmp_path / "o4", "--sample", "4")
     # an existing run is never overwritten by a fresh one
