@@ -6,7 +6,8 @@ Numbers for image quality: score generated digits with a small MNIST classifier.
     python evaluate.py real --n 1000     # 1000 real MNIST training images: the best one can hope for
     python evaluate.py noise --n 1000    # 1000 images of uniform noise: far away
     python evaluate.py out/mnist-cosine --n 1000   # a run folder: quality against the number of
-                                                   # network evaluations, both solvers (nfe.csv, nfe.png)
+                                                   # network evaluations, both solvers (nfe.csv, nfe.png;
+                                                   # with --raw: nfe-raw.csv, nfe-raw.png)
 
 The first call trains a small convolutional classifier on the MNIST training set (225 s on
 our 2-core CPU, while it was busy with other work) and caches it, with its test accuracy
@@ -192,8 +193,9 @@ def line(r):
 def sweep(args, model, device, classifier, cache):
     """Sample the run's model with each solver at each number of network evaluations, from
     the same starting points (mnist.py's --sample noise, or the first Fashion-MNIST test
-    images), and score each. Writes RUN/nfe.csv and RUN/nfe.png."""
+    images), and score each. Writes RUN/nfe.csv and RUN/nfe.png (nfe-raw.* with --raw)."""
     n, run = args.n or 1000, args.samples
+    name = os.path.join(run, "nfe-raw" if args.raw else "nfe")
     dtype = pick_dtype("auto", device)
     if args.translation:
         x0 = load_images("FashionMNIST", args.data, train=False)[:n]
@@ -211,12 +213,12 @@ def sweep(args, model, device, classifier, cache):
                          "fid": round(r["fid"], 3), "confidence": round(r["confidence"], 4),
                          "coverage": round(r["coverage"], 4), "seconds": round(seconds, 1)})
             print(f"solver={solver} steps={steps} nfe={rows[-1]['nfe']} {line(r)} seconds={seconds:.1f}", flush=True)
-    with open(os.path.join(run, "nfe.csv"), "w", newline="") as f:
+    with open(name + ".csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    plot_sweep(rows, os.path.join(run, "nfe.png"), f"{run}{' (raw weights)' if args.raw else ''}, n = {n}")
-    print(f"wrote {run}/nfe.csv and {run}/nfe.png")
+    plot_sweep(rows, name + ".png", f"{run}{' (raw weights)' if args.raw else ''}, n = {n}")
+    print(f"wrote {name}.csv and {name}.png")
     return rows
 
 def plot_sweep(rows, path, title):

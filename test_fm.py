@@ -525,6 +525,13 @@ def test_evaluate_sweeps_a_run_over_solvers_and_network_evaluations(evaluated, t
     with open(out / "nfe.csv") as f:
         assert [r["fid"] for r in csv.DictReader(f)] == [str(r["fid"]) for r in rows]
     assert (out / "nfe.png").stat().st_size > 10_000
+    # --raw scores the trained weights, not their average, into files of its own
+    raw = run(str(out), "--nfe", "1", "--n", "20", "--raw")
+    assert len(raw) == 2 and raw[0]["fid"] != rows[0]["fid"]
+    with open(out / "nfe-raw.csv") as f:
+        assert [r["fid"] for r in csv.DictReader(f)] == [str(r["fid"]) for r in raw]
+    with open(out / "nfe.csv") as f:
+        assert len(list(csv.DictReader(f))) == 4
     # the sweep samples what mnist.py --sample draws, from the same noise
     run_mnist(data, out, "--sample", "20", "--solver", "euler", "--steps", "3")
     assert run(str(out / "samples.pt"))["fid"] == pytest.approx(rows[1]["fid"], abs=1e-3)
