@@ -41,6 +41,8 @@ def get_schedule(name):
 # -----------------------------------------------------------------------------
 # training and sampling
 
+T_DISTS = ("uniform", "logit-normal")  # the distributions of t that fm_loss knows
+
 def fm_loss(model, x0, x1, schedule, t_dist="uniform"):
     """The flow matching loss (Eq. 4, generalised by Eq. 6) for one batch.
     x0 ~ mu_0 and x1 ~ mu_1 have the same shape (B, ...); each sample gets its own t,
@@ -51,7 +53,7 @@ def fm_loss(model, x0, x1, schedule, t_dist="uniform"):
     elif t_dist == "logit-normal":
         t = torch.sigmoid(torch.randn(x0.shape[0], device=x0.device, dtype=x0.dtype))
     else:
-        raise ValueError(f"unknown distribution of t {t_dist!r}; known: uniform, logit-normal")
+        raise ValueError(f"unknown distribution of t {t_dist!r}; known: {', '.join(T_DISTS)}")
     alpha, beta, dalpha, dbeta = (s.view(-1, *[1] * (x0.dim() - 1)) for s in schedule(t))
     xt = alpha * x0 + beta * x1          # a point on the path, Eq. 5
     target = dalpha * x0 + dbeta * x1    # its velocity dX_t/dt, Eq. 6 (X_1 - X_0 for linear)
@@ -246,7 +248,7 @@ def image_parser(description, epochs):
     add("--lr-schedule", default="constant", choices=["constant", "cosine"],
         help="cosine: the learning rate falls from --lr to 0 over the run's --epochs")
     # t ~ sigmoid(N(0, 1)) beat the handout's U(0, 1) after 20 epochs on two noise sets (README, section 4)
-    add("--t-dist", default="logit-normal", choices=["uniform", "logit-normal"],
+    add("--t-dist", default="logit-normal", choices=list(T_DISTS),
         help="the distribution of t in training (uniform: the handout's)")
     # Heun with 25 steps samples as well as Euler with 100, at half the cost (README, section 4)
     add("--steps", type=positive_int, default=25, help="solver steps when sampling (Eq. 7 for Euler)")
