@@ -244,7 +244,7 @@ def image_parser(description, epochs):
     add("--schedule", default="cosine", choices=list(SCHEDULES), help="the path from x0 to x1 (Eq. 5)")
     add("--epochs", type=positive_int, default=epochs, help="passes over the training set")
     # 64 beat the handout's 128 after 20 epochs on two noise sets, at the same cost per epoch on a CPU (README, 4)
-    add("--batch-size", type=positive_int, default=64, help="images per optimiser step (default 64; the handout's: 128)")
+    add("--batch-size", type=positive_int, default=64, help="images per optimiser step (default %(default)s; the handout's: 128)")
     add("--lr", type=positive_float, default=1e-3, help="Adam learning rate")
     add("--lr-schedule", default="constant", choices=["constant", "cosine"],
         help="cosine: the learning rate falls from --lr to 0 over the run's --epochs")
