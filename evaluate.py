@@ -34,12 +34,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import (NFE_PER_STEP, SOLVERS, atomic_save, die, fixed_noise, generate, load_checkpoint,
-                    load_images, load_model, one_line_errors, pick_device, pick_dtype, positive_int,
-                    seed_everything)
+                    load_images, load_model, pick_device, pick_dtype, positive_int)
 
 GARMENTS = ["T-shirt", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Boot"]
 
-parser = one_line_errors(argparse.ArgumentParser(description="Score generated MNIST digits with a classifier."))
+parser = argparse.ArgumentParser(description="Score generated MNIST digits with a classifier.")
+parser.error = die  # argparse's errors in one line, without its usage block
 parser.add_argument("samples", help="a samples.pt of mnist.py or translate.py (N, 1, 28, 28) in [0, 1]; "
                                     "'real' (MNIST training images) or 'noise' (uniform noise), for reference; "
                                     "or a run folder (OUT of mnist.py or translate.py) to sweep the solvers")
@@ -105,7 +105,7 @@ def coverage(pred):
 def train_classifier(args):
     """Train the classifier on MNIST, measure it on the test set, cache it with the test
     set's feature statistics (the FID reference). A few minutes on two CPU cores."""
-    seed_everything(args.seed)
+    torch.manual_seed(args.seed)
     x, y = load_images("MNIST", args.data, labels=True)
     x_test, y_test = load_images("MNIST", args.data, train=False, labels=True)
     model = Classifier()
@@ -247,7 +247,7 @@ def main(argv=None):
         die("--translation needs translate.py's samples.pt or run folder")
     if os.path.isdir(args.samples):
         device = pick_device(args.device)
-        model = load_model(args.samples, device, args.raw)  # a folder without a run is told at once
+        model = load_model(os.path.join(args.samples, "ckpt.pt"), device, args.raw)  # a folder without a run is told at once
         return sweep(args, model, device, *load_classifier(args))
     x = images_to_score(args)  # before the classifier: a wrong path is told at once
     r = score(*load_classifier(args), x)

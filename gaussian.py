@@ -14,18 +14,20 @@ Writes OUT/variance.csv (schedule,t,var_measured,var_theory) and OUT/variance.pn
 import argparse
 import csv
 import os
+import time
 
 import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
 
-from common import (MLP, SCHEDULES, euler, get_schedule, one_line_errors, pick_device, positive_float,
-                    positive_int, seed_everything, train_2d)
+from common import (MLP, SCHEDULES, die, euler, fm_loss, get_schedule, pick_device, positive_float,
+                    positive_int)
 
 # -----------------------------------------------------------------------------
 # settings; the defaults are the recommended run
-parser = one_line_errors(argparse.ArgumentParser(description="Variance along the flow, N(0, I) -> N((1, 1), I)."))
+parser = argparse.ArgumentParser(description="Variance along the flow, N(0, I) -> N((1, 1), I).")
+parser.error = die  # argparse's errors in one line, without its usage block
 parser.add_argument("--schedule", default="both", choices=["both", *SCHEDULES], help="which schedule(s) to train")
 parser.add_argument("--iters", type=positive_int, default=3000, help="training iterations per schedule")
 parser.add_argument("--batch-size", type=positive_int, default=1024, help="points per iteration (large: a precise mean)")
@@ -48,15 +50,22 @@ def main(argv=None):
     for name in names:
         # ---------------------------------------------------------------------
         # training, as in moons.py, with x1 ~ N((1, 1), I)
-        seed_everything(args.seed)
+        torch.manual_seed(args.seed)
         schedule = get_schedule(name)
-        def draw(n):
-            x0 = torch.randn(n, 2, device=device)
-            return x0, MU1.to(device) + torch.randn(n, 2, device=device)
-
         model = MLP(d=2, n_hidden=args.n_hidden).to(device)
-        every = max(1, args.iters // 5)
-        losses = train_2d(model, draw, schedule, args, every, tag=f"{name} | ")
+        opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+        every = max(1, args.iters // 5)  # print the mean loss five times
+        losses, t0 = [], time.time()
+        for it in range(1, args.iters + 1):
+            x0 = torch.randn(args.batch_size, 2, device=device)                   # x0 ~ N(0, I)
+            x1 = MU1.to(device) + torch.randn(args.batch_size, 2, device=device)  # x1 ~ N((1, 1), I)
+            loss = fm_loss(model, x0, x1, schedule)                               # Eq. 4, t ~ U(0, 1)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+            if it % every == 0:
+                print(f"{name} | iter {it:5d}/{args.iters} | loss {sum(losses[-every:]) / every:.4f} | {time.time() - t0:5.1f} s")
 
         # ---------------------------------------------------------------------
         # the variance of the generated points at every Euler step, next to the theory

@@ -289,7 +289,7 @@ def test_mnist_trains_writes_grid_and_checkpoint_then_samples(mnist_data, tmp_pa
 
 def test_mnist_resumed_after_a_kill_ends_with_the_same_weights(mnist_data, tmp_path, monkeypatch):
     import mnist
-    extra = ["--lr-schedule", "cosine", "--t-dist", "logit-normal"]  # both follow the step count
+    extra = ["--t-dist", "logit-normal", "--lr", "2e-3"]
     run_mnist(mnist_data, tmp_path / "a", "--epochs", "3", *extra)  # never interrupted
     # the same run, killed in the middle of epoch 2 (48 images / 16 = 3 steps an epoch)
     calls = {"n": 0}
@@ -298,11 +298,11 @@ def test_mnist_resumed_after_a_kill_ends_with_the_same_weights(mnist_data, tmp_p
         if calls["n"] == 5:
             raise KeyboardInterrupt
         return fm_loss(*a)
-    monkeypatch.setattr(common, "fm_loss", dying_loss)
+    monkeypatch.setattr(mnist, "fm_loss", dying_loss)
     with pytest.raises(KeyboardInterrupt):
         run_mnist(mnist_data, tmp_path / "b", "--epochs", "3", *extra)
     assert torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["epoch"] == 1
-    monkeypatch.setattr(common, "fm_loss", fm_loss)
+    monkeypatch.setattr(mnist, "fm_loss", fm_loss)
     run_mnist(mnist_data, tmp_path / "b", "--epochs", "3", "--resume")
     a = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)
     b = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)
@@ -328,7 +328,7 @@ def test_ema_in_training_follows_its_warm_up_and_sampling_uses_it(mnist_data, tm
     def spy(ema, model, decay):
         snapshots.append((decay, [p.detach().clone() for p in model.parameters()]))
         real_update(ema, model, decay)
-    monkeypatch.setattr(common, "update_ema", spy)
+    monkeypatch.setattr(mnist, "update_ema", spy)
     torch.manual_seed(0)
     initial = [p.clone() for p in UNet().parameters()]  # run_mnist seeds 0 the same way
     run_mnist(mnist_data, tmp_path / "a", "--epochs", "1")
@@ -340,13 +340,9 @@ def test_ema_in_training_follows_its_warm_up_and_sampling_uses_it(mnist_data, tm
     for (name, _), e in zip(UNet().named_parameters(), expected):
         torch.testing.assert_close(ckpt["ema"][name], e)
     # sampling takes the average by default, the trained weights with --raw
-    ema_model, raw_model = common.load_model(tmp_path / "a", "cpu"), common.load_model(tmp_path / "a", "cpu", raw=True)
+    ema_model, raw_model = common.load_model(tmp_path / "a" / "ckpt.pt", "cpu"), common.load_model(tmp_path / "a" / "ckpt.pt", "cpu", raw=True)
     assert torch.equal(ema_model.out.bias, ckpt["ema"]["out.bias"])
     assert torch.equal(raw_model.out.bias, ckpt["model"]["out.bias"])
-    # the cosine learning rate: set from the step count n before each step, lr (1 + cos(pi n / 3)) / 2
-    run_mnist(mnist_data, tmp_path / "c", "--epochs", "1", "--lr-schedule", "cosine", "--lr", "0.01")
-    lr = torch.load(tmp_path / "c" / "ckpt.pt", weights_only=True)["optimizer"]["param_groups"][0]["lr"]
-    assert lr == pytest.approx(0.01 * (1 + math.cos(2 * math.pi / 3)) / 2)
     # --ema 0: no average in the checkpoint
     run_mnist(mnist_data, tmp_path / "b", "--epochs", "1", "--ema", "0")
     assert "ema" not in torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)
@@ -414,7 +410,8 @@ def test_translate_starts_from_garments_and_writes_pictures(both_data, tmp_path,
     def recording_loss(model, x0, x1, *rest):
         starts.append(x0.flatten(1))
         return fm_loss(model, x0, x1, *rest)
-    monkeypatch.setattr(common, "fm_loss", recording_loss)
+    import translate
+    monkeypatch.setattr(translate, "fm_loss", recording_loss)
     out = tmp_path / "out"
     run_translate(both_data, out, "--epochs", "1")
     x0 = torch.cat(starts)

@@ -1,10 +1,10 @@
 """
 Image-to-image translation with flow matching (handout section 3.1): Fashion-MNIST -> MNIST.
 
-The same U-Net, optimiser and settings as mnist.py; only x0 changes: instead of Gaussian
-noise, the flow starts from a Fashion-MNIST image and carries it to an MNIST digit.
-Garments and digits are paired at random (drawn independently), so nothing in the
-training tells the flow which digit a garment should become.
+The same U-Net, optimiser, settings and loop as mnist.py; only x0 changes: instead of
+Gaussian noise, the flow starts from a Fashion-MNIST image and carries it to an MNIST
+digit. Garments and digits are paired at random (drawn independently), so nothing in
+the training tells the flow which digit a garment should become.
 
     python translate.py                                   # 100 epochs, OUT = out/translate-cosine
     python translate.py --limit 2000 --epochs 2           # a quick look
@@ -15,15 +15,53 @@ After every epoch: OUT/epochNNN.png (16 fixed Fashion-MNIST test images on top, 
 translations below) and OUT/ckpt.pt. --sample N writes OUT/samples.pt (N, 1, 28, 28) in [0, 1]
 and OUT/samples.png (sources and results in alternate rows).
 """
+import argparse
+import copy
+import math
 import os
+import time
 
 import torch
 from torchvision.utils import save_image
 
-from common import (atomic_save, die, generate, image_parser, load_images, load_model, pick_device,
-                    pick_dtype, start_run, to_unit, train)
+from common import (SCHEDULES, SOLVERS, T_DISTS, NFE_PER_STEP, UNet, atomic_save, autocast, decay, die,
+                    fm_loss, generate, get_schedule, load_checkpoint, load_images, load_model,
+                    pick_device, pick_dtype, positive_float, positive_int, restore, to_unit, update_ema)
 
-parser = image_parser("Image-to-image translation with flow matching: Fashion-MNIST -> MNIST.", epochs=100)
+# -----------------------------------------------------------------------------
+# settings; the defaults are mnist.py's, but for the handout's 100 epochs
+parser = argparse.ArgumentParser(description="Image-to-image translation with flow matching: Fashion-MNIST -> MNIST.")
+parser.error = die  # argparse's errors in one line, without its usage block
+add = parser.add_argument
+add("--schedule", default="cosine", choices=list(SCHEDULES),
+    help="the path from x0 to x1 (Eq. 5) (default: %(default)s)")
+add("--epochs", type=positive_int, default=100, help="passes over the training set (default: %(default)s)")
+add("--batch-size", type=positive_int, default=64,
+    help="images per optimiser step (the handout's: 128) (default: %(default)s)")
+add("--lr", type=positive_float, default=1e-3, help="Adam's learning rate (default: %(default)s)")
+add("--t-dist", default="logit-normal", choices=list(T_DISTS),
+    help="the distribution of t in training (the handout's: uniform) (default: %(default)s)")
+add("--ema", type=decay, default=0.999, metavar="DECAY",
+    help="moving average of the weights, used for sampling (0: none) (default: %(default)s)")
+add("--solver", default="heun", choices=list(SOLVERS),
+    help="the sampler: euler, 1 network call a step; heun, 2 (default: %(default)s)")
+add("--steps", type=positive_int, default=25,
+    help="solver steps when sampling (Eq. 7 for Euler) (default: %(default)s)")
+add("--seed", type=int, default=0, help="seeds the training (default: %(default)s)")
+add("--limit", type=positive_int, default=None,
+    help="train on the first N images of each set only (quick runs)")
+add("--data", default="data",
+    help="torchvision's data folder (MNIST/raw/ and FashionMNIST/raw/ below it) (default: %(default)s)")
+add("--out", default=None, help="output folder (default: out/translate-SCHEDULE)")
+add("--device", default="auto",
+    help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps (default: %(default)s)")
+add("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+    help="auto: bf16 autocast only where the hardware has it (default: %(default)s)")
+add("--resume", action="store_true", help="continue OUT/ckpt.pt: its settings, the --epochs given here")
+add("--sample", type=positive_int, default=None, metavar="N",
+    help="no training: translate the first N Fashion-MNIST "
+    "test images with OUT/ckpt.pt into OUT/samples.pt and .png")
+add("--raw", action="store_true", help="with --sample: the trained weights, not their moving average")
 
 def save_pairs(x0, x, path, width=16):
     """A PNG with rows of `width`: sources (x0, in [-1, 1]) above their results (x, in [0, 1])."""
@@ -37,34 +75,100 @@ def save_pairs(x0, x, path, width=16):
 def main(argv=None):
     args = parser.parse_args(argv)
     args.out = args.out or f"out/translate-{args.schedule}"
+    ckpt_path = os.path.join(args.out, "ckpt.pt")
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
 
-    if args.sample:  # no training: translate the first N Fashion-MNIST test images
-        model = load_model(args.out, device, args.raw)
+    # -------------------------------------------------------------------------
+    # --sample: no training, translate the first N Fashion-MNIST test images
+    if args.sample:
+        model = load_model(ckpt_path, device, args.raw)
         x0 = load_images("FashionMNIST", args.data, train=False)
         if args.sample > len(x0):
             die(f"--sample {args.sample}: Fashion-MNIST has only {len(x0)} test images")
         x0 = x0[: args.sample]
-        x = generate(model, x0, args.steps, device, dtype, args.solver, quiet=False)
+        t0 = time.time()
+        x = generate(model, x0, args.steps, device, dtype, args.solver)
+        dt = time.time() - t0
+        print(f"{len(x)} images, {args.steps} {args.solver} steps ({args.steps * NFE_PER_STEP[args.solver]} "
+              f"network calls each): {dt:.1f} s ({len(x) / dt:.1f} img/s)")
         atomic_save(x, os.path.join(args.out, "samples.pt"))  # (N, 1, 28, 28) in [0, 1]
         save_pairs(x0[:128], x[:128], os.path.join(args.out, "samples.png"))
         print(f"wrote {args.out}/samples.pt and {args.out}/samples.png")
         return
 
-    args, model, ckpt = start_run(args)  # a fresh U-Net, or --resume
-    x1_all = load_images("MNIST", args.data)[: args.limit].to(device)          # x1 ~ mu_1, digits
-    x0_all = load_images("FashionMNIST", args.data)[: args.limit].to(device)   # x0 ~ mu_0, garments
-    fixed = load_images("FashionMNIST", args.data, train=False)[:16]           # for the pictures
+    # -------------------------------------------------------------------------
+    # set-up: a fresh U-Net, or with --resume the one in OUT/ckpt.pt and its settings
+    torch.manual_seed(args.seed)
+    model, ckpt = UNet(), None
+    if args.resume:
+        ckpt = load_checkpoint(ckpt_path)
+        restore(model, ckpt.get("model") if isinstance(ckpt, dict) else None, ckpt_path)
+        if not isinstance(ckpt.get("config"), dict):
+            die(f"{ckpt_path} has no training settings to resume from")
+        # the checkpoint's settings define the run; these come from the command line
+        given = {k: getattr(args, k) for k in ("epochs", "device", "dtype", "resume")}
+        args = argparse.Namespace(**{**vars(args), **ckpt["config"], **given})
+    elif os.path.exists(ckpt_path):
+        die(f"{ckpt_path} exists: add --resume to continue that run, or choose another --out")
+    os.makedirs(args.out, exist_ok=True)
 
-    def draw_x0(x1):  # a garment drawn independently of the digit x1: random pairing
-        return x0_all[torch.randint(len(x0_all), (len(x1),)).to(x0_all.device)]
+    # -------------------------------------------------------------------------
+    # data: x1 ~ mu_1 the digits, x0 ~ mu_0 the garments, each (N, 1, 28, 28) in [-1, 1]
+    x1_all = load_images("MNIST", args.data)[: args.limit].to(device)
+    x0_all = load_images("FashionMNIST", args.data)[: args.limit].to(device)
+    N = len(x1_all)
+    fixed = load_images("FashionMNIST", args.data, train=False)[:16]  # the same garments every epoch
+    schedule = get_schedule(args.schedule)
 
-    def picture(model, epoch):
-        x = generate(model, fixed, args.steps, device, dtype, args.solver)
-        save_pairs(fixed, x, os.path.join(args.out, f"epoch{epoch:03d}.png"))
+    # -------------------------------------------------------------------------
+    # model, optimiser and the moving average of the weights, as in mnist.py
+    model = model.to(device, memory_format=torch.channels_last)
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    ema = copy.deepcopy(model).requires_grad_(False) if args.ema else None
+    start = 0
+    if ckpt:
+        if ema is not None and "ema" in ckpt:  # (a checkpoint without one starts it from its weights)
+            ema.load_state_dict(ckpt["ema"])
+        opt.load_state_dict(ckpt["optimizer"])
+        torch.set_rng_state(ckpt["rng"])
+        if device.type == "cuda" and ckpt["cuda_rng"]:
+            torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
+        start = ckpt["epoch"]
+        print(f"resuming {ckpt_path} after epoch {start}")
+    print(f"device {device}, dtype {str(dtype).removeprefix('torch.')}, schedule {args.schedule}, "
+          f"seed {args.seed}, {N} training images, {sum(p.numel() for p in model.parameters())} parameters")
 
-    train(args, model, ckpt, device, dtype, x1_all, draw_x0=draw_x0, picture=picture)
+    # -------------------------------------------------------------------------
+    # the training loop: mnist.py's, with a garment in place of the noise
+    n = start * math.ceil(N / args.batch_size)  # optimiser steps so far
+    for epoch in range(start, args.epochs):
+        t0, total = time.time(), 0.0
+        for idx in torch.randperm(N).split(args.batch_size):
+            x1 = x1_all[idx.to(device)]   # (B, 1, 28, 28), digits
+            # x0: a garment drawn independently of the digit x1 (random pairing)
+            x0 = x0_all[torch.randint(len(x0_all), (len(x1),)).to(device)]
+            with autocast(device, dtype):
+                loss = fm_loss(model, x0, x1, schedule, args.t_dist)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            n += 1
+            if ema is not None:  # the decay warms up as (1 + n) / (10 + n): early weights fade fast
+                update_ema(ema, model, min(args.ema, (1 + n) / (10 + n)))
+            total += loss.item() * len(idx)
+        dt = time.time() - t0
+        print(f"epoch {epoch + 1:3d}/{args.epochs} | loss {total / N:.4f} | {N / dt:5.0f} img/s | {dt:6.1f} s", flush=True)
+
+        # outputs: the fixed garments and their translations, then the checkpoint (atomic)
+        x = generate(ema if ema is not None else model, fixed, args.steps, device, dtype, args.solver)
+        save_pairs(fixed, x, os.path.join(args.out, f"epoch{epoch + 1:03d}.png"))
+        atomic_save({
+            "model": model.state_dict(), "optimizer": opt.state_dict(), "config": vars(args),
+            **({"ema": ema.state_dict()} if ema is not None else {}),
+            "epoch": epoch + 1, "rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else [],
+        }, ckpt_path)
 
 if __name__ == "__main__":
     main()
