@@ -3,9 +3,12 @@ What the nanoFM scripts share, maths first: the schedules, the flow matching los
 samplers, the two networks (an MLP for 2D, the handout's U-Net for images); then a few
 small helpers. Equation numbers refer to the handout of the practical (see README.md).
 """
+import hashlib
 import math
 import os
+import struct
 import sys
+import time
 
 import torch
 import torch.nn as nn
@@ -180,9 +183,9 @@ def pick_device(name="auto"):
         device = torch.device(name)
     except RuntimeError:
         die(f"unknown device {name!r}; use auto, cpu, cuda or mps")
-    if (device.type == "cuda" and not torch.cuda.is_available()) or \
+    if (device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count()) or \
        (device.type == "mps" and not torch.backends.mps.is_available()):
-        die(f"device {name!r} is not available on this machine")
+        die(f"device {name!r} is not available on this machine ({torch.cuda.device_count()} CUDA devices)")
     return device
 
 def pick_dtype(name, device):
@@ -197,16 +200,42 @@ def autocast(device, dtype):
     """Mixed precision: matmuls and convs in bf16, weights and the loss stay in fp32."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
 
+IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+IDX_MD5 = {  # the official files' (uncompressed), in IDX_FILES' order
+    "MNIST": ("6bbc9ace898e44ae57da46a324031adb", "a25bea736e30d166cdddb491f175f624",
+              "2646ac647ad5339dbf082846283269ea", "27ae3e4e09519cfbb04c329615203637"),
+    "FashionMNIST": ("f4a8712d7a061bf5bd6d2ca38dc4d50a", "9018921c3c673c538a1fc5bad174d6f9",
+                     "8181f5470baa50b63fa0f6fddb340f0a", "15d484375f8d13e6eb1aabb0c3f46965")}
+
+def check_idx(path, md5):
+    """One line if a data file is there but damaged: not IDX, not the size its header gives,
+    or the official size (60,000 or 10,000 items) with another MD5. A missing file passes."""
+    if not os.path.exists(path):
+        return
+    with open(path, "rb") as f:
+        data = f.read()
+    nd = data[3] if len(data) > 3 and data[:3] == b"\0\0\x08" and data[3] in (1, 3) else 0
+    shape = struct.unpack(f">{nd}I", data[4:4 + 4 * nd]) if len(data) >= 4 + 4 * nd else ()
+    if not shape or len(data) != 4 + 4 * nd + math.prod(shape):
+        problem = f"{len(data)} bytes, not an IDX file of the size its header gives"
+    elif shape[0] in (60000, 10000) and hashlib.md5(data).hexdigest() != md5:
+        problem = "the official file's size, but not its MD5"
+    else:
+        return
+    die(f"{path} is damaged ({problem}); delete it so that it is downloaded again, or copy it again")
+
 def load_images(name, root, train=True, labels=False):
     """All images of MNIST or FashionMNIST as one tensor (N, 1, 28, 28) in [-1, 1] (and their
     classes (N,)). torchvision downloads them on first use; offline, we say where to put them."""
     import torchvision  # only the image scripts need it
+    for file, md5 in zip(IDX_FILES, IDX_MD5[name]):
+        check_idx(os.path.join(root, name, "raw", file), md5)
     try:
         ds = getattr(torchvision.datasets, name)(root, train=train, download=True)
     except Exception as e:  # no network, a proxy, a truncated file: all end here
         raw = os.path.join(root, name, "raw")
-        die(f"{name} is not in {raw} and could not be downloaded ({type(e).__name__}); put the four files "
-            "train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte there")
+        die(f"{name} is not in {raw} and could not be downloaded ({type(e).__name__}); "
+            f"put the four files {', '.join(IDX_FILES)} there")
     x = ds.data[:, None].float() / 127.5 - 1  # uint8 (N, 28, 28) -> (N, 1, 28, 28)
     return (x, ds.targets) if labels else x
 
@@ -224,11 +253,27 @@ def generate(model, x0, steps, device, dtype, solver="euler"):
     with autocast(device, dtype):
         return torch.cat([to_unit(sample(model, c.to(device), steps, solver)).cpu() for c in x0.split(256)])
 
+def make_dir(path):
+    """Create a folder to write into, or say in one line why it cannot be."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        open(os.path.join(path, ".nanofm-write-test"), "w").close()
+        os.remove(os.path.join(path, ".nanofm-write-test"))
+    except OSError as e:
+        die(f"cannot write to the folder {path}: {e.strerror or e}")
+
 def atomic_save(obj, path):
-    """torch.save to a temporary file, then rename: a kill mid-write never leaves a half file."""
+    """torch.save to a temporary file, then rename: a kill or a full disk mid-write never
+    leaves a half file, and the file that was there stays as it was."""
     tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # a full disk, a folder we may not write
+        die(f"cannot write {path} ({str(e).splitlines()[0][:200]}); what was there is unchanged")
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 def load_checkpoint(path):
     if not os.path.exists(path):
@@ -250,6 +295,8 @@ def load_model(path, device, raw=False):
     """The U-Net of a checkpoint, for sampling: its moving average where it has one, unless raw.
     channels_last doubles the speed of the forward pass on a CPU (README, "How fast")."""
     ckpt = load_checkpoint(path)
+    if raw and isinstance(ckpt, dict) and "ema" in ckpt and "model" not in ckpt:
+        die(f"{path} holds only the moving average of the weights; --raw needs a run's ckpt.pt")
     weights = ckpt.get("ema" if "ema" in ckpt and not raw else "model") if isinstance(ckpt, dict) else None
     return restore(UNet(), weights, path).to(device, memory_format=torch.channels_last)
 
@@ -258,3 +305,21 @@ def update_ema(ema, model, decay):
     """ema <- decay * ema + (1 - decay) * model, tensor by tensor (the U-Net has no buffers)."""
     for e, p in zip(ema.parameters(), model.parameters()):
         e.lerp_(p, 1 - decay)
+
+def clock(seconds):
+    return f"{int(seconds) // 3600}:{int(seconds) // 60 % 60:02d}:{int(seconds) % 60:02d}"
+
+def progress(epoch, epochs, step, steps, images, loss_sum, t0):
+    """Progress inside an epoch: on a terminal one line rewritten in place, into a file or a
+    pipe a plain line every tenth of the epoch. Called after every step; epoch counts from 1."""
+    tty = sys.stdout.isatty()
+    if step == steps:  # the epoch's own line follows
+        print("\r\033[K" if tty else "", end="", flush=True)
+        return
+    if step % max(1, steps // (100 if tty else 10)):
+        return
+    dt = time.time() - t0
+    left = (steps - step) * dt / step
+    line = (f"  step {step}/{steps} of epoch {epoch}/{epochs} | loss {loss_sum / images:.4f} | {images / dt:.0f} img/s | "
+            f"{clock(left)} left in the epoch, {clock(left + (epochs - epoch) * steps * dt / step)} in the run")
+    print("\r\033[K" + line if tty else line, end="" if tty else "\n", flush=True)

@@ -27,6 +27,7 @@ import argparse
 import csv
 import math
 import os
+import sys
 import time
 
 import torch
@@ -49,6 +50,8 @@ parser.add_argument("--nfe", type=positive_int, nargs="+", default=[5, 10, 20, 5
                     help="run folder: the numbers of network evaluations to try (Heun: 2 a step, rounded up)")
 parser.add_argument("--raw", action="store_true", help="run folder: the trained weights, not their average")
 parser.add_argument("--device", default="auto", help="run folder: where to sample (auto, cpu, cuda, mps)")
+parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                    help="run folder: sample in this precision (auto: bf16 autocast only where the hardware has it)")
 parser.add_argument("--translation", action="store_true",
                     help="samples.pt is translate.py's: image i comes from Fashion-MNIST test image i")
 parser.add_argument("--data", default="data", help="torchvision's data folder (as for mnist.py)")
@@ -196,7 +199,7 @@ def sweep(args, model, device, classifier, cache):
     images), and score each. Writes RUN/nfe.csv and RUN/nfe.png (nfe-raw.* with --raw)."""
     n, run = args.n or 1000, args.samples
     name = os.path.join(run, "nfe-raw" if args.raw else "nfe")
-    dtype = pick_dtype("auto", device)
+    dtype = pick_dtype(args.dtype, device)
     if args.translation:
         x0 = load_images("FashionMNIST", args.data, train=False)[:n]
     else:  # the noise of mnist.py --sample n --seed S: the same samples
@@ -258,4 +261,8 @@ def main(argv=None):
     return r
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # Ctrl-C: one line and exit status 130 (no file is ever half-written)
+        print(f"{os.path.basename(__file__)}: interrupted", file=sys.stderr)
+        raise SystemExit(130)

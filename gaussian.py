@@ -13,7 +13,9 @@ Writes OUT/variance.csv (schedule,t,var_measured,var_theory) and OUT/variance.pn
 """
 import argparse
 import csv
+import math
 import os
+import sys
 import time
 
 import matplotlib
@@ -21,7 +23,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
 
-from common import (MLP, SCHEDULES, die, euler, fm_loss, get_schedule, pick_device, positive_float,
+from common import (MLP, SCHEDULES, die, euler, fm_loss, get_schedule, make_dir, pick_device, positive_float,
                     positive_int)
 
 # -----------------------------------------------------------------------------
@@ -45,7 +47,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     device = pick_device(args.device)
     names = list(SCHEDULES) if args.schedule == "both" else [args.schedule]
-    os.makedirs(args.out, exist_ok=True)
+    make_dir(args.out)
     rows, results = [], {}
     for name in names:
         # ---------------------------------------------------------------------
@@ -64,6 +66,8 @@ def main(argv=None):
             loss.backward()
             opt.step()
             losses.append(loss.item())
+            if not math.isfinite(losses[-1]):
+                die(f"the loss is {losses[-1]} at iteration {it}: the run diverged; try a smaller --lr than {args.lr:g}")
             if it % every == 0:
                 print(f"{name} | iter {it:5d}/{args.iters} | loss {sum(losses[-every:]) / every:.4f} | {time.time() - t0:5.1f} s")
 
@@ -103,4 +107,8 @@ def main(argv=None):
     return results
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # Ctrl-C: one line and exit status 130 (no file is ever half-written)
+        print(f"{os.path.basename(__file__)}: interrupted", file=sys.stderr)
+        raise SystemExit(130)

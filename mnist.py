@@ -15,14 +15,16 @@ import argparse
 import copy
 import math
 import os
+import shlex
+import sys
 import time
 
 import torch
 from torchvision.utils import save_image
 
 from common import (SCHEDULES, SOLVERS, T_DISTS, NFE_PER_STEP, UNet, atomic_save, autocast, decay, die,
-                    fixed_noise, fm_loss, generate, get_schedule, load_checkpoint, load_images, load_model,
-                    pick_device, pick_dtype, positive_float, positive_int, restore, update_ema)
+                    fixed_noise, fm_loss, generate, get_schedule, load_checkpoint, load_images, load_model, make_dir,
+                    pick_device, pick_dtype, positive_float, positive_int, progress, restore, update_ema)
 
 # -----------------------------------------------------------------------------
 # settings; the defaults are the recommended run (README, "Results")
@@ -57,6 +59,14 @@ add("--sample", type=positive_int, default=None, metavar="N",
     help="no training: N digits from OUT/ckpt.pt into OUT/samples.pt and .png")
 add("--raw", action="store_true", help="with --sample: the trained weights, not their moving average")
 
+def memory_available():
+    """Bytes of memory a new allocation can take (Linux's MemAvailable), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
 def main(argv=None):
     args = parser.parse_args(argv)
     args.out = args.out or f"out/mnist-{args.schedule}"
@@ -68,6 +78,9 @@ def main(argv=None):
     # --sample: no training, N digits from N noise images fixed by --seed
     if args.sample:
         model = load_model(ckpt_path, device, args.raw)
+        need, free = 2 * args.sample * 28 * 28 * 4, memory_available()  # bytes: the noise and the digits
+        if free is not None and need > free:
+            die(f"--sample {args.sample} needs {need / 2**30:.1f} GiB of memory, {free / 2**30:.1f} GiB is free: ask for fewer")
         t0 = time.time()
         x = generate(model, fixed_noise(args.sample, args.seed), args.steps, device, dtype, args.solver)
         dt = time.time() - t0
@@ -84,15 +97,17 @@ def main(argv=None):
     model, ckpt = UNet(), None
     if args.resume:
         ckpt = load_checkpoint(ckpt_path)
+        if isinstance(ckpt, dict) and "config" in ckpt and "optimizer" not in ckpt:
+            die(f"{ckpt_path} holds weights only, no optimiser state: it can --sample, not --resume")
         restore(model, ckpt.get("model") if isinstance(ckpt, dict) else None, ckpt_path)
         if not isinstance(ckpt.get("config"), dict):
             die(f"{ckpt_path} has no training settings to resume from")
-        # the checkpoint's settings define the run; these come from the command line
-        given = {k: getattr(args, k) for k in ("epochs", "device", "dtype", "resume")}
+        # the checkpoint's settings define the model and its training; these come from the command line
+        given = {k: getattr(args, k) for k in ("epochs", "out", "data", "device", "dtype", "resume")}
         args = argparse.Namespace(**{**vars(args), **ckpt["config"], **given})
     elif os.path.exists(ckpt_path):
         die(f"{ckpt_path} exists: add --resume to continue that run, or choose another --out")
-    os.makedirs(args.out, exist_ok=True)
+    make_dir(args.out)
 
     # -------------------------------------------------------------------------
     # data: x1 ~ mu_1, all training digits in one tensor (N, 1, 28, 28) in [-1, 1]
@@ -122,34 +137,59 @@ def main(argv=None):
 
     # -------------------------------------------------------------------------
     # the training loop
-    n = start * math.ceil(N / args.batch_size)  # optimiser steps so far
-    for epoch in range(start, args.epochs):
-        t0, total = time.time(), 0.0
-        for idx in torch.randperm(N).split(args.batch_size):
-            x1 = x1_all[idx.to(device)]   # (B, 1, 28, 28), digits
-            x0 = torch.randn_like(x1)     # x0 ~ mu_0 = N(0, I), fresh noise for every batch
-            with autocast(device, dtype):
-                loss = fm_loss(model, x0, x1, schedule, args.t_dist)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            n += 1
-            if ema is not None:  # the decay warms up as (1 + n) / (10 + n): early weights fade fast
-                update_ema(ema, model, min(args.ema, (1 + n) / (10 + n)))
-            total += loss.item() * len(idx)
-        dt = time.time() - t0
-        print(f"epoch {epoch + 1:3d}/{args.epochs} | loss {total / N:.4f} | {N / dt:5.0f} img/s | {dt:6.1f} s", flush=True)
+    steps = math.ceil(N / args.batch_size)
+    n, saved = start * steps, start  # optimiser steps so far; the epoch in OUT/ckpt.pt
+    try:
+        for epoch in range(start, args.epochs):
+            t0, total = time.time(), 0.0
+            for step, idx in enumerate(torch.randperm(N).split(args.batch_size), 1):
+                x1 = x1_all[idx.to(device)]   # (B, 1, 28, 28), digits
+                x0 = torch.randn_like(x1)     # x0 ~ mu_0 = N(0, I), fresh noise for every batch
+                with autocast(device, dtype):
+                    loss = fm_loss(model, x0, x1, schedule, args.t_dist)
+                total += loss.item() * len(idx)
+                if not math.isfinite(total):  # stop before a step can spoil the weights
+                    die(f"the loss is {loss.item()} at step {step} of epoch {epoch + 1}: the run diverged; "
+                        f"try a smaller --lr than {args.lr:g} (the last checkpoint is left as it was)")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                n += 1
+                if ema is not None:  # the decay warms up as (1 + n) / (10 + n): early weights fade fast
+                    update_ema(ema, model, min(args.ema, (1 + n) / (10 + n)))
+                progress(epoch + 1, args.epochs, step, steps, step * args.batch_size, total, t0)
+            dt = time.time() - t0
+            print(f"epoch {epoch + 1:3d}/{args.epochs} | loss {total / N:.4f} | {N / dt:5.0f} img/s | {dt:6.1f} s", flush=True)
 
-        # outputs: the grid of this epoch from the fixed noise, then the checkpoint, written
-        # atomically, with all it takes to resume exactly
-        x = generate(ema if ema is not None else model, fixed, args.steps, device, dtype, args.solver)
-        save_image(x, os.path.join(args.out, f"epoch{epoch + 1:03d}.png"), nrow=8)
-        atomic_save({
-            "model": model.state_dict(), "optimizer": opt.state_dict(), "config": vars(args),
-            **({"ema": ema.state_dict()} if ema is not None else {}),
-            "epoch": epoch + 1, "rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else [],
-        }, ckpt_path)
+            # outputs: the grid of this epoch from the fixed noise, then the checkpoint, written
+            # atomically, with all it takes to resume exactly, and never with non-finite weights
+            sampler = ema if ema is not None else model
+            if not all(p.isfinite().all() for p in [*model.parameters(), *sampler.parameters()]):
+                die(f"the weights are no longer finite after epoch {epoch + 1}: the run diverged; "
+                    f"try a smaller --lr than {args.lr:g} (the last checkpoint is left as it was)")
+            x = generate(sampler, fixed, args.steps, device, dtype, args.solver)
+            save_image(x, os.path.join(args.out, f"epoch{epoch + 1:03d}.png"), nrow=8)
+            atomic_save({
+                "model": model.state_dict(), "optimizer": opt.state_dict(), "config": vars(args),
+                **({"ema": ema.state_dict()} if ema is not None else {}),
+                "epoch": epoch + 1, "rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else [],
+            }, ckpt_path)
+            saved = epoch + 1
+            # and the sampling weights alone (0.8 MB), one file an epoch: evaluate.py --curve scores them
+            atomic_save({"ema" if ema is not None else "model": sampler.state_dict(), "config": vars(args),
+                         "epoch": epoch + 1}, os.path.join(args.out, f"epoch{epoch + 1:03d}.pt"))
+    except KeyboardInterrupt:  # Ctrl-C: one line on where the run stands and how to go on, exit status 130
+        print("\r\033[K" if sys.stdout.isatty() else "", end="", flush=True)  # (the progress line)
+        again = f"python mnist.py --out {shlex.quote(args.out)} --data {shlex.quote(args.data)} --resume --epochs {args.epochs}"
+        again += "".join(f" --{k} {getattr(args, k)}" for k in ("device", "dtype") if getattr(args, k) != "auto")
+        print(f"mnist.py: interrupted in epoch {epoch + 1}; " + (f"{ckpt_path} holds epoch {saved}; continue with: {again}"
+              if saved else "no checkpoint was written yet"), file=sys.stderr)
+        raise SystemExit(130)
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # Ctrl-C: one line and exit status 130 (no file is ever half-written)
+        print(f"{os.path.basename(__file__)}: interrupted", file=sys.stderr)
+        raise SystemExit(130)

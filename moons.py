@@ -10,6 +10,7 @@ the learned velocity field at a few times, the loss) and OUT/moons.gif (the poin
 import argparse
 import math
 import os
+import sys
 import time
 
 import matplotlib
@@ -18,7 +19,7 @@ import matplotlib.pyplot as plt
 from matplotlib.animation import FuncAnimation, PillowWriter
 import torch
 
-from common import (MLP, SCHEDULES, die, euler, fm_loss, get_schedule, pick_device, positive_float,
+from common import (MLP, SCHEDULES, die, euler, fm_loss, get_schedule, make_dir, pick_device, positive_float,
                     positive_int)
 
 # -----------------------------------------------------------------------------
@@ -48,6 +49,7 @@ def sample_moons(n, noise=0.05):
 def main(argv=None):
     args = parser.parse_args(argv)
     device = pick_device(args.device)
+    make_dir(args.out)
     torch.manual_seed(args.seed)
     schedule = get_schedule(args.schedule)
     print(f"device {device}, schedule {args.schedule}, seed {args.seed}")
@@ -66,13 +68,14 @@ def main(argv=None):
         loss.backward()
         opt.step()
         losses.append(loss.item())
+        if not math.isfinite(losses[-1]):
+            die(f"the loss is {losses[-1]} at iteration {it}: the run diverged; try a smaller --lr than {args.lr:g}")
         if it % every == 0:
             print(f"iter {it:5d}/{args.iters} | loss {sum(losses[-every:]) / every:.4f} | {time.time() - t0:5.1f} s")
 
     # -------------------------------------------------------------------------
     # sampling: the whole trajectory of n_samples points, (steps+1, n, 2)
     traj = euler(model, torch.randn(args.n_samples, 2, device=device), args.steps, trajectory=True).cpu()
-    os.makedirs(args.out, exist_ok=True)
     plot(model, traj, sample_moons(args.n_samples), losses, args, device)
     print(f"wrote {args.out}/moons.png" + (f" and {args.out}/moons.gif" if args.gif else ""))
     return {"losses": losses, "samples": traj[-1]}
@@ -125,4 +128,8 @@ def plot(model, traj, data, losses, args, device):
         plt.close(fig)
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # Ctrl-C: one line and exit status 130 (no file is ever half-written)
+        print(f"{os.path.basename(__file__)}: interrupted", file=sys.stderr)
+        raise SystemExit(130)

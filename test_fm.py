@@ -13,13 +13,18 @@ import struct
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import common
 from common import MLP, UNet, cosine, euler, fm_loss, get_schedule, linear
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+class Killed(BaseException):
+    """Raised in a test to stop a run dead, as a kill would (no handler catches it)."""
 SCHEDULES = [linear, cosine]
 
 # -----------------------------------------------------------------------------
@@ -67,13 +72,18 @@ def test_unknown_schedule_is_a_clear_error():
 
 @pytest.mark.parametrize("schedule", SCHEDULES)
 def test_loss_is_zero_for_the_exact_velocity(schedule):
-    # from one point x0 to one point x1 the velocity is known: dalpha_t x0 + dbeta_t x1
+    # from one point x0 to one point x1 the velocity is known: dalpha_t x0 + dbeta_t x1. The
+    # field below is exact only at x = x_t = alpha_t x0 + beta_t x1 (it adds 7 (x - x_t)), so a
+    # loss of 0 also checks that the model is fed the point of Eq. 5 at its own t.
     x0 = torch.tensor([[0.3, -1.2]], dtype=torch.float64).repeat(64, 1)
     x1 = torch.tensor([[2.0, 0.5]], dtype=torch.float64).repeat(64, 1)
     def exact(x, t):
-        _, _, da, db = schedule(t[:, None])
-        return da * x0 + db * x1
+        a, b, da, db = schedule(t[:, None])
+        return da * x0 + db * x1 + 7 * (x - (a * x0 + b * x1))
     assert fm_loss(exact, x0, x1, schedule).item() == pytest.approx(0, abs=1e-24)
+    # fed the wrong point (x0 instead of x_t) the same field gives a loss far from 0
+    wrong = lambda model: (lambda x, t: model(x0, t))
+    assert fm_loss(wrong(exact), x0, x1, schedule).item() > 0.1
     # off by (0.1, -0.2) everywhere: the mean squared error is (0.01 + 0.04) / 2
     off = lambda x, t: exact(x, t) + torch.tensor([0.1, -0.2], dtype=torch.float64)
     assert fm_loss(off, x0, x1, schedule).item() == pytest.approx(0.025)
@@ -81,6 +91,7 @@ def test_loss_is_zero_for_the_exact_velocity(schedule):
 @pytest.mark.parametrize("t_dist,below_01", [("uniform", 0.1), ("logit-normal", 0.0140)])
 def test_the_distribution_of_t_in_training(t_dist, below_01):
     # P(t < 0.1): 0.1 for U(0, 1); Phi(logit(0.1)) = Phi(-2.197) = 0.0140 for sigmoid(N(0, 1))
+    torch.manual_seed(0)
     seen = []
     x = torch.zeros(200_000, 1)
     fm_loss(lambda x, t: seen.append(t) or x, x, x, linear, t_dist)
@@ -184,6 +195,29 @@ def test_unet_layers_and_parameter_count():
                       "dec2": (32, 14, 14), "up1": (32, 28, 28), "dec1": (32, 28, 28), "out": (1, 28, 28)}
     assert model.enc1.net[0].in_channels == 2  # the image and the time map
 
+def test_unet_forward_matches_the_handouts_network_written_out():
+    # the same weights through a plain functional version of the handout's U-Net: the image
+    # and the time map t in, two max-pools, additive skips, a 1x1 convolution out. Dropping a
+    # skip, or feeding anything but t as the second channel, changes the output.
+    torch.manual_seed(0)
+    model = UNet().double()
+    x, t = torch.randn(3, 1, 28, 28, dtype=torch.float64), torch.tensor([0.0, 0.3, 0.9], dtype=torch.float64)
+    def double(block, h):
+        c1, c2 = block.net[0], block.net[2]
+        h = F.relu(F.conv2d(h, c1.weight, c1.bias, padding=1))
+        return F.relu(F.conv2d(h, c2.weight, c2.bias, padding=1))
+    up = lambda m, h: F.conv_transpose2d(h, m.weight, m.bias, stride=2)
+    tmap = t.view(3, 1, 1, 1) * torch.ones(3, 1, 28, 28, dtype=torch.float64)
+    e1 = double(model.enc1, torch.cat([x, tmap], 1))
+    e2 = double(model.enc2, F.max_pool2d(e1, 2))
+    m = double(model.mid, F.max_pool2d(e2, 2))
+    d2 = double(model.dec2, up(model.up2, m) + e2)
+    d1 = double(model.dec1, up(model.up1, d2) + e1)
+    expected = F.conv2d(d1, model.out.weight, model.out.bias)
+    torch.testing.assert_close(model(x, t), expected, rtol=0, atol=1e-12)
+    # and the time matters: the same images at other times give other velocities
+    assert not torch.allclose(model(x, t), model(x, t.flip(0)))
+
 # -----------------------------------------------------------------------------
 # the 2D scripts, small and fast
 
@@ -205,9 +239,11 @@ def test_moons_training_learns_the_moons(tmp_path):
     assert moon_distance(torch.randn(1000, 2)).median() > 0.3          # the source is far from them
     assert (tmp_path / "moons.png").stat().st_size > 10_000
 
-def test_gaussian_writes_a_well_formed_variance_csv(tmp_path):
+def test_gaussian_variance_follows_the_theory_along_the_flow(tmp_path):
     import gaussian
-    gaussian.main(["--iters", "300", "--steps", "10", "--n-samples", "2000", "--out", str(tmp_path)])
+    results = gaussian.main(["--iters", "300", "--steps", "10", "--n-samples", "2000", "--out", str(tmp_path)])
+    for name in ["linear", "cosine"]:  # the generated points reach the target's mean (1, 1)
+        assert results[name]["mean"].tolist() == pytest.approx([1, 1], abs=0.15)
     with open(tmp_path / "variance.csv") as f:
         rows = list(csv.reader(f))
     assert rows[0] == ["schedule", "t", "var_measured", "var_theory"]
@@ -217,7 +253,13 @@ def test_gaussian_writes_a_well_formed_variance_csv(tmp_path):
         assert t == pytest.approx([i / 10 for i in range(11)])
         theory = [float(r[3]) for r in block]
         assert theory == pytest.approx([(1 - s) ** 2 + s ** 2 if name == "linear" else 1 for s in t], abs=1e-5)
-        assert float(block[0][2]) == pytest.approx(1, abs=0.1)  # x_0 ~ N(0, I)
+        measured = [float(r[2]) for r in block]
+        assert measured[0] == pytest.approx(1, abs=0.1)  # x_0 ~ N(0, I)
+    # the flow itself: linear dips towards 1/2 in the middle (its Euler value with 10 steps
+    # on the exact field is 0.44), cosine stays near 1 all the way
+    linear_var, cosine_var = [float(r[2]) for r in rows[1:12]], [float(r[2]) for r in rows[12:]]
+    assert linear_var[5] == pytest.approx(0.44, abs=0.08) and max(linear_var[4:7]) < 0.6
+    assert all(v == pytest.approx(1, abs=0.12) for v in cosine_var)
     assert (tmp_path / "variance.png").exists()
 
 @pytest.mark.parametrize("script,args,message", [
@@ -226,6 +268,7 @@ def test_gaussian_writes_a_well_formed_variance_csv(tmp_path):
     ("gaussian.py", ["--iters", "-5"], "argument --iters: invalid positive_int value: '-5'"),
     ("moons.py", ["--lr", "0"], "argument --lr: invalid positive_float value: '0'"),
     ("moons.py", ["--device", "cuda:7"], "is not available on this machine"),
+    ("gaussian.py", ["--out", "README.md/run"], "cannot write to the folder README.md/run"),
 ])
 def test_bad_input_is_one_line_and_a_non_zero_exit(script, args, message):
     r = subprocess.run([sys.executable, os.path.join(HERE, script), *args], capture_output=True, text=True, cwd=HERE)
@@ -296,10 +339,10 @@ def test_mnist_resumed_after_a_kill_ends_with_the_same_weights(mnist_data, tmp_p
     def dying_loss(*a):
         calls["n"] += 1
         if calls["n"] == 5:
-            raise KeyboardInterrupt
+            raise Killed  # as if the process were killed: nothing after this line runs
         return fm_loss(*a)
     monkeypatch.setattr(mnist, "fm_loss", dying_loss)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Killed):
         run_mnist(mnist_data, tmp_path / "b", "--epochs", "3", *extra)
     assert torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["epoch"] == 1
     monkeypatch.setattr(mnist, "fm_loss", fm_loss)
@@ -378,6 +421,161 @@ def test_mnist_bad_input_is_a_clear_error(mnist_data, tmp_path, monkeypatch):
     expect_error("ckpt.pt exists: add --resume", run_mnist, mnist_data, tmp_path / "o4")
     assert (tmp_path / "o4" / "ckpt.pt").read_bytes() == b"not a checkpoint"
 
+# -----------------------------------------------------------------------------
+# long runs: progress, divergence, Ctrl-C, damaged data, impossible requests
+
+def test_progress_inside_an_epoch_at_least_every_tenth(mnist_data, tmp_path, capsys):
+    run_mnist(mnist_data, tmp_path / "o", "--epochs", "2", "--batch-size", "4")  # 48 images: 12 steps an epoch
+    lines = capsys.readouterr().out.splitlines()
+    for epoch in (1, 2):
+        shown = [int(re.search(r"step (\d+)/12 ", l).group(1)) for l in lines if l.endswith(" in the run") and f" of epoch {epoch}/2 |" in l]
+        gaps = [b - a for a, b in zip([0] + shown, shown + [12])]
+        assert shown and max(gaps) <= 2, shown  # a line at least every tenth of the epoch (12 / 10 steps)
+        last = max(i for i, l in enumerate(lines) if l.startswith("  step ") and f" of epoch {epoch}/2 |" in l)
+        assert lines[last + 1].startswith(f"epoch   {epoch}/2 | loss ")  # then the epoch's own line
+    # each progress line: the running loss, images/s, the time left in the epoch and in the run
+    m = re.search(r"\| loss (\S+) \| (\d+) img/s \| (\d+):(\d\d):(\d\d) left in the epoch, (\d+):(\d\d):(\d\d) in the run$",
+                  [l for l in lines if l.startswith("  step ")][0])
+    assert m and math.isfinite(float(m.group(1)))
+
+def test_progress_in_a_long_epoch_prints_every_tenth_into_a_file(capsys):
+    import time
+    for step in range(1, 1001):
+        common.progress(1, 3, step, 1000, 64 * step, 0.5 * 64 * step, time.time() - 1)
+    lines = capsys.readouterr().out.splitlines()
+    assert [int(l.split("step ")[1].split("/")[0]) for l in lines] == list(range(100, 1000, 100))
+    assert all(" | loss 0.5000 | " in l for l in lines)
+
+def test_a_diverging_run_stops_at_once_and_keeps_the_last_good_checkpoint(mnist_data, tmp_path, monkeypatch):
+    import mnist
+    # a huge learning rate: one line naming the step, a non-zero exit, no checkpoint of bad weights
+    with pytest.raises(SystemExit) as e:
+        run_mnist(mnist_data, tmp_path / "huge", "--epochs", "3", "--lr", "1e6")
+    assert "the run diverged; try a smaller --lr than 1e+06" in str(e.value.code) and "\n" not in str(e.value.code)
+    ckpt = tmp_path / "huge" / "ckpt.pt"
+    assert not ckpt.exists() or all(torch.isfinite(v).all() for v in torch.load(ckpt, weights_only=True)["model"].values())
+    # a run that diverges in its second epoch leaves the first epoch's checkpoint as it was
+    run_mnist(mnist_data, tmp_path / "late", "--epochs", "1")
+    before = (tmp_path / "late" / "ckpt.pt").read_bytes()
+    calls = {"n": 0}
+    def nan_later(*a):
+        calls["n"] += 1
+        return fm_loss(*a) * (float("nan") if calls["n"] == 2 else 1)
+    monkeypatch.setattr(mnist, "fm_loss", nan_later)
+    expect_error("the loss is nan at step 2 of epoch 2: the run diverged", run_mnist, mnist_data, tmp_path / "late",
+                 "--epochs", "3", "--resume")
+    assert (tmp_path / "late" / "ckpt.pt").read_bytes() == before
+    assert not list((tmp_path / "late").glob("*.tmp"))
+
+def test_ctrl_c_names_the_checkpoint_and_the_resume_command_then_resumes_exactly(mnist_data, tmp_path):
+    import signal, shlex, time
+    out = tmp_path / "run"
+    cmd = [sys.executable, os.path.join(HERE, "mnist.py"), "--data", str(mnist_data), "--out", str(out),
+           "--batch-size", "4", "--steps", "1", "--epochs", "300"]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE)
+    while not (out / "epoch002.pt").exists() and p.poll() is None:
+        time.sleep(0.05)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130, err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert re.search(r"interrupted in epoch \d+; \S+ckpt.pt holds epoch \d+; continue with: python mnist.py ", err), err
+    assert not list(out.glob("*.tmp"))
+    saved = torch.load(out / "ckpt.pt", weights_only=True)["epoch"]
+    # the printed command continues the run; with --epochs cut to saved + 1 it ends as a run never stopped
+    again = shlex.split(err.split("continue with: ")[1])
+    assert again[:2] == ["python", "mnist.py"] and again[again.index("--out") + 1] == str(out)
+    import mnist
+    mnist.main(again[2:-2] + ["--epochs", str(saved + 1)])
+    run_mnist(mnist_data, tmp_path / "straight", "--batch-size", "4", "--steps", "1", "--epochs", str(saved + 1))
+    a, b = (torch.load(d / "ckpt.pt", weights_only=True) for d in (out, tmp_path / "straight"))
+    assert a["epoch"] == b["epoch"] == saved + 1
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+def test_resume_reads_and_writes_the_folder_given(mnist_data, tmp_path):
+    import shutil
+    run_mnist(mnist_data, tmp_path / "a", "--epochs", "1")
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    before = {f.name: f.read_bytes() for f in (tmp_path / "a").iterdir()}
+    run_mnist(mnist_data, tmp_path / "b", "--epochs", "2", "--resume")
+    assert torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["epoch"] == 2
+    assert (tmp_path / "b" / "epoch002.png").exists()
+    assert {f.name: f.read_bytes() for f in (tmp_path / "a").iterdir()} == before  # the original run: untouched
+
+@pytest.mark.parametrize("damage,message", [
+    ("truncate", "is damaged (1000 bytes, not an IDX file of the size its header gives)"),
+    ("flip a header bit", "is damaged (37648 bytes, not an IDX file of the size its header gives)"),
+    ("random bytes", "is damaged (37648 bytes, not an IDX file of the size its header gives)"),
+])
+def test_damaged_data_is_named_in_one_line(mnist_data, tmp_path, damage, message):
+    f = mnist_data / "MNIST" / "raw" / "train-images-idx3-ubyte"
+    data = bytearray(f.read_bytes())
+    if damage == "truncate":
+        data = data[:1000]
+    elif damage == "flip a header bit":
+        data[11] ^= 0x04  # 28 rows -> 24
+    else:
+        data = bytearray(torch.randint(0, 256, (len(data),), generator=torch.Generator().manual_seed(3),
+                                       dtype=torch.uint8).numpy().tobytes())
+    f.write_bytes(bytes(data))
+    expect_error(f"{f} {message}; delete it so that it is downloaded again, or copy it again",
+                 run_mnist, mnist_data, tmp_path / "o", "--epochs", "1")
+
+def test_a_file_of_the_official_size_with_another_md5_is_damaged(tmp_path):
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    f = raw / "t10k-labels-idx1-ubyte"  # the official test labels are 10,000 bytes after the header
+    f.write_bytes(struct.pack(">II", 0x0801, 10000) + bytes(10000))
+    expect_error(f"{f} is damaged (the official file's size, but not its MD5)", common.load_images, "MNIST", str(tmp_path))
+
+def test_impossible_requests_are_one_line_and_leave_the_checkpoint(mnist_data, tmp_path, monkeypatch):
+    run_mnist(mnist_data, tmp_path / "o", "--epochs", "1")
+    before = (tmp_path / "o" / "ckpt.pt").read_bytes()
+    # more samples than memory can hold
+    expect_error("--sample 100000000 needs 584.1 GiB of memory", run_mnist, mnist_data, tmp_path / "o", "--sample", "100000000")
+    # an output folder that cannot be written (a path under a regular file)
+    (tmp_path / "file").write_text("not a folder")
+    expect_error(f"cannot write to the folder {tmp_path / 'file' / 'run'}", run_mnist, mnist_data, tmp_path / "file" / "run")
+    # a full disk while saving the next checkpoint
+    def full_disk(obj, f, *a, **k):
+        open(f, "wb").write(b"half a checkpoint")  # what a full disk leaves behind
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(torch, "save", full_disk)
+    expect_error(f"cannot write {tmp_path / 'o' / 'ckpt.pt'} ([Errno 28] No space left on device); what was there is unchanged",
+                 run_mnist, mnist_data, tmp_path / "o", "--epochs", "2", "--resume")
+    assert (tmp_path / "o" / "ckpt.pt").read_bytes() == before
+    assert not list((tmp_path / "o").glob("*.tmp"))
+
+def test_translate_pairs_at_random_and_resumes_exactly(both_data, tmp_path, monkeypatch):
+    import translate
+    digits = common.load_images("MNIST", str(both_data)).flatten(1)
+    garments = common.load_images("FashionMNIST", str(both_data)).flatten(1)
+    pairs = []
+    def recording_loss(model, x0, x1, *rest):
+        pairs.extend(zip(torch.cdist(x1.flatten(1), digits).argmin(1).tolist(),
+                         torch.cdist(x0.flatten(1), garments).argmin(1).tolist()))
+        return fm_loss(model, x0, x1, *rest)
+    monkeypatch.setattr(translate, "fm_loss", recording_loss)
+    run_translate(both_data, tmp_path / "a", "--epochs", "2")
+    first, second = dict(pairs[:48]), dict(pairs[48:])
+    assert sorted(first) == sorted(second) == list(range(48))  # every digit once an epoch
+    # a digit meets another garment in the next epoch (random: 39 times in 40)
+    assert sum(first[d] != second[d] for d in range(48)) >= 40
+    # killed in the middle of epoch 2, resumed: the same weights as the run above
+    calls = {"n": 0}
+    def dying_loss(*a):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise Killed
+        return fm_loss(*a)
+    monkeypatch.setattr(translate, "fm_loss", dying_loss)
+    with pytest.raises(Killed):
+        run_translate(both_data, tmp_path / "b", "--epochs", "2")
+    monkeypatch.setattr(translate, "fm_loss", fm_loss)
+    run_translate(both_data, tmp_path / "b", "--epochs", "2", "--resume")
+    a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in "ab")
+    assert all(torch.equal(a["model"][k], b["model"][k]) and torch.equal(a["ema"][k], b["ema"][k]) for k in a["model"])
+
 def test_euler_on_the_exact_gaussian_field_has_the_predicted_discretisation_error():
     # N(0, 1) -> N(1, 1), linear schedule, independent X_0, X_1: the exact velocity field is
     # v_t(x) = 1 + a_t (x - t) with a_t = (2t - 1) / ((1 - t)^2 + t^2) (README, question 6).
@@ -403,8 +601,15 @@ def run_translate(data, out, *extra):
     import translate
     return translate.main(["--data", str(data), "--out", str(out), "--batch-size", "16", "--steps", "2", *extra])
 
-def test_translate_starts_from_garments_and_writes_pictures(both_data, tmp_path, monkeypatch):
+def png_cells(path, rows, cols):
+    """The 28x28 cells of a picture that save_image wrote (padding 2), in [0, 1]: (rows, cols, 28, 28)."""
     from PIL import Image
+    img = torch.tensor(np.array(Image.open(path).convert("L")), dtype=torch.float64) / 255
+    assert img.shape == (30 * rows + 2, 30 * cols + 2)
+    return torch.stack([torch.stack([img[30 * r + 2:30 * r + 30, 30 * c + 2:30 * c + 30] for c in range(cols)])
+                        for r in range(rows)])
+
+def test_translate_starts_from_garments_and_writes_pictures(both_data, tmp_path, monkeypatch):
     garments = common.load_images("FashionMNIST", str(both_data)).flatten(1)
     starts = []
     def recording_loss(model, x0, x1, *rest):
@@ -418,15 +623,24 @@ def test_translate_starts_from_garments_and_writes_pictures(both_data, tmp_path,
     assert len(x0) == 48  # one start per MNIST training image
     # every x0 is a Fashion-MNIST training image (not noise, not a digit)
     assert (torch.cdist(x0, garments).min(dim=1).values == 0).all()
-    assert Image.open(out / "epoch001.png").size == (16 * 30 + 2, 2 * 30 + 2)  # sources over results
+    # the picture: the 16 fixed test garments on top, their translations below
+    test_garments = common.to_unit(common.load_images("FashionMNIST", str(both_data), train=False))
+    cells = png_cells(out / "epoch001.png", 2, 16)
+    torch.testing.assert_close(cells[0], test_garments[:16, 0].double(), rtol=0, atol=0.5 / 255 + 1e-9)
 
     run_translate(both_data, out, "--sample", "10")
     x = torch.load(out / "samples.pt", weights_only=True)
     assert x.shape == (10, 1, 28, 28) and x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1
-    assert Image.open(out / "samples.png").size == (10 * 30 + 2, 2 * 30 + 2)
+    cells = png_cells(out / "samples.png", 2, 10)  # sources above their translations
+    torch.testing.assert_close(cells[0], test_garments[:10, 0].double(), rtol=0, atol=0.5 / 255 + 1e-9)
+    torch.testing.assert_close(cells[1], x[:, 0].double(), rtol=0, atol=0.5 / 255 + 1e-9)
     # 20 images: a full row of 16 pairs, then 4 pairs padded with black
     run_translate(both_data, out, "--sample", "20")
-    assert Image.open(out / "samples.png").size == (16 * 30 + 2, 4 * 30 + 2)
+    x = torch.load(out / "samples.pt", weights_only=True)
+    cells = png_cells(out / "samples.png", 4, 16)
+    torch.testing.assert_close(cells[2, :4], test_garments[16:20, 0].double(), rtol=0, atol=0.5 / 255 + 1e-9)
+    torch.testing.assert_close(cells[3, :4], x[16:20, 0].double(), rtol=0, atol=0.5 / 255 + 1e-9)
+    assert cells[2:, 4:].max() == 0
     expect_error("--sample 25: Fashion-MNIST has only 24 test images", run_translate, both_data, out, "--sample", "25")
 
 def test_translate_without_fashion_mnist_is_a_clear_error(mnist_data, tmp_path, monkeypatch):
@@ -452,6 +666,13 @@ def test_frechet_distance_closed_forms():
     a, b = torch.tensor([1.0, 4.0, 0.25], dtype=torch.float64), torch.tensor([9.0, 1.0, 0.25], dtype=torch.float64)
     z = torch.zeros(3, dtype=torch.float64)
     assert frechet_distance(z, torch.diag(a), z, torch.diag(b)) == pytest.approx(4 + 1 + 0)
+    # 2x2 covariances that do not commute: Tr sqrt(s1 s2) = sqrt(Tr(s1 s2) + 2 sqrt(det s1 det s2)),
+    # which the classic mistake Tr(sqrt(s1) sqrt(s2)) does not give
+    s1 = torch.tensor([[2.0, 1.0], [1.0, 2.0]], dtype=torch.float64)
+    s2 = torch.tensor([[1.0, 0.0], [0.0, 4.0]], dtype=torch.float64)
+    tr_sqrt = math.sqrt(torch.trace(s1 @ s2).item() + 2 * math.sqrt(torch.det(s1).item() * torch.det(s2).item()))
+    z2 = torch.zeros(2, dtype=torch.float64)
+    assert frechet_distance(z2, s1, z2, s2) == pytest.approx(4 + 5 - 2 * tr_sqrt, rel=1e-9)
     # symmetric in its two arguments, also for covariances that do not commute
     s2 = random_covariance(6, 1)
     assert frechet_distance(mu, s, z.new_zeros(6), s2) == pytest.approx(frechet_distance(z.new_zeros(6), s2, mu, s), rel=1e-9)

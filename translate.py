@@ -19,14 +19,16 @@ import argparse
 import copy
 import math
 import os
+import shlex
+import sys
 import time
 
 import torch
 from torchvision.utils import save_image
 
 from common import (SCHEDULES, SOLVERS, T_DISTS, NFE_PER_STEP, UNet, atomic_save, autocast, decay, die,
-                    fm_loss, generate, get_schedule, load_checkpoint, load_images, load_model,
-                    pick_device, pick_dtype, positive_float, positive_int, restore, to_unit, update_ema)
+                    fm_loss, generate, get_schedule, load_checkpoint, load_images, load_model, make_dir,
+                    pick_device, pick_dtype, positive_float, positive_int, progress, restore, to_unit, update_ema)
 
 # -----------------------------------------------------------------------------
 # settings; the defaults are mnist.py's, but for the handout's 100 epochs
@@ -103,15 +105,17 @@ def main(argv=None):
     model, ckpt = UNet(), None
     if args.resume:
         ckpt = load_checkpoint(ckpt_path)
+        if isinstance(ckpt, dict) and "config" in ckpt and "optimizer" not in ckpt:
+            die(f"{ckpt_path} holds weights only, no optimiser state: it can --sample, not --resume")
         restore(model, ckpt.get("model") if isinstance(ckpt, dict) else None, ckpt_path)
         if not isinstance(ckpt.get("config"), dict):
             die(f"{ckpt_path} has no training settings to resume from")
-        # the checkpoint's settings define the run; these come from the command line
-        given = {k: getattr(args, k) for k in ("epochs", "device", "dtype", "resume")}
+        # the checkpoint's settings define the model and its training; these come from the command line
+        given = {k: getattr(args, k) for k in ("epochs", "out", "data", "device", "dtype", "resume")}
         args = argparse.Namespace(**{**vars(args), **ckpt["config"], **given})
     elif os.path.exists(ckpt_path):
         die(f"{ckpt_path} exists: add --resume to continue that run, or choose another --out")
-    os.makedirs(args.out, exist_ok=True)
+    make_dir(args.out)
 
     # -------------------------------------------------------------------------
     # data: x1 ~ mu_1 the digits, x0 ~ mu_0 the garments, each (N, 1, 28, 28) in [-1, 1]
@@ -141,34 +145,59 @@ def main(argv=None):
 
     # -------------------------------------------------------------------------
     # the training loop: mnist.py's, with a garment in place of the noise
-    n = start * math.ceil(N / args.batch_size)  # optimiser steps so far
-    for epoch in range(start, args.epochs):
-        t0, total = time.time(), 0.0
-        for idx in torch.randperm(N).split(args.batch_size):
-            x1 = x1_all[idx.to(device)]   # (B, 1, 28, 28), digits
-            # x0: a garment drawn independently of the digit x1 (random pairing)
-            x0 = x0_all[torch.randint(len(x0_all), (len(x1),)).to(device)]
-            with autocast(device, dtype):
-                loss = fm_loss(model, x0, x1, schedule, args.t_dist)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            n += 1
-            if ema is not None:  # the decay warms up as (1 + n) / (10 + n): early weights fade fast
-                update_ema(ema, model, min(args.ema, (1 + n) / (10 + n)))
-            total += loss.item() * len(idx)
-        dt = time.time() - t0
-        print(f"epoch {epoch + 1:3d}/{args.epochs} | loss {total / N:.4f} | {N / dt:5.0f} img/s | {dt:6.1f} s", flush=True)
+    steps = math.ceil(N / args.batch_size)
+    n, saved = start * steps, start  # optimiser steps so far; the epoch in OUT/ckpt.pt
+    try:
+        for epoch in range(start, args.epochs):
+            t0, total = time.time(), 0.0
+            for step, idx in enumerate(torch.randperm(N).split(args.batch_size), 1):
+                x1 = x1_all[idx.to(device)]   # (B, 1, 28, 28), digits
+                # x0: a garment drawn independently of the digit x1 (random pairing)
+                x0 = x0_all[torch.randint(len(x0_all), (len(x1),)).to(device)]
+                with autocast(device, dtype):
+                    loss = fm_loss(model, x0, x1, schedule, args.t_dist)
+                total += loss.item() * len(idx)
+                if not math.isfinite(total):  # stop before a step can spoil the weights
+                    die(f"the loss is {loss.item()} at step {step} of epoch {epoch + 1}: the run diverged; "
+                        f"try a smaller --lr than {args.lr:g} (the last checkpoint is left as it was)")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                n += 1
+                if ema is not None:  # the decay warms up as (1 + n) / (10 + n): early weights fade fast
+                    update_ema(ema, model, min(args.ema, (1 + n) / (10 + n)))
+                progress(epoch + 1, args.epochs, step, steps, step * args.batch_size, total, t0)
+            dt = time.time() - t0
+            print(f"epoch {epoch + 1:3d}/{args.epochs} | loss {total / N:.4f} | {N / dt:5.0f} img/s | {dt:6.1f} s", flush=True)
 
-        # outputs: the fixed garments and their translations, then the checkpoint (atomic)
-        x = generate(ema if ema is not None else model, fixed, args.steps, device, dtype, args.solver)
-        save_pairs(fixed, x, os.path.join(args.out, f"epoch{epoch + 1:03d}.png"))
-        atomic_save({
-            "model": model.state_dict(), "optimizer": opt.state_dict(), "config": vars(args),
-            **({"ema": ema.state_dict()} if ema is not None else {}),
-            "epoch": epoch + 1, "rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else [],
-        }, ckpt_path)
+            # outputs: the fixed garments and their translations, then the checkpoint (atomic,
+            # never with non-finite weights) and the sampling weights alone
+            sampler = ema if ema is not None else model
+            if not all(p.isfinite().all() for p in [*model.parameters(), *sampler.parameters()]):
+                die(f"the weights are no longer finite after epoch {epoch + 1}: the run diverged; "
+                    f"try a smaller --lr than {args.lr:g} (the last checkpoint is left as it was)")
+            x = generate(sampler, fixed, args.steps, device, dtype, args.solver)
+            save_pairs(fixed, x, os.path.join(args.out, f"epoch{epoch + 1:03d}.png"))
+            atomic_save({
+                "model": model.state_dict(), "optimizer": opt.state_dict(), "config": vars(args),
+                **({"ema": ema.state_dict()} if ema is not None else {}),
+                "epoch": epoch + 1, "rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else [],
+            }, ckpt_path)
+            saved = epoch + 1
+            atomic_save({"ema" if ema is not None else "model": sampler.state_dict(), "config": vars(args),
+                         "epoch": epoch + 1}, os.path.join(args.out, f"epoch{epoch + 1:03d}.pt"))
+    except KeyboardInterrupt:  # Ctrl-C: one line on where the run stands and how to go on, exit status 130
+        print("\r\033[K" if sys.stdout.isatty() else "", end="", flush=True)  # (the progress line)
+        again = f"python translate.py --out {shlex.quote(args.out)} --data {shlex.quote(args.data)} --resume --epochs {args.epochs}"
+        again += "".join(f" --{k} {getattr(args, k)}" for k in ("device", "dtype") if getattr(args, k) != "auto")
+        print(f"translate.py: interrupted in epoch {epoch + 1}; " + (f"{ckpt_path} holds epoch {saved}; continue with: "
+              f"{again}" if saved else "no checkpoint was written yet"), file=sys.stderr)
+        raise SystemExit(130)
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # Ctrl-C: one line and exit status 130 (no file is ever half-written)
+        print(f"{os.path.basename(__file__)}: interrupted", file=sys.stderr)
+        raise SystemExit(130)
