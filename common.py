@@ -58,8 +58,8 @@ def fm_loss(model, x0, x1, schedule, t_dist="uniform"):
     return (model(xt, t).to(target.dtype) - target).pow(2).mean()
 
 # -----------------------------------------------------------------------------
-# the samplers integrate dx/dt = model(x, t) from t = 0 to t = 1 on the grid t_i = i / steps.
-# One step of each solver, from (x, t) to t_next:
+# the samplers integrate dx/dt = model(x, t) from t = 0 to t = 1 over a grid of times
+# 0 = t_0 < t_1 < ... < t_steps = 1. One step of each solver, from (x, t) to t_next:
 
 def euler_step(model, x, t, t_next):
     """x_{i+1} = x_i + h f_{t_i}(x_i), h = t_{i+1} - t_i: one network evaluation, error O(h)."""
@@ -73,22 +73,67 @@ def heun_step(model, x, t, t_next):
     d_next = model(x + h * d, t_next.expand(x.shape[0]))
     return x + h * (d + d_next) / 2
 
-SOLVERS = {"euler": euler_step, "heun": heun_step}
-NFE_PER_STEP = {"euler": 1, "heun": 2}  # network evaluations per step
+def midpoint_step(model, x, t, t_next):
+    """The midpoint method: half an Euler step, then the whole step with the slope found there.
+    Two network evaluations, error O(h^2), and none at t_next (never at t = 1)."""
+    h = t_next - t
+    x_mid = x + h / 2 * model(x, t.expand(x.shape[0]))
+    return x + h * model(x_mid, (t + h / 2).expand(x.shape[0]))
+
+# heun-euler: Heun's steps, but an Euler step last, as EDM does (Karras et al. 2022): no
+# evaluation at t = 1, where training (t ~ logit-normal) almost never looked
+SOLVERS = {"euler": euler_step, "heun": heun_step, "midpoint": midpoint_step, "heun-euler": heun_step}
+
+def nfe(solver, steps):
+    """Network evaluations per sample."""
+    return steps * (1 if solver == "euler" else 2) - (solver == "heun-euler")
+
+def steps_within(solver, budget):
+    """The most steps of `solver` that take at most `budget` network evaluations (at least one)."""
+    return max(1, (budget + (solver == "heun-euler")) // (1 if solver == "euler" else 2))
+
+# Time grids: steps + 1 times from exactly 0 to exactly 1. "uniform": t_i = i / steps.
+# "early": t_i = (i / steps)^1.5, short steps near t = 0, where the noise becomes a digit and
+# the flow bends most (README, "Sampling"). "edm": Karras et al. (2022), evenly spaced in
+# sigma^(1/7) from sigma = 80 to 0 in the noise-to-signal ratio sigma = alpha_t / beta_t
+# (linear: (1 - t) / t, cosine: cot(pi t / 2)), short steps at both ends.
+SIGMA_TO_T = {"linear": lambda s: 1 / (1 + s), "cosine": lambda s: 2 / math.pi * torch.atan(1 / s)}
+GRIDS = ("uniform", "early", "edm")
+
+def time_grid(name, steps, schedule="cosine"):
+    u = torch.linspace(0, 1, steps + 1, dtype=torch.float64)
+    if name not in GRIDS:
+        raise ValueError(f"unknown time grid {name!r}; known grids: {', '.join(GRIDS)}")
+    t = {"uniform": u, "early": u ** 1.5, "edm": SIGMA_TO_T[schedule](80 * (1 - u) ** 7)}[name]
+    t[0], t[-1] = 0, 1  # exactly, whatever the rounding
+    return t
+
+# The sampler that measured best within a budget of network evaluations, per schedule (README,
+# "Sampling"): rows (the smallest budget, solver, grid); --nfe K takes the last row that fits K.
+BEST = {"cosine": [(1, "euler", "early"), (6, "heun-euler", "early")],
+        "linear": [(1, "euler", "early"), (2, "midpoint", "early"), (50, "heun-euler", "early")]}
+
+def plan(budget, schedule, solver=None, steps=None, grid=None):
+    """The sampler for --nfe: the solver and grid that measured best within `budget` network
+    evaluations for `schedule`, and as many steps as fit it; a solver, steps or grid given wins."""
+    _, best_solver, best_grid = [row for row in BEST[schedule] if row[0] <= budget][-1]
+    solver, grid = solver or best_solver, grid or best_grid
+    return solver, steps or steps_within(solver, budget), grid
 
 @torch.no_grad()
-def sample(model, x0, steps, solver="euler", trajectory=False):
-    """Carry x0 (B, ...) from t = 0 to t = 1 in `steps` equal steps of `solver`.
-    Returns the final points, or with trajectory=True all steps+1 states (steps+1, B, ...)."""
+def sample(model, x0, steps, solver="euler", trajectory=False, ts=None):
+    """Carry x0 (B, ...) from t = 0 to t = 1 in `steps` steps of `solver` over the times ts
+    (default: the uniform grid t_i = i / steps). Returns the final points, or with
+    trajectory=True all steps+1 states (steps+1, B, ...)."""
     if not (isinstance(steps, int) and steps > 0):
         raise ValueError(f"the number of steps must be a positive integer, got {steps!r}")
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}; known solvers: {', '.join(SOLVERS)}")
-    step = SOLVERS[solver]
-    ts = torch.linspace(0, 1, steps + 1, device=x0.device, dtype=x0.dtype)
+    ts = (time_grid("uniform", steps) if ts is None else ts).to(x0.device, x0.dtype)
     x, xs = x0, [x0]
     for i in range(steps):
-        x = step(model, x, ts[i], ts[i + 1])
+        last_euler = solver == "heun-euler" and i == steps - 1
+        x = (euler_step if last_euler else SOLVERS[solver])(model, x, ts[i], ts[i + 1])
         if trajectory:
             xs.append(x)
     return torch.stack(xs) if trajectory else x
@@ -248,10 +293,34 @@ def to_unit(x):
     return (x.float().clamp(-1, 1) + 1) / 2
 
 @torch.no_grad()
-def generate(model, x0, steps, device, dtype, solver="euler"):
-    """Carry x0 (N, 1, 28, 28) to t = 1 in chunks of 256: (N, 1, 28, 28) in [0, 1] on the CPU."""
+def generate(model, x0, steps, device, dtype, solver="euler", ts=None, keep=0):
+    """Carry x0 (N, 1, 28, 28) to t = 1 in chunks of 256: (N, 1, 28, 28) in [0, 1] on the CPU.
+    With keep=K, also the way there of the first K images, (steps + 1, K, 1, 28, 28) in [0, 1]."""
+    xs, path = [], None
     with autocast(device, dtype):
-        return torch.cat([to_unit(sample(model, c.to(device), steps, solver)).cpu() for c in x0.split(256)])
+        for i, chunk in enumerate(x0.split(256)):
+            x = sample(model, chunk.to(device), steps, solver, trajectory=keep > 0 and i == 0, ts=ts)
+            if keep and i == 0:  # the states on the way, from the same network evaluations
+                path, x = to_unit(x[:, :keep]).cpu(), x[-1]
+            xs.append(to_unit(x).cpu())
+    return (torch.cat(xs), path) if keep else torch.cat(xs)
+
+def save_flow(path, ts, out, rows=8, scale=2):
+    """OUT/flow.png: `rows` images (a row each) at about ten of the times ts (columns, written
+    above them), and OUT/flow.gif: all of path (up to 64 images) moving from t = 0 to 1.
+    path: (steps + 1, K, 1, 28, 28) in [0, 1], the states at the times ts."""
+    from PIL import Image, ImageDraw
+    from torchvision.utils import make_grid
+    to_image = lambda grid: Image.fromarray(grid[0].mul(255).round().byte().numpy())  # (3, H, W) -> grey
+    cols = sorted({round(i * (len(ts) - 1) / 9) for i in range(10)})
+    grid = to_image(make_grid(path[cols, :rows].transpose(0, 1).flatten(0, 1), nrow=len(cols)))
+    png = Image.new("L", (grid.width * scale, grid.height * scale + 12 * scale))
+    png.paste(grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST), (0, 12 * scale))
+    for j, c in enumerate(cols):
+        ImageDraw.Draw(png).text(((30 * j + 4) * scale, 2), f"t={ts[c]:.2f}", fill=255, font_size=6 * scale)
+    png.save(os.path.join(out, "flow.png"))
+    frames = [to_image(make_grid(x, nrow=8)) for x in path] + [to_image(make_grid(path[-1], nrow=8))] * 12
+    frames[0].save(os.path.join(out, "flow.gif"), save_all=True, append_images=frames[1:], duration=120, loop=0)
 
 def make_dir(path):
     """Create a folder to write into, or say in one line why it cannot be."""
@@ -292,13 +361,15 @@ def restore(model, weights, path):
     return model
 
 def load_model(path, device, raw=False):
-    """The U-Net of a checkpoint, for sampling: its moving average where it has one, unless raw.
-    channels_last doubles the speed of the forward pass on a CPU (README, "How fast")."""
+    """The U-Net of a checkpoint, for sampling: its moving average where it has one, unless raw,
+    and the settings it was trained with. channels_last doubles the speed of the forward pass
+    on a CPU (README, "How fast")."""
     ckpt = load_checkpoint(path)
     if raw and isinstance(ckpt, dict) and "ema" in ckpt and "model" not in ckpt:
         die(f"{path} holds only the moving average of the weights; --raw needs a run's ckpt.pt")
     weights = ckpt.get("ema" if "ema" in ckpt and not raw else "model") if isinstance(ckpt, dict) else None
-    return restore(UNet(), weights, path).to(device, memory_format=torch.channels_last)
+    model = restore(UNet(), weights, path).to(device, memory_format=torch.channels_last)
+    return model, ckpt.get("config") or {}
 
 @torch.no_grad()
 def update_ema(ema, model, decay):

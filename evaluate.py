@@ -25,6 +25,7 @@ holds the figures as name=value pairs:
 """
 import argparse
 import csv
+import glob
 import math
 import os
 import sys
@@ -34,8 +35,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (NFE_PER_STEP, SOLVERS, atomic_save, die, fixed_noise, generate, load_checkpoint,
-                    load_images, load_model, pick_device, pick_dtype, positive_int)
+from common import (GRIDS, SOLVERS, atomic_save, die, fixed_noise, generate, load_checkpoint,
+                    load_images, load_model, nfe, pick_device, pick_dtype, plan, positive_int, time_grid)
 
 GARMENTS = ["T-shirt", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Boot"]
 
@@ -46,9 +47,13 @@ parser.add_argument("samples", help="a samples.pt of mnist.py or translate.py (N
                                     "or a run folder (OUT of mnist.py or translate.py) to sweep the solvers")
 parser.add_argument("--n", type=positive_int, default=None,
                     help="score the first N images (default: all of samples.pt; 1000 otherwise)")
-parser.add_argument("--nfe", type=positive_int, nargs="+", default=[5, 10, 20, 50, 100],
-                    help="run folder: the numbers of network evaluations to try (Heun: 2 a step, rounded up)")
+parser.add_argument("--nfe", type=positive_int, nargs="+", default=[4, 6, 8, 10, 16, 20, 50, 100],
+                    help="run folder: the budgets of network evaluations to try (each solver takes as many steps as fit)")
+parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1],
+                    help="run folder: the sets of noise images to sample from (those of mnist.py --sample --seed S)")
 parser.add_argument("--raw", action="store_true", help="run folder: the trained weights, not their average")
+parser.add_argument("--curve", action="store_true", help="run folder: quality against epochs instead: score the "
+                    "weights of every epoch (epochNNN.pt) with the sampler of --nfe 10 (curve.csv, curve.png)")
 parser.add_argument("--device", default="auto", help="run folder: where to sample (auto, cpu, cuda, mps)")
 parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                     help="run folder: sample in this precision (auto: bf16 autocast only where the hardware has it)")
@@ -193,29 +198,32 @@ def score(classifier, cache, x):
 def line(r):
     return f"n={r['n']} fid={r['fid']:.3f} confidence={r['confidence']:.4f} coverage={r['coverage']:.4f}"
 
-def sweep(args, model, device, classifier, cache):
-    """Sample the run's model with each solver at each number of network evaluations, from
-    the same starting points (mnist.py's --sample noise, or the first Fashion-MNIST test
-    images), and score each. Writes RUN/nfe.csv and RUN/nfe.png (nfe-raw.* with --raw)."""
+def sweep(args, model, config, device, classifier, cache):
+    """Sample the run's model with every solver on every time grid at each number of network
+    evaluations, from the same starting points (mnist.py's --sample noise of each --seeds, or
+    the first Fashion-MNIST test images), and score each. Writes RUN/nfe.csv and RUN/nfe.png
+    (nfe-raw.* with --raw)."""
     n, run = args.n or 1000, args.samples
     name = os.path.join(run, "nfe-raw" if args.raw else "nfe")
     dtype = pick_dtype(args.dtype, device)
-    if args.translation:
-        x0 = load_images("FashionMNIST", args.data, train=False)[:n]
-    else:  # the noise of mnist.py --sample n --seed S: the same samples
-        x0 = fixed_noise(n, args.seed)
     rows = []
-    for solver in SOLVERS:
-        for nfe in args.nfe:
-            steps = math.ceil(nfe / NFE_PER_STEP[solver])
-            t0 = time.time()
-            x = generate(model, x0, steps, device, dtype, solver)
-            seconds = time.time() - t0
-            r = score(classifier, cache, x * 2 - 1)
-            rows.append({"solver": solver, "steps": steps, "nfe": steps * NFE_PER_STEP[solver], "n": n,
-                         "fid": round(r["fid"], 3), "confidence": round(r["confidence"], 4),
-                         "coverage": round(r["coverage"], 4), "seconds": round(seconds, 1)})
-            print(f"solver={solver} steps={steps} nfe={rows[-1]['nfe']} {line(r)} seconds={seconds:.1f}", flush=True)
+    for seed in [None] if args.translation else args.seeds:
+        if args.translation:
+            x0 = load_images("FashionMNIST", args.data, train=False)[:n]
+        else:  # the noise of mnist.py --sample n --seed S: the same samples
+            x0 = fixed_noise(n, seed)
+        for grid in GRIDS:
+            for solver in SOLVERS:
+                for k in args.nfe:
+                    steps = max(s for s in range(1, k + 2) if nfe(solver, s) <= k or s == 1)
+                    t0 = time.time()
+                    x = generate(model, x0, steps, device, dtype, solver, time_grid(grid, steps, config.get("schedule", "cosine")))
+                    seconds = time.time() - t0
+                    r = score(classifier, cache, x * 2 - 1)
+                    rows.append({"seed": seed, "grid": grid, "solver": solver, "steps": steps, "nfe": nfe(solver, steps),
+                                 "n": n, "fid": round(r["fid"], 3), "confidence": round(r["confidence"], 4),
+                                 "coverage": round(r["coverage"], 4), "seconds": round(seconds, 1)})
+                    print(" ".join(f"{k}={v}" for k, v in rows[-1].items()), flush=True)
     with open(name + ".csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -224,21 +232,68 @@ def sweep(args, model, device, classifier, cache):
     print(f"wrote {name}.csv and {name}.png")
     return rows
 
-def plot_sweep(rows, path, title):
+def curve(args, device):
+    """Score the sampling weights of every epoch of a run (RUN/epochNNN.pt), each from the same
+    starting points, with the cheap sampler that --nfe 10 takes: RUN/curve.csv and curve.png."""
+    files = sorted(glob.glob(os.path.join(args.samples, "epoch[0-9][0-9][0-9].pt")))
+    if not files:
+        die(f"{args.samples} holds no epochNNN.pt (mnist.py and translate.py write one after each epoch)")
+    classifier, cache = load_classifier(args)
+    n, dtype, rows = args.n or 1000, pick_dtype(args.dtype, device), []
+    for f in files:
+        model, config = load_model(f, device)
+        schedule = config.get("schedule", "cosine")
+        solver, steps, grid = plan(10, schedule)
+        ts = time_grid(grid, steps, schedule)
+        for seed in [None] if args.translation else args.seeds:
+            x0 = load_images("FashionMNIST", args.data, train=False)[:n] if args.translation else fixed_noise(n, seed)
+            r = score(classifier, cache, generate(model, x0, steps, device, dtype, solver, ts) * 2 - 1)
+            rows.append({"epoch": int(os.path.basename(f)[5:8]), "seed": seed, "sampler": f"{solver}-{steps}-{grid}",
+                         "n": n, "fid": round(r["fid"], 3),
+                         "confidence": round(r["confidence"], 4), "coverage": round(r["coverage"], 4)})
+            print(" ".join(f"{k}={v}" for k, v in rows[-1].items()), flush=True)
+    name = os.path.join(args.samples, "curve")
+    with open(name + ".csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    epochs = sorted({r["epoch"] for r in rows})
+    ax.plot(epochs, [sum(r["fid"] for r in rows if r["epoch"] == e) / sum(r["epoch"] == e for r in rows) for e in epochs], "o-")
+    ax.set_yscale("log")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("FID (mean over the noise sets)")
+    ax.grid(alpha=0.3)
+    ax.set_title(f"{args.samples}, n = {n}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(name + ".png", dpi=100)
+    plt.close(fig)
+    print(f"wrote {name}.csv and {name}.png")
+    return rows
+
+def plot_sweep(rows, path, title):
+    """FID and confidence against the network evaluations, a line per solver and grid (the mean
+    over the noise sets)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, key in zip(axes, ["fid", "confidence"]):
-        for solver in SOLVERS:
-            pts = [(r["nfe"], r[key]) for r in rows if r["solver"] == solver]
-            ax.plot(*zip(*pts), "o-", label=solver)
+        for grid, style in zip(GRIDS, ["o-", "s--", "^:"]):
+            for solver, color in zip(SOLVERS, ["tab:blue", "tab:orange", "tab:green", "tab:red"]):
+                mine = [r for r in rows if r["solver"] == solver and r["grid"] == grid]
+                ks = sorted({r["nfe"] for r in mine})
+                ys = [sum(r[key] for r in mine if r["nfe"] == k) / sum(r["nfe"] == k for r in mine) for k in ks]
+                ax.plot(ks, ys, style, color=color, label=f"{solver}, {grid} grid", ms=4)
         ax.set_xscale("log")
         ax.set_xlabel("network evaluations per image")
         ax.set_ylabel({"fid": "FID (classifier features, lower is better)", "confidence": "mean confidence"}[key])
         ax.grid(alpha=0.3)
     axes[0].set_yscale("log")
-    axes[0].legend()
+    axes[0].legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -250,8 +305,10 @@ def main(argv=None):
         die("--translation needs translate.py's samples.pt or run folder")
     if os.path.isdir(args.samples):
         device = pick_device(args.device)
-        model = load_model(os.path.join(args.samples, "ckpt.pt"), device, args.raw)  # a folder without a run is told at once
-        return sweep(args, model, device, *load_classifier(args))
+        if args.curve:
+            return curve(args, device)
+        model, config = load_model(os.path.join(args.samples, "ckpt.pt"), device, args.raw)  # no run: told at once
+        return sweep(args, model, config, device, *load_classifier(args))
     x = images_to_score(args)  # before the classifier: a wrong path is told at once
     r = score(*load_classifier(args), x)
     print("predicted digits  " + " ".join(f"{d}:{c}" for d, c in enumerate(r["counts"].tolist())))

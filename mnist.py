@@ -22,9 +22,9 @@ import time
 import torch
 from torchvision.utils import save_image
 
-from common import (SCHEDULES, SOLVERS, T_DISTS, NFE_PER_STEP, UNet, atomic_save, autocast, decay, die,
-                    fixed_noise, fm_loss, generate, get_schedule, load_checkpoint, load_images, load_model, make_dir,
-                    pick_device, pick_dtype, positive_float, positive_int, progress, restore, update_ema)
+from common import (GRIDS, SCHEDULES, SOLVERS, T_DISTS, UNet, atomic_save, autocast, decay, die,
+                    fixed_noise, fm_loss, generate, get_schedule, load_checkpoint, load_images, load_model, make_dir, nfe,
+                    pick_device, pick_dtype, plan, positive_float, positive_int, progress, restore, save_flow, time_grid, update_ema)
 
 # -----------------------------------------------------------------------------
 # settings; the defaults are the recommended run (README, "Results")
@@ -41,10 +41,13 @@ add("--t-dist", default="logit-normal", choices=list(T_DISTS),
     help="the distribution of t in training (the handout's: uniform) (default: %(default)s)")
 add("--ema", type=decay, default=0.999, metavar="DECAY",
     help="moving average of the weights, used for sampling (0: none) (default: %(default)s)")
-add("--solver", default="heun", choices=list(SOLVERS),
-    help="the sampler: euler, 1 network call a step; heun, 2 (default: %(default)s)")
-add("--steps", type=positive_int, default=25,
-    help="solver steps when sampling (Eq. 7 for Euler) (default: %(default)s)")
+add("--nfe", type=positive_int, default=20, help="sample with at most this many network evaluations an image, "
+    "by the solver, grid and steps that measured best for it (default: %(default)s)")
+add("--solver", default=None, choices=list(SOLVERS), help="instead of --nfe's choice: euler (1 network "
+    "evaluation a step), heun or midpoint (2), heun-euler (2, the last step 1)")
+add("--steps", type=positive_int, default=None, help="instead of --nfe's choice: solver steps (Eq. 7 for Euler)")
+add("--grid", default=None, choices=list(GRIDS), help="instead of --nfe's choice: the times of the steps, "
+    "uniform or edm (dense near t = 1)")
 add("--seed", type=int, default=0,
     help="seeds the training and the fixed sampling noise (default: %(default)s)")
 add("--limit", type=positive_int, default=None, help="train on the first N images only (quick runs)")
@@ -77,18 +80,22 @@ def main(argv=None):
     # -------------------------------------------------------------------------
     # --sample: no training, N digits from N noise images fixed by --seed
     if args.sample:
-        model = load_model(ckpt_path, device, args.raw)
+        model, config = load_model(ckpt_path, device, args.raw)
+        schedule = config.get("schedule", "cosine")  # the one the weights were trained for
+        solver, n_steps, grid = plan(args.nfe, schedule, args.solver, args.steps, args.grid)
+        ts = time_grid(grid, n_steps, schedule)
         need, free = 2 * args.sample * 28 * 28 * 4, memory_available()  # bytes: the noise and the digits
         if free is not None and need > free:
             die(f"--sample {args.sample} needs {need / 2**30:.1f} GiB of memory, {free / 2**30:.1f} GiB is free: ask for fewer")
         t0 = time.time()
-        x = generate(model, fixed_noise(args.sample, args.seed), args.steps, device, dtype, args.solver)
+        x, path = generate(model, fixed_noise(args.sample, args.seed), n_steps, device, dtype, solver, ts, keep=64)
         dt = time.time() - t0
-        print(f"{len(x)} images, {args.steps} {args.solver} steps ({args.steps * NFE_PER_STEP[args.solver]} "
-              f"network calls each): {dt:.1f} s ({len(x) / dt:.1f} img/s)")
+        print(f"{len(x)} images, {solver}, {n_steps} steps on the {grid} grid ({nfe(solver, n_steps)} network "
+              f"evaluations each): {dt:.1f} s ({len(x) / dt:.1f} img/s)")
         atomic_save(x, os.path.join(args.out, "samples.pt"))  # (N, 1, 28, 28) in [0, 1]
         save_image(x[:256], os.path.join(args.out, "samples.png"), nrow=16)
-        print(f"wrote {args.out}/samples.pt and {args.out}/samples.png")
+        save_flow(path, ts, args.out)  # the first 64 on their way from t = 0 to 1
+        print(f"wrote {args.out}/samples.pt, samples.png, flow.png and flow.gif")
         return
 
     # -------------------------------------------------------------------------
@@ -134,6 +141,9 @@ def main(argv=None):
         print(f"resuming {ckpt_path} after epoch {start}")
     print(f"device {device}, dtype {str(dtype).removeprefix('torch.')}, schedule {args.schedule}, "
           f"seed {args.seed}, {N} training images, {sum(p.numel() for p in model.parameters())} parameters")
+    solver, n_steps, grid = plan(args.nfe, args.schedule, args.solver, args.steps, args.grid)  # for the pictures
+    ts = time_grid(grid, n_steps, args.schedule)
+    print(f"pictures: {solver}, {n_steps} steps on the {grid} grid ({nfe(solver, n_steps)} network evaluations)")
 
     # -------------------------------------------------------------------------
     # the training loop
@@ -167,7 +177,7 @@ def main(argv=None):
             if not all(p.isfinite().all() for p in [*model.parameters(), *sampler.parameters()]):
                 die(f"the weights are no longer finite after epoch {epoch + 1}: the run diverged; "
                     f"try a smaller --lr than {args.lr:g} (the last checkpoint is left as it was)")
-            x = generate(sampler, fixed, args.steps, device, dtype, args.solver)
+            x = generate(sampler, fixed, n_steps, device, dtype, solver, ts)
             save_image(x, os.path.join(args.out, f"epoch{epoch + 1:03d}.png"), nrow=8)
             atomic_save({
                 "model": model.state_dict(), "optimizer": opt.state_dict(), "config": vars(args),

@@ -130,36 +130,67 @@ def test_euler_rejects_bad_steps(steps):
     with pytest.raises(ValueError, match="positive integer"):
         euler(lambda x, t: x, torch.zeros(2, 2), steps)
 
-@pytest.mark.parametrize("solver,ratio", [("euler", 2), ("heun", 4)])
-def test_solver_order_of_accuracy(solver, ratio):
-    # dx/dt = t x, x(0) = 1: x(1) = e^(1/2). Halving the step divides the error by 2^order.
+@pytest.mark.parametrize("solver,ratio", [("euler", 2), ("heun", 4), ("midpoint", 4), ("heun-euler", 4)])
+@pytest.mark.parametrize("grid", ["uniform", "early"])
+def test_solver_order_of_accuracy(solver, ratio, grid):
+    # dx/dt = t x, x(0) = 1: x(1) = e^(1/2). Halving the step divides the error by 2^order
+    # (Heun with a last Euler step too: one step of local error O(h^2) keeps the order 2).
     field = lambda x, t: t[:, None] * x
     x0 = torch.ones(1, 1, dtype=torch.float64)
-    errors = [abs(common.sample(field, x0, n, solver).item() - math.exp(0.5)) for n in [20, 40, 80]]
+    errors = [abs(common.sample(field, x0, n, solver, ts=common.time_grid(grid, n)).item() - math.exp(0.5))
+              for n in [20, 40, 80]]
     assert errors[0] / errors[1] == pytest.approx(ratio, rel=0.07)
     assert errors[1] / errors[2] == pytest.approx(ratio, rel=0.04)
 
-def test_heun_is_exact_where_the_velocity_is_linear_in_t_and_euler_is_not():
-    # dx/dt = a + b t: x(1) = x0 + a + b / 2. The trapezoid rule integrates a line exactly;
-    # Euler takes the left end of each step and falls short by b / (2 steps).
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+@pytest.mark.parametrize("grid", ["uniform", "early", "edm"])
+def test_every_time_grid_runs_from_exactly_0_to_exactly_1_and_increases(grid, schedule):
+    for steps in [1, 2, 3, 5, 10, 25, 100]:
+        t = common.time_grid(grid, steps, schedule)
+        assert len(t) == steps + 1 and t[0].item() == 0 and t[-1].item() == 1
+        assert (t[1:] > t[:-1]).all(), t
+    u = torch.tensor([0, 0.25, 0.5, 0.75, 1], dtype=torch.float64)
+    torch.testing.assert_close(common.time_grid("early", 4), u ** 1.5)  # (i / steps)^1.5
+    # the edm grid is evenly spaced in sigma^(1/7), sigma = alpha_t / beta_t, from 80 down to 0
+    t = common.time_grid("edm", 8, schedule)[1:-1]
+    a, b, _, _ = common.get_schedule(schedule)(t)
+    root = (a / b) ** (1 / 7)
+    torch.testing.assert_close(root[1:] - root[:-1], torch.full((6,), -(80 ** (1 / 7)) / 8, dtype=torch.float64))
+
+def test_midpoint_is_exact_where_the_velocity_is_linear_in_t():
+    # the midpoint rule integrates a line exactly, like the trapezoid rule
     a, b = torch.tensor([0.5, -1.0], dtype=torch.float64), torch.tensor([2.0, 3.0], dtype=torch.float64)
-    field = lambda x, t: a + b * t[:, None]
     x0 = torch.randn(4, 2, dtype=torch.float64)
     for steps in [1, 3, 8]:
-        torch.testing.assert_close(common.sample(field, x0, steps, "heun"), x0 + a + b / 2)
-        torch.testing.assert_close(common.sample(field, x0, steps, "euler"), x0 + a + b / 2 - b / (2 * steps))
+        torch.testing.assert_close(common.sample(lambda x, t: a + b * t[:, None], x0, steps, "midpoint"), x0 + a + b / 2)
 
-def test_heun_calls_the_network_twice_a_step_at_both_ends():
+@pytest.mark.parametrize("solver,times", [
+    ("midpoint", [0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875]),
+    ("heun-euler", [0, 0.25, 0.25, 0.5, 0.5, 0.75, 0.75]),  # Heun's, but no evaluation at t = 1
+])
+def test_where_the_solvers_evaluate_and_how_often(solver, times):
     seen = []
-    common.sample(lambda x, t: seen.append(t[0].item()) or torch.zeros_like(x), torch.zeros(3, 2), 4, "heun")
-    assert seen == pytest.approx([0, 0.25, 0.25, 0.5, 0.5, 0.75, 0.75, 1.0])
+    common.sample(lambda x, t: seen.append(t[0].item()) or torch.zeros_like(x), torch.zeros(3, 2), 4, solver)
+    assert seen == pytest.approx(times)
+    assert len(seen) == common.nfe(solver, 4)
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_nfe_picks_the_best_measured_sampler_and_explicit_settings_win(schedule):
+    for budget in [1, 3, 4, 6, 10, 20, 50, 100]:
+        solver, steps, grid = common.plan(budget, schedule)
+        assert common.nfe(solver, steps) <= budget
+        assert common.nfe(solver, steps + 1) > budget  # as many steps as fit
+        assert (solver, grid) == [(s, g) for k, s, g in common.BEST[schedule] if k <= budget][-1]
+    best = common.plan(10, schedule)
+    assert common.plan(10, schedule, solver="euler") == ("euler", 10, best[2])
+    assert common.plan(10, schedule, steps=3, grid="uniform") == (best[0], 3, "uniform")
 
 def test_unknown_distribution_of_t_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown distribution of t 'beta'; known: uniform, logit-normal"):
         fm_loss(lambda x, t: x, torch.zeros(2, 1), torch.zeros(2, 1), linear, "beta")
 
 def test_unknown_solver_is_a_clear_error():
-    with pytest.raises(ValueError, match="unknown solver 'rk4'; known solvers: euler, heun"):
+    with pytest.raises(ValueError, match="unknown solver 'rk4'; known solvers: euler, heun, midpoint, heun-euler"):
         common.sample(lambda x, t: x, torch.zeros(2, 2), 3, "rk4")
 
 # -----------------------------------------------------------------------------
@@ -302,7 +333,7 @@ def mnist_data(tmp_path):
 
 def run_mnist(data, out, *extra):
     import mnist
-    return mnist.main(["--data", str(data), "--out", str(out), "--batch-size", "16", "--steps", "2", *extra])
+    return mnist.main(["--data", str(data), "--out", str(out), "--batch-size", "16", "--nfe", "3", *extra])
 
 def test_load_images_reads_idx_files_into_minus_one_one(mnist_data):
     x = common.load_images("MNIST", str(mnist_data))
@@ -383,7 +414,7 @@ def test_ema_in_training_follows_its_warm_up_and_sampling_uses_it(mnist_data, tm
     for (name, _), e in zip(UNet().named_parameters(), expected):
         torch.testing.assert_close(ckpt["ema"][name], e)
     # sampling takes the average by default, the trained weights with --raw
-    ema_model, raw_model = common.load_model(tmp_path / "a" / "ckpt.pt", "cpu"), common.load_model(tmp_path / "a" / "ckpt.pt", "cpu", raw=True)
+    (ema_model, _), (raw_model, _) = (common.load_model(tmp_path / "a" / "ckpt.pt", "cpu", raw) for raw in (False, True))
     assert torch.equal(ema_model.out.bias, ckpt["ema"]["out.bias"])
     assert torch.equal(raw_model.out.bias, ckpt["model"]["out.bias"])
     # --ema 0: no average in the checkpoint
@@ -576,6 +607,74 @@ def test_translate_pairs_at_random_and_resumes_exactly(both_data, tmp_path, monk
     a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in "ab")
     assert all(torch.equal(a["model"][k], b["model"][k]) and torch.equal(a["ema"][k], b["ema"][k]) for k in a["model"])
 
+# -----------------------------------------------------------------------------
+# sampling from a trained run: --nfe, the weights alone, the flow pictures
+
+def flow_cells(path, rows, cols, scale=2):
+    """The 28x28 cells of flow.png (a band of 12 * scale pixels for the times on top), in [0, 1]."""
+    from PIL import Image
+    img = torch.tensor(np.array(Image.open(path)), dtype=torch.float64)[12 * scale::scale, ::scale] / 255
+    assert img.shape == (30 * rows + 2, 30 * cols + 2)
+    return torch.stack([torch.stack([img[30 * r + 2:30 * r + 30, 30 * c + 2:30 * c + 30] for c in range(cols)])
+                        for r in range(rows)])
+
+def gif_frames(path):
+    """The frames of a GIF in [0, 1], and how long each is shown (ms)."""
+    from PIL import Image, ImageSequence
+    frames = [(np.array(f.convert("L")), f.info["duration"]) for f in ImageSequence.Iterator(Image.open(path))]
+    return [torch.tensor(f, dtype=torch.float64) / 255 for f, _ in frames], [ms for _, ms in frames]
+
+def test_mnist_sample_with_nfe_writes_the_flow_from_noise_to_the_digits(mnist_data, tmp_path, capsys):
+    out = tmp_path / "o"
+    run_mnist(mnist_data, out, "--epochs", "1")
+    capsys.readouterr()
+    run_mnist(mnist_data, out, "--sample", "10", "--nfe", "6")
+    solver, steps, grid = common.plan(6, "cosine")
+    assert f"{solver}, {steps} steps on the {grid} grid ({common.nfe(solver, steps)} network evaluations each)" in capsys.readouterr().out
+    x = torch.load(out / "samples.pt", weights_only=True)
+    noise = common.to_unit(common.fixed_noise(10, 0))
+    # flow.png: a row per sample (8), a column per time; the first column is the noise, the last the digit
+    cells = flow_cells(out / "flow.png", 8, steps + 1)
+    torch.testing.assert_close(cells[:, 0], noise[:8, 0].double(), rtol=0, atol=0.5 / 255 + 1e-9)
+    torch.testing.assert_close(cells[:, -1], x[:8, 0].double(), rtol=0, atol=0.5 / 255 + 1e-9)
+    # flow.gif: the ten samples on their way, held at the end
+    frames, ms = gif_frames(out / "flow.gif")
+    assert len(frames) == steps + 1 and ms[-1] > 5 * ms[0]  # a frame a state, the last held
+    first, last = (png_cells_of(f, 2, 8) for f in (frames[0], frames[-1]))
+    torch.testing.assert_close(first.flatten(0, 1)[:10], noise[:, 0].double(), rtol=0, atol=0.5 / 255 + 1e-9)
+    torch.testing.assert_close(last.flatten(0, 1)[:10], x[:, 0].double(), rtol=0, atol=0.5 / 255 + 1e-9)
+
+def png_cells_of(img, rows, cols):
+    assert img.shape == (30 * rows + 2, 30 * cols + 2)
+    return torch.stack([torch.stack([img[30 * r + 2:30 * r + 30, 30 * c + 2:30 * c + 30] for c in range(cols)])
+                        for r in range(rows)])
+
+def test_translate_flow_starts_from_the_garments(both_data, tmp_path):
+    out = tmp_path / "o"
+    run_translate(both_data, out, "--epochs", "1")
+    run_translate(both_data, out, "--sample", "8", "--solver", "euler", "--steps", "12", "--grid", "uniform")
+    x = torch.load(out / "samples.pt", weights_only=True)
+    garments = common.to_unit(common.load_images("FashionMNIST", str(both_data), train=False))
+    cells = flow_cells(out / "flow.png", 8, 10)  # about ten of the 13 times
+    torch.testing.assert_close(cells[:, 0], garments[:8, 0].double(), rtol=0, atol=0.5 / 255 + 1e-9)
+    torch.testing.assert_close(cells[:, -1], x[:8, 0].double(), rtol=0, atol=0.5 / 255 + 1e-9)
+
+def test_the_weights_alone_sample_but_do_not_resume(mnist_data, tmp_path, capsys):
+    run_mnist(mnist_data, tmp_path / "run", "--epochs", "2")
+    small = tmp_path / "weights"
+    small.mkdir()
+    (small / "ckpt.pt").write_bytes((tmp_path / "run" / "epoch002.pt").read_bytes())  # what the repository keeps
+    assert (small / "ckpt.pt").stat().st_size < 1_000_000
+    ckpt = torch.load(small / "ckpt.pt", weights_only=True)
+    assert set(ckpt) == {"ema", "config", "epoch"} and ckpt["epoch"] == 2
+    run_mnist(mnist_data, small, "--sample", "6")
+    run_mnist(mnist_data, tmp_path / "run", "--sample", "6")
+    assert torch.equal(torch.load(small / "samples.pt", weights_only=True),
+                       torch.load(tmp_path / "run" / "samples.pt", weights_only=True))  # the averaged weights
+    expect_error("holds weights only, no optimiser state: it can --sample, not --resume", run_mnist, mnist_data, small, "--resume")
+    expect_error("holds only the moving average of the weights; --raw needs a run's ckpt.pt", run_mnist, mnist_data, small,
+                 "--sample", "6", "--raw")
+
 def test_euler_on_the_exact_gaussian_field_has_the_predicted_discretisation_error():
     # N(0, 1) -> N(1, 1), linear schedule, independent X_0, X_1: the exact velocity field is
     # v_t(x) = 1 + a_t (x - t) with a_t = (2t - 1) / ((1 - t)^2 + t^2) (README, question 6).
@@ -599,7 +698,7 @@ def both_data(tmp_path):
 
 def run_translate(data, out, *extra):
     import translate
-    return translate.main(["--data", str(data), "--out", str(out), "--batch-size", "16", "--steps", "2", *extra])
+    return translate.main(["--data", str(data), "--out", str(out), "--batch-size", "16", "--nfe", "3", *extra])
 
 def png_cells(path, rows, cols):
     """The 28x28 cells of a picture that save_image wrote (padding 2), in [0, 1]: (rows, cols, 28, 28)."""
@@ -734,25 +833,36 @@ def test_evaluate_translation_table(evaluated, tmp_path, capsys):
         assert sum(shares) == pytest.approx(100, abs=3) and r.split()[-1] == "6"
     assert re.search(r"^chi2 = \d+\.\d with \d+ degrees of freedom: about \d+ \+- \d+ if", out, re.M), out
 
-def test_evaluate_sweeps_a_run_over_solvers_and_network_evaluations(evaluated, tmp_path, capsys):
+def test_evaluate_sweeps_a_run_over_solvers_grids_and_network_evaluations(evaluated, tmp_path, capsys):
     run, data = evaluated[:2]
     out = tmp_path / "run"
     run_mnist(data, out, "--epochs", "1", "--limit", "48")
-    rows = run(str(out), "--nfe", "1", "3", "--n", "20")
-    assert [(r["solver"], r["steps"], r["nfe"]) for r in rows] == [("euler", 1, 1), ("euler", 3, 3), ("heun", 1, 2), ("heun", 2, 4)]
+    rows = run(str(out), "--nfe", "1", "3", "--n", "20", "--seeds", "0", "1")
+    assert len(rows) == 2 * 3 * 4 * 2  # noise sets x grids x solvers x budgets
+    assert [(r["solver"], r["steps"], r["nfe"]) for r in rows if r["seed"] == 0 and r["grid"] == "uniform"] == [
+        ("euler", 1, 1), ("euler", 3, 3), ("heun", 1, 2), ("heun", 1, 2),
+        ("midpoint", 1, 2), ("midpoint", 1, 2), ("heun-euler", 1, 1), ("heun-euler", 2, 3)]
     with open(out / "nfe.csv") as f:
         assert [r["fid"] for r in csv.DictReader(f)] == [str(r["fid"]) for r in rows]
     assert (out / "nfe.png").stat().st_size > 10_000
     # --raw scores the trained weights, not their average, into files of its own
-    raw = run(str(out), "--nfe", "1", "--n", "20", "--raw")
-    assert len(raw) == 2 and raw[0]["fid"] != rows[0]["fid"]
+    raw = run(str(out), "--nfe", "1", "--n", "20", "--raw", "--seeds", "0")
+    assert len(raw) == 3 * 4 and raw[0]["fid"] != rows[0]["fid"]
     with open(out / "nfe-raw.csv") as f:
         assert [r["fid"] for r in csv.DictReader(f)] == [str(r["fid"]) for r in raw]
     with open(out / "nfe.csv") as f:
-        assert len(list(csv.DictReader(f))) == 4
+        assert len(list(csv.DictReader(f))) == 48
     # the sweep samples what mnist.py --sample draws, from the same noise
-    run_mnist(data, out, "--sample", "20", "--solver", "euler", "--steps", "3")
-    assert run(str(out / "samples.pt"))["fid"] == pytest.approx(rows[1]["fid"], abs=1e-3)
+    euler3 = [r for r in rows if (r["seed"], r["grid"], r["solver"], r["nfe"]) == (1, "early", "euler", 3)][0]
+    run_mnist(data, out, "--sample", "20", "--solver", "euler", "--steps", "3", "--grid", "early", "--seed", "1")
+    assert run(str(out / "samples.pt"))["fid"] == pytest.approx(euler3["fid"], abs=1e-3)
+    # --curve: the weights of every epoch, each with the sampler of --nfe 10
+    run_mnist(data, out, "--epochs", "2", "--resume")
+    curve = run(str(out), "--curve", "--n", "20", "--seeds", "0")
+    assert [r["epoch"] for r in curve] == [1, 2]
+    run_mnist(data, out, "--sample", "20", "--nfe", "10")  # the last epoch's averaged weights
+    assert run(str(out / "samples.pt"))["fid"] == pytest.approx(curve[-1]["fid"], abs=1e-3)
+    assert (out / "curve.png").stat().st_size > 10_000
 
 def test_evaluate_bad_input_is_a_clear_error(tmp_path):
     import evaluate
@@ -761,6 +871,7 @@ def test_evaluate_bad_input_is_a_clear_error(tmp_path):
     s = tmp_path / "samples.pt"
     expect_error("no checkpoint at", run_evaluate, eval_data, tmp_path, str(tmp_path / "missing.pt"))
     expect_error("no checkpoint at", run_evaluate, eval_data, tmp_path, str(tmp_path))  # a folder, no run
+    expect_error("holds no epochNNN.pt", run_evaluate, eval_data, tmp_path, str(tmp_path), "--curve")
     torch.save(torch.rand(5, 3, 32, 32), s)
     expect_error("does not hold images: expected a float tensor (N, 1, 28, 28), got (5, 3, 32, 32)", run_evaluate, eval_data, tmp_path, str(s))
     torch.save(torch.rand(5, 1, 28, 28) * 2 - 1, s)
