@@ -93,8 +93,8 @@ def steps_within(solver, budget):
     return max(1, (budget + (solver == "heun-euler")) // (1 if solver == "euler" else 2))
 
 # Time grids: steps + 1 times from exactly 0 to exactly 1. "uniform": t_i = i / steps.
-# "early": t_i = (i / steps)^1.5, short steps near t = 0, where the noise becomes a digit and
-# the flow bends most (README, "Sampling"). "edm": Karras et al. (2022), evenly spaced in
+# "early": t_i = (i / steps)^1.5, shorter steps in the first half, where the noise becomes a
+# digit (README, "Sampling"). "edm": Karras et al. (2022), evenly spaced in
 # sigma^(1/7) from sigma = 80 to 0 in the noise-to-signal ratio sigma = alpha_t / beta_t
 # (linear: (1 - t) / t, cosine: cot(pi t / 2)), short steps at both ends.
 SIGMA_TO_T = {"linear": lambda s: 1 / (1 + s), "cosine": lambda s: 2 / math.pi * torch.atan(1 / s)}
@@ -362,8 +362,7 @@ def restore(model, weights, path):
 
 def load_model(path, device, raw=False):
     """The U-Net of a checkpoint, for sampling: its moving average where it has one, unless raw,
-    and the settings it was trained with. channels_last doubles the speed of the forward pass
-    on a CPU (README, "How fast")."""
+    and the settings it was trained with. channels_last: the layout fast conv kernels want."""
     ckpt = load_checkpoint(path)
     if raw and isinstance(ckpt, dict) and "ema" in ckpt and "model" not in ckpt:
         die(f"{path} holds only the moving average of the weights; --raw needs a run's ckpt.pt")
@@ -377,9 +376,6 @@ def update_ema(ema, model, decay):
     for e, p in zip(ema.parameters(), model.parameters()):
         e.lerp_(p, 1 - decay)
 
-def clock(seconds):
-    return f"{int(seconds) // 3600}:{int(seconds) // 60 % 60:02d}:{int(seconds) % 60:02d}"
-
 def progress(epoch, epochs, step, steps, images, loss_sum, t0):
     """Progress inside an epoch: on a terminal one line rewritten in place, into a file or a
     pipe a plain line every tenth of the epoch. Called after every step; epoch counts from 1."""
@@ -391,6 +387,7 @@ def progress(epoch, epochs, step, steps, images, loss_sum, t0):
         return
     dt = time.time() - t0
     left = (steps - step) * dt / step
+    clock = lambda s: time.strftime("%H:%M:%S", time.gmtime(s))
     line = (f"  step {step}/{steps} of epoch {epoch}/{epochs} | loss {loss_sum / images:.4f} | {images / dt:.0f} img/s | "
             f"{clock(left)} left in the epoch, {clock(left + (epochs - epoch) * steps * dt / step)} in the run")
     print("\r\033[K" + line if tty else line, end="" if tty else "\n", flush=True)

@@ -185,6 +185,21 @@ def test_nfe_picks_the_best_measured_sampler_and_explicit_settings_win(schedule)
     assert common.plan(10, schedule, solver="euler") == ("euler", 10, best[2])
     assert common.plan(10, schedule, steps=3, grid="uniform") == (best[0], 3, "uniform")
 
+def test_heun_is_exact_where_the_velocity_is_linear_in_t_and_euler_is_not():
+    # dx/dt = a + b t: x(1) = x0 + a + b / 2. The trapezoid rule integrates a line exactly;
+    # Euler takes the left end of each step and falls short by b / (2 steps).
+    a, b = torch.tensor([0.5, -1.0], dtype=torch.float64), torch.tensor([2.0, 3.0], dtype=torch.float64)
+    field = lambda x, t: a + b * t[:, None]
+    x0 = torch.randn(4, 2, dtype=torch.float64)
+    for steps in [1, 3, 8]:
+        torch.testing.assert_close(common.sample(field, x0, steps, "heun"), x0 + a + b / 2)
+        torch.testing.assert_close(common.sample(field, x0, steps, "euler"), x0 + a + b / 2 - b / (2 * steps))
+
+def test_heun_calls_the_network_twice_a_step_at_both_ends():
+    seen = []
+    common.sample(lambda x, t: seen.append(t[0].item()) or torch.zeros_like(x), torch.zeros(3, 2), 4, "heun")
+    assert seen == pytest.approx([0, 0.25, 0.25, 0.5, 0.5, 0.75, 0.75, 1.0])
+
 def test_unknown_distribution_of_t_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown distribution of t 'beta'; known: uniform, logit-normal"):
         fm_loss(lambda x, t: x, torch.zeros(2, 1), torch.zeros(2, 1), linear, "beta")
@@ -863,6 +878,12 @@ def test_evaluate_sweeps_a_run_over_solvers_grids_and_network_evaluations(evalua
     run_mnist(data, out, "--sample", "20", "--nfe", "10")  # the last epoch's averaged weights
     assert run(str(out / "samples.pt"))["fid"] == pytest.approx(curve[-1]["fid"], abs=1e-3)
     assert (out / "curve.png").stat().st_size > 10_000
+    # --path: along 100 Euler steps from the first noise set; at t = 1 the guess is the digit itself
+    path = run(str(out), "--path", "--n", "20", "--seeds", "0")
+    assert [r["t"] for r in path] == [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0]
+    assert path[0]["rms"] == pytest.approx(common.fixed_noise(20, 0).pow(2).mean().sqrt().item(), rel=1e-5)
+    assert path[-1]["decided"] == 1.0 and all(0 <= r["decided"] <= 1 for r in path)
+    assert all(math.isfinite(r["dv/dt"]) for r in path[1:-1])
 
 def test_evaluate_bad_input_is_a_clear_error(tmp_path):
     import evaluate
