@@ -41,14 +41,15 @@ def get_schedule(name):
 
 T_DISTS = ("uniform", "logit-normal")  # the distributions of t that fm_loss knows
 
-def fm_loss(model, x0, x1, schedule, t_dist="uniform"):
+def fm_loss(model, x0, x1, schedule, t_dist="uniform", t_mean=0.0):
     """The flow matching loss (Eq. 4, generalised by Eq. 6) for one batch x0 ~ mu_0, x1 ~ mu_1,
     both (B, ...). Each sample gets its own t ~ U(0, 1), or with t_dist="logit-normal" t =
-    sigmoid(N(0, 1)): more samples in the middle of the path, fewer near its ends (Esser et al. 2024)."""
+    sigmoid(N(t_mean, 1)): more samples in the middle of the path, fewer near its ends
+    (Esser et al. 2024); t_mean > 0 moves them towards the data end."""
     if t_dist == "uniform":
         t = torch.rand(x0.shape[0], device=x0.device, dtype=x0.dtype)
     elif t_dist == "logit-normal":
-        t = torch.sigmoid(torch.randn(x0.shape[0], device=x0.device, dtype=x0.dtype))
+        t = torch.sigmoid(torch.randn(x0.shape[0], device=x0.device, dtype=x0.dtype) + t_mean)
     else:
         raise ValueError(f"unknown distribution of t {t_dist!r}; known: {', '.join(T_DISTS)}")
     alpha, beta, dalpha, dbeta = (s.view(-1, *[1] * (x0.dim() - 1)) for s in schedule(t))

@@ -39,6 +39,12 @@ add("--batch-size", type=positive_int, default=64,
 add("--lr", type=positive_float, default=1e-3, help="Adam's learning rate (default: %(default)s)")
 add("--t-dist", default="logit-normal", choices=list(T_DISTS),
     help="the distribution of t in training (the handout's: uniform) (default: %(default)s)")
+add("--t-mean", type=float, default=0.0, help="logit-normal t: the mean of the normal (> 0: more training "
+    "near the data end) (default: %(default)s)")
+add("--warmup", type=positive_int, default=None, help="optimiser steps over which the learning rate rises "
+    "linearly to --lr (default: none)")
+add("--clip", type=positive_float, default=None, help="clip the norm of the gradient to this (default: none)")
+add("--beta2", type=decay, default=0.999, help="Adam's beta2 (default: %(default)s)")
 add("--ema", type=decay, default=0.999, metavar="DECAY",
     help="moving average of the weights, used for sampling (0: none) (default: %(default)s)")
 add("--nfe", type=positive_int, default=20, help="sample with at most this many network evaluations an image, "
@@ -127,7 +133,7 @@ def main(argv=None):
     # model, optimiser and the moving average of the weights. channels_last is the layout
     # the fast conv kernels want (README, "How fast").
     model = model.to(device, memory_format=torch.channels_last)
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, args.beta2))
     ema = copy.deepcopy(model).requires_grad_(False) if args.ema else None
     start = 0
     if ckpt:
@@ -156,13 +162,17 @@ def main(argv=None):
                 x1 = x1_all[idx.to(device)]   # (B, 1, 28, 28), digits
                 x0 = torch.randn_like(x1)     # x0 ~ mu_0 = N(0, I), fresh noise for every batch
                 with autocast(device, dtype):
-                    loss = fm_loss(model, x0, x1, schedule, args.t_dist)
+                    loss = fm_loss(model, x0, x1, schedule, args.t_dist, args.t_mean)
                 total += loss.item() * len(idx)
                 if not math.isfinite(total):  # stop before a step can spoil the weights
                     die(f"the loss is {loss.item()} at step {step} of epoch {epoch + 1}: the run diverged; "
                         f"try a smaller --lr than {args.lr:g} (the last checkpoint is left as it was)")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                if args.clip:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+                if args.warmup:  # from the step count, so that a resumed run goes on exactly
+                    opt.param_groups[0]["lr"] = args.lr * min(1, (n + 1) / args.warmup)
                 opt.step()
                 n += 1
                 if ema is not None:  # the decay warms up as (1 + n) / (10 + n): early weights fade fast

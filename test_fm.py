@@ -378,7 +378,7 @@ def test_mnist_trains_writes_grid_and_checkpoint_then_samples(mnist_data, tmp_pa
 
 def test_mnist_resumed_after_a_kill_ends_with_the_same_weights(mnist_data, tmp_path, monkeypatch):
     import mnist
-    extra = ["--t-dist", "logit-normal", "--lr", "2e-3"]
+    extra = ["--t-dist", "logit-normal", "--lr", "2e-3", "--warmup", "5", "--clip", "1.0", "--t-mean", "0.3"]
     run_mnist(mnist_data, tmp_path / "a", "--epochs", "3", *extra)  # never interrupted
     # the same run, killed in the middle of epoch 2 (48 images / 16 = 3 steps an epoch)
     calls = {"n": 0}
@@ -400,6 +400,30 @@ def test_mnist_resumed_after_a_kill_ends_with_the_same_weights(mnist_data, tmp_p
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
         assert torch.equal(a["ema"][k], b["ema"][k]), k
+
+def test_warmup_clip_beta2_and_the_mean_of_t_follow_their_definitions(mnist_data, tmp_path, monkeypatch):
+    import mnist
+    # warm-up: the learning rate of step n (from 1) is lr * n / warmup, then lr; beta2 reaches Adam
+    seen, norms, ts = [], [], []
+    real_step = torch.optim.Adam.step
+    def spy(self, *a, **k):
+        seen.append((self.param_groups[0]["lr"], self.param_groups[0]["betas"][1]))
+        norms.append(torch.cat([p.grad.flatten() for p in self.param_groups[0]["params"]]).norm().item())
+        return real_step(self, *a, **k)
+    monkeypatch.setattr(torch.optim.Adam, "step", spy)
+    real_loss = fm_loss
+    monkeypatch.setattr(mnist, "fm_loss", lambda m, x0, x1, s, d, mean: ts.append(mean) or real_loss(m, x0, x1, s, d, mean))
+    run_mnist(mnist_data, tmp_path / "a", "--epochs", "2", "--warmup", "4", "--lr", "0.01", "--beta2", "0.95",
+              "--clip", "0.05", "--t-mean", "0.5")
+    assert [lr for lr, _ in seen] == pytest.approx([0.0025, 0.005, 0.0075, 0.01, 0.01, 0.01])
+    assert {b2 for _, b2 in seen} == {0.95} and set(ts) == {0.5}
+    assert max(norms) <= 0.05 * (1 + 1e-4)  # the gradient Adam sees is clipped
+    # t ~ sigmoid(N(m, 1)): P(t > 1/2) = Phi(m)
+    torch.manual_seed(0)
+    seen_t = []
+    x = torch.zeros(200_000, 1)
+    fm_loss(lambda x, t: seen_t.append(t) or x, x, x, linear, "logit-normal", 0.5)
+    assert (seen_t[0] > 0.5).double().mean().item() == pytest.approx(0.6915, abs=0.003)
 
 def test_update_ema_is_the_weighted_mean():
     torch.manual_seed(0)
