@@ -26,9 +26,10 @@ import time
 import torch
 from torchvision.utils import save_image
 
-from common import (GRIDS, SCHEDULES, SOLVERS, T_DISTS, UNet, atomic_save, autocast, decay, die,
-                    fm_loss, generate, get_schedule, load_checkpoint, load_images, load_model, make_dir, nfe,
-                    pick_device, pick_dtype, plan, positive_float, positive_int, progress, restore, save_flow, time_grid, to_unit, update_ema)
+from common import (GRIDS, SCHEDULES, SOLVERS, T_DISTS, UNet, atomic_save, autocast, decay, die, fm_loss,
+                    generate, get_schedule, load_checkpoint, load_images, load_model, make_dir, nfe, pick_device,
+                    pick_dtype, plan, positive_float, positive_int, progress, restore, save_flow, time_grid, to_unit,
+                    update_ema)
 
 # -----------------------------------------------------------------------------
 # settings; the defaults are mnist.py's, but for the handout's 100 epochs and t ~ U(0, 1)
@@ -52,7 +53,7 @@ add("--solver", default=None, choices=list(SOLVERS), help="instead of --nfe's ch
     "evaluation a step), heun or midpoint (2), heun-euler (2, the last step 1)")
 add("--steps", type=positive_int, default=None, help="instead of --nfe's choice: solver steps (Eq. 7 for Euler)")
 add("--grid", default=None, choices=list(GRIDS), help="instead of --nfe's choice: the times of the steps, "
-    "uniform or edm (dense near t = 1)")
+    "uniform, early (shorter steps first) or edm (Karras et al.)")
 add("--seed", type=int, default=0, help="seeds the training (default: %(default)s)")
 add("--limit", type=positive_int, default=None,
     help="train on the first N images of each set only (quick runs)")
