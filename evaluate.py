@@ -57,6 +57,7 @@ parser.add_argument("--path", action="store_true", help="run folder: how the flo
                     "steps, the pixels' scale, how fast the velocity changes, when the digit is decided")
 parser.add_argument("--curve", action="store_true", help="run folder: quality against epochs instead: score the "
                     "weights of every epoch (epochNNN.pt) with the sampler of --nfe 10 (curve.csv, curve.png)")
+parser.add_argument("--also", nargs="+", metavar="RUN", help="with --curve: more runs, drawn in the same curve.png")
 parser.add_argument("--device", default="auto", help="run folder: where to sample (auto, cpu, cuda, mps)")
 parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                     help="run folder: sample in this precision (auto: bf16 autocast only where the hardware has it)")
@@ -265,45 +266,52 @@ def along_the_path(args, device):
 
 def curve(args, device):
     """Score the sampling weights of every epoch of a run (RUN/epochNNN.pt), each from the same
-    starting points, with the cheap sampler that --nfe 10 takes: RUN/curve.csv and curve.png."""
-    files = sorted(glob.glob(os.path.join(args.samples, "epoch[0-9][0-9][0-9].pt")))
-    if not files:
-        die(f"{args.samples} holds no epochNNN.pt (mnist.py and translate.py write one after each epoch)")
+    starting points, with the cheap sampler that --nfe 10 takes: RUN/curve.csv, and curve.png
+    with a line for RUN and one for each run of --also."""
+    runs = [args.samples, *(args.also or [])]
+    files = {run: sorted(glob.glob(os.path.join(run, "epoch[0-9][0-9][0-9].pt"))) for run in runs}
+    for run in runs:
+        if not files[run]:
+            die(f"{run} holds no epochNNN.pt (mnist.py and translate.py write one after each epoch)")
     classifier, cache = load_classifier(args)
-    n, dtype, rows = args.n or 1000, pick_dtype(args.dtype, device), []
-    for f in files:
-        model, config = load_model(f, device)
-        schedule = config.get("schedule", "cosine")
-        solver, steps, grid = plan(10, schedule)
-        ts = time_grid(grid, steps, schedule)
-        for seed in [None] if args.translation else args.seeds:
-            x0 = load_images("FashionMNIST", args.data, train=False)[:n] if args.translation else fixed_noise(n, seed)
-            r = score(classifier, cache, generate(model, x0, steps, device, dtype, solver, ts) * 2 - 1)
-            rows.append({"epoch": int(os.path.basename(f)[5:8]), "seed": seed, "sampler": f"{solver}-{steps}-{grid}",
-                         "n": n, "fid": round(r["fid"], 3),
-                         "confidence": round(r["confidence"], 4), "coverage": round(r["coverage"], 4)})
-            print(" ".join(f"{k}={v}" for k, v in rows[-1].items()), flush=True)
-    name = os.path.join(args.samples, "curve")
-    with open(name + ".csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    n, dtype, curves = args.n or 1000, pick_dtype(args.dtype, device), {}
+    for run in runs:
+        rows = curves[run] = []
+        for f in files[run]:
+            model, config = load_model(f, device)
+            schedule = config.get("schedule", "cosine")
+            solver, steps, grid = plan(10, schedule)
+            ts = time_grid(grid, steps, schedule)
+            for seed in [None] if args.translation else args.seeds:
+                x0 = load_images("FashionMNIST", args.data, train=False)[:n] if args.translation else fixed_noise(n, seed)
+                r = score(classifier, cache, generate(model, x0, steps, device, dtype, solver, ts) * 2 - 1)
+                rows.append({"epoch": int(os.path.basename(f)[5:8]), "seed": seed, "sampler": f"{solver}-{steps}-{grid}",
+                             "n": n, "fid": round(r["fid"], 3),
+                             "confidence": round(r["confidence"], 4), "coverage": round(r["coverage"], 4)})
+                print(f"{run} " + " ".join(f"{k}={v}" for k, v in rows[-1].items()), flush=True)
+        with open(os.path.join(run, "curve.csv"), "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    epochs = sorted({r["epoch"] for r in rows})
-    ax.plot(epochs, [sum(r["fid"] for r in rows if r["epoch"] == e) / sum(r["epoch"] == e for r in rows) for e in epochs], "o-")
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    for run, rows in curves.items():
+        epochs = sorted({r["epoch"] for r in rows})
+        mean = [sum(r["fid"] for r in rows if r["epoch"] == e) / sum(r["epoch"] == e for r in rows) for e in epochs]
+        ax.plot(epochs, mean, "o-", ms=3, label=run)
     ax.set_yscale("log")
     ax.set_xlabel("epoch")
     ax.set_ylabel("FID (mean over the noise sets)")
     ax.grid(alpha=0.3)
-    ax.set_title(f"{args.samples}, n = {n}", fontsize=10)
+    ax.legend(fontsize=8)
+    ax.set_title(f"n = {n}, the weights of each epoch", fontsize=10)
     fig.tight_layout()
-    fig.savefig(name + ".png", dpi=100)
+    fig.savefig(os.path.join(args.samples, "curve.png"), dpi=100)
     plt.close(fig)
-    print(f"wrote {name}.csv and {name}.png")
-    return rows
+    print(f"wrote curve.csv in {', '.join(runs)} and {os.path.join(args.samples, 'curve.png')}")
+    return curves[args.samples]
 
 def plot_sweep(rows, path, title):
     """FID and confidence against the network evaluations, a line per solver and grid (the mean

@@ -873,6 +873,7 @@ def test_evaluate_translation_table(evaluated, tmp_path, capsys):
     assert re.search(r"^chi2 = \d+\.\d with \d+ degrees of freedom: about \d+ \+- \d+ if", out, re.M), out
 
 def test_evaluate_sweeps_a_run_over_solvers_grids_and_network_evaluations(evaluated, tmp_path, capsys):
+    import shutil
     run, data = evaluated[:2]
     out = tmp_path / "run"
     run_mnist(data, out, "--epochs", "1", "--limit", "48")
@@ -902,6 +903,11 @@ def test_evaluate_sweeps_a_run_over_solvers_grids_and_network_evaluations(evalua
     run_mnist(data, out, "--sample", "20", "--nfe", "10")  # the last epoch's averaged weights
     assert run(str(out / "samples.pt"))["fid"] == pytest.approx(curve[-1]["fid"], abs=1e-3)
     assert (out / "curve.png").stat().st_size > 10_000
+    # --also: another run's curve beside it, the same numbers for the same weights
+    shutil.copytree(out, tmp_path / "copy")
+    both = run(str(out), "--curve", "--n", "20", "--seeds", "0", "--also", str(tmp_path / "copy"))
+    with open(tmp_path / "copy" / "curve.csv") as f:
+        assert [float(r["fid"]) for r in csv.DictReader(f)] == [r["fid"] for r in both] == [r["fid"] for r in curve]
     # --path: along 100 Euler steps from the first noise set; at t = 1 the guess is the digit itself
     path = run(str(out), "--path", "--n", "20", "--seeds", "0")
     assert [r["t"] for r in path] == [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0]
