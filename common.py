@@ -58,6 +58,36 @@ def fm_loss(model, x0, x1, schedule, t_dist="uniform", t_mean=0.0):
     # under bf16 autocast the network answers in bf16; the error is taken in x0's precision
     return (model(xt, t).to(target.dtype) - target).pow(2).mean()
 
+def ot_pairing(x0, x1):
+    """Minibatch optimal transport (Tong et al. 2023): the order of x0 (B, ...) that pairs it with
+    x1 (B, ...) at the least total squared distance, found exactly by the Hungarian method with
+    potentials (Kuhn 1955, in Jonker and Volgenant's form), O(B^3). x0[ot_pairing(x0, x1)] is
+    x0 reordered: the pairs keep both marginals, only who meets whom changes."""
+    import numpy as np
+    cost = torch.cdist(x0.flatten(1).float(), x1.flatten(1).float()).pow(2).cpu().double().numpy()
+    n = len(cost)
+    a = np.zeros((n + 1, n + 1))
+    a[1:, 1:] = cost                                   # 1-based: row/column 0 is the method's dummy
+    u, v = np.zeros(n + 1), np.zeros(n + 1)             # the dual potentials of rows and columns
+    p, way = np.zeros(n + 1, dtype=np.int64), np.zeros(n + 1, dtype=np.int64)  # p[j]: row of column j
+    for i in range(1, n + 1):                           # add row i, then repair along a shortest path
+        p[0], j0 = i, 0
+        minv, used = np.full(n + 1, np.inf), np.zeros(n + 1, dtype=bool)
+        while p[j0] != 0:  # (p[0] = i: at least once)
+            used[j0] = True
+            reduced = a[p[j0]] - u[p[j0]] - v
+            better = ~used & (reduced < minv)
+            minv[better], way[better] = reduced[better], j0
+            j1 = int(np.where(used, np.inf, minv).argmin())
+            delta = minv[j1]
+            u[p[used]] += delta
+            v[used] -= delta
+            minv[~used] -= delta
+            j0 = j1
+        while j0:
+            p[j0], j0 = p[way[j0]], way[j0]
+    return torch.as_tensor(p[1:] - 1, device=x0.device)  # for column j (x1[j]) the row of x0
+
 # -----------------------------------------------------------------------------
 # the samplers integrate dx/dt = model(x, t) from t = 0 to t = 1 over a grid of times
 # 0 = t_0 < t_1 < ... < t_steps = 1. One step of each solver, from (x, t) to t_next:

@@ -169,10 +169,15 @@ def images_to_score(args):
         die(f"--n {args.n}: {args.samples} holds only {len(x)} images")
     return x[: args.n].float() * 2 - 1
 
-def translation_table(args, pred):
-    """Rows: the garment class of each source image; columns: the digit it became, in %."""
-    _, garment = load_images("FashionMNIST", args.data, train=False, labels=True)
-    garment = garment[: len(pred)]
+def translation_table(args, pred, x):
+    """Rows: the garment class of each source image; columns: the digit it became, in %. Also
+    how far a translation x (N, 1, 28, 28) in [-1, 1] lies from its own garment: the mean
+    squared pixel difference, next to the same for a garment and another's translation."""
+    garments, garment = load_images("FashionMNIST", args.data, train=False, labels=True)
+    garments, garment = garments[: len(pred)], garment[: len(pred)]
+    own = (x - garments).pow(2).mean().item()
+    other = (x - garments.roll(1, dims=0)).pow(2).mean().item()
+    print(f"distance from its own garment {own:.4f}, from another's {other:.4f} (mean squared pixel difference)")
     table = torch.stack([torch.bincount(pred[garment == g], minlength=10) for g in range(10)])
     print("garment  -> digit (% of the row)   " + " ".join(f"{d:>4d}" for d in range(10)) + "     n")
     for name, row in zip(GARMENTS, table):
@@ -181,7 +186,7 @@ def translation_table(args, pred):
     chi2, dof = independence_chi2(table)
     print(f"chi2 = {chi2:.1f} with {dof} degrees of freedom: about {dof} +- {math.sqrt(2 * dof):.0f} "
           f"if the digit did not depend on the garment")
-    return table
+    return table, own
 
 def independence_chi2(table):
     """Pearson's chi-squared statistic of a contingency table against independence of its
@@ -354,7 +359,7 @@ def main(argv=None):
     r = score(*load_classifier(args), x)
     print("predicted digits  " + " ".join(f"{d}:{c}" for d, c in enumerate(r["counts"].tolist())))
     if args.translation:
-        translation_table(args, r["pred"])
+        r["table"], r["distance"] = translation_table(args, r["pred"], x)
     print(f"{line(r)} accuracy={r['accuracy']:.4f}")
     return r
 

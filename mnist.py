@@ -24,8 +24,8 @@ from torchvision.utils import save_image
 
 from common import (GRIDS, SCHEDULES, SOLVERS, T_DISTS, UNet, atomic_save, autocast, decay, die, fixed_noise,
                     fm_loss, generate, get_schedule, load_checkpoint, load_images, load_model, make_dir, nfe,
-                    pick_device, pick_dtype, plan, positive_float, positive_int, progress, restore, save_flow,
-                    time_grid, update_ema)
+                    ot_pairing, pick_device, pick_dtype, plan, positive_float, positive_int, progress,
+                    restore, save_flow, time_grid, update_ema)
 
 # -----------------------------------------------------------------------------
 # settings; the defaults are the recommended run (README, "Results")
@@ -46,6 +46,8 @@ add("--warmup", type=positive_int, default=None, help="optimiser steps over whic
     "linearly to --lr (default: none)")
 add("--clip", type=positive_float, default=None, help="clip the norm of the gradient to this (default: none)")
 add("--beta2", type=decay, default=0.999, help="Adam's beta2 (default: %(default)s)")
+add("--pairing", default="random", choices=["random", "ot"], help="which noise image meets which digit: "
+    "drawn independently, or re-paired in each batch by optimal transport (default: %(default)s)")
 add("--ema", type=decay, default=0.999, metavar="DECAY",
     help="moving average of the weights, used for sampling (0: none) (default: %(default)s)")
 add("--nfe", type=positive_int, default=20, help="sample with at most this many network evaluations an image, "
@@ -162,6 +164,8 @@ def main(argv=None):
             for step, idx in enumerate(torch.randperm(N).split(args.batch_size), 1):
                 x1 = x1_all[idx.to(device)]   # (B, 1, 28, 28), digits
                 x0 = torch.randn_like(x1)     # x0 ~ mu_0 = N(0, I), fresh noise for every batch
+                if args.pairing == "ot":      # re-paired with the digits at the least total distance
+                    x0 = x0[ot_pairing(x0, x1)]
                 with autocast(device, dtype):
                     loss = fm_loss(model, x0, x1, schedule, args.t_dist, args.t_mean)
                 total += loss.item() * len(idx)

@@ -200,6 +200,21 @@ def test_heun_calls_the_network_twice_a_step_at_both_ends():
     common.sample(lambda x, t: seen.append(t[0].item()) or torch.zeros_like(x), torch.zeros(3, 2), 4, "heun")
     assert seen == pytest.approx([0, 0.25, 0.25, 0.5, 0.5, 0.75, 0.75, 1.0])
 
+def test_ot_pairing_is_the_permutation_of_least_total_squared_distance():
+    import itertools
+    g = torch.Generator().manual_seed(0)
+    for n in [1, 2, 3, 5, 6]:
+        for _ in range(20):
+            x0, x1 = torch.randn(n, 3, generator=g), torch.randn(n, 3, generator=g)
+            cost = torch.cdist(x0, x1).pow(2)
+            best = min(itertools.permutations(range(n)), key=lambda q: sum(cost[q[j], j] for j in range(n)))
+            assert tuple(common.ot_pairing(x0, x1).tolist()) == best
+    # a batch whose best pairing is known: each x1 is a slightly moved, shuffled x0
+    x0 = torch.randn(64, 1, 28, 28, generator=g)
+    order = torch.randperm(64, generator=g)
+    x1 = x0[order] + 0.01 * torch.randn(64, 1, 28, 28, generator=g)
+    assert torch.equal(common.ot_pairing(x0, x1), order)
+
 def test_unknown_distribution_of_t_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown distribution of t 'beta'; known: uniform, logit-normal"):
         fm_loss(lambda x, t: x, torch.zeros(2, 1), torch.zeros(2, 1), linear, "beta")
@@ -616,6 +631,23 @@ def test_impossible_requests_are_one_line_and_leave_the_checkpoint(mnist_data, t
     assert (tmp_path / "o" / "ckpt.pt").read_bytes() == before
     assert not list((tmp_path / "o").glob("*.tmp"))
 
+def test_translate_ot_pairing_reorders_the_same_garments_to_a_shorter_total(both_data, tmp_path, monkeypatch):
+    import translate
+    batches = {}
+    def recording_loss(model, x0, x1, *rest):
+        batches.setdefault(recording_loss.run, []).append((x0.flatten(1).clone(), x1.flatten(1).clone()))
+        return fm_loss(model, x0, x1, *rest)
+    monkeypatch.setattr(translate, "fm_loss", recording_loss)
+    for pairing in ["random", "ot"]:
+        recording_loss.run = pairing
+        run_translate(both_data, tmp_path / pairing, "--epochs", "1", "--pairing", pairing)
+    cost = lambda x0, x1: (x0 - x1).pow(2).sum().item()
+    for (r0, r1), (o0, o1) in zip(batches["random"], batches["ot"]):
+        assert torch.equal(r1, o1)  # the same digits, in the same order
+        assert sorted(map(tuple, r0.tolist())) == sorted(map(tuple, o0.tolist()))  # the same garments
+        assert cost(o0, o1) <= cost(r0, r1) + 1e-6
+    assert sum(cost(*b) for b in batches["ot"]) < sum(cost(*b) for b in batches["random"])
+
 def test_translate_pairs_at_random_and_resumes_exactly(both_data, tmp_path, monkeypatch):
     import translate
     digits = common.load_images("MNIST", str(both_data)).flatten(1)
@@ -871,6 +903,12 @@ def test_evaluate_translation_table(evaluated, tmp_path, capsys):
         shares = [float(v) for v in r.split()[1:11]]
         assert sum(shares) == pytest.approx(100, abs=3) and r.split()[-1] == "6"
     assert re.search(r"^chi2 = \d+\.\d with \d+ degrees of freedom: about \d+ \+- \d+ if", out, re.M), out
+    # a translation that is its own garment is at distance 0; the line says so, next to another's
+    garments = common.load_images("FashionMNIST", str(evaluated[1]), train=False)
+    torch.save(common.to_unit(garments), tmp_path / "same.pt")
+    r = run(str(tmp_path / "same.pt"), "--translation")
+    assert r["distance"] == pytest.approx(0, abs=1e-6)
+    assert re.search(r"^distance from its own garment 0.0000, from another's \d+\.\d{4}", capsys.readouterr().out, re.M)
 
 def test_evaluate_sweeps_a_run_over_solvers_grids_and_network_evaluations(evaluated, tmp_path, capsys):
     import shutil

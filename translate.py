@@ -27,9 +27,9 @@ import torch
 from torchvision.utils import save_image
 
 from common import (GRIDS, SCHEDULES, SOLVERS, T_DISTS, UNet, atomic_save, autocast, decay, die, fm_loss,
-                    generate, get_schedule, load_checkpoint, load_images, load_model, make_dir, nfe, pick_device,
-                    pick_dtype, plan, positive_float, positive_int, progress, restore, save_flow, time_grid, to_unit,
-                    update_ema)
+                    generate, get_schedule, load_checkpoint, load_images, load_model, make_dir, nfe,
+                    ot_pairing, pick_device, pick_dtype, plan, positive_float, positive_int, progress,
+                    restore, save_flow, time_grid, to_unit, update_ema)
 
 # -----------------------------------------------------------------------------
 # settings; the defaults are mnist.py's, but for the handout's 100 epochs and t ~ U(0, 1)
@@ -45,6 +45,8 @@ add("--lr", type=positive_float, default=1e-3, help="Adam's learning rate (defau
 # uniform, not mnist.py's logit-normal: after 10 epochs FID 95 against 153 (README, section 4)
 add("--t-dist", default="uniform", choices=list(T_DISTS),
     help="the distribution of t in training (default: %(default)s)")
+add("--pairing", default="random", choices=["random", "ot"], help="which garment meets which digit: drawn "
+    "independently, or re-paired in each batch by optimal transport (default: %(default)s)")
 add("--ema", type=decay, default=0.999, metavar="DECAY",
     help="moving average of the weights, used for sampling (0: none) (default: %(default)s)")
 add("--nfe", type=positive_int, default=20, help="sample with at most this many network evaluations an image, "
@@ -164,8 +166,11 @@ def main(argv=None):
             t0, total = time.time(), 0.0
             for step, idx in enumerate(torch.randperm(N).split(args.batch_size), 1):
                 x1 = x1_all[idx.to(device)]   # (B, 1, 28, 28), digits
-                # x0: a garment drawn independently of the digit x1 (random pairing)
+                # x0: a garment drawn independently of the digit x1 (random pairing); with --pairing
+                # ot the batch's garments are then re-paired with its digits at the least total distance
                 x0 = x0_all[torch.randint(len(x0_all), (len(x1),)).to(device)]
+                if args.pairing == "ot":
+                    x0 = x0[ot_pairing(x0, x1)]
                 with autocast(device, dtype):
                     loss = fm_loss(model, x0, x1, schedule, args.t_dist)
                 total += loss.item() * len(idx)
