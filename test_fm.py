@@ -363,7 +363,8 @@ def mnist_data(tmp_path):
 
 def run_mnist(data, out, *extra):
     import mnist
-    return mnist.main(["--data", str(data), "--out", str(out), "--batch-size", "16", "--nfe", "3", *extra])
+    return mnist.main(["--data", str(data), "--out", str(out), "--batch-size", "16", "--nfe", "3", "--device", "cpu",
+                          *extra])
 
 def test_load_images_reads_idx_files_into_minus_one_one(mnist_data):
     x = common.load_images("MNIST", str(mnist_data))
@@ -556,7 +557,7 @@ def test_ctrl_c_names_the_checkpoint_and_the_resume_command_then_resumes_exactly
     import signal, shlex, time
     out = tmp_path / "run"
     cmd = [sys.executable, os.path.join(HERE, "mnist.py"), "--data", str(mnist_data), "--out", str(out),
-           "--batch-size", "4", "--steps", "1", "--epochs", "300"]
+           "--batch-size", "4", "--steps", "1", "--epochs", "300", "--device", "cpu"]
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE)
     while not (out / "epoch002.pt").exists() and p.poll() is None:
         time.sleep(0.05)
@@ -570,12 +571,25 @@ def test_ctrl_c_names_the_checkpoint_and_the_resume_command_then_resumes_exactly
     # the printed command continues the run; with --epochs cut to saved + 1 it ends as a run never stopped
     again = shlex.split(err.split("continue with: ")[1])
     assert again[:2] == ["python", "mnist.py"] and again[again.index("--out") + 1] == str(out)
+    assert again[again.index("--device") + 1] == "cpu"  # a device given is kept; the sampler settings need not be
+    again[again.index("--epochs") + 1] = str(saved + 1)
     import mnist
-    mnist.main(again[2:-2] + ["--epochs", str(saved + 1)])
+    mnist.main(again[2:])
     run_mnist(mnist_data, tmp_path / "straight", "--batch-size", "4", "--steps", "1", "--epochs", str(saved + 1))
     a, b = (torch.load(d / "ckpt.pt", weights_only=True) for d in (out, tmp_path / "straight"))
     assert a["epoch"] == b["epoch"] == saved + 1
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_mnist_on_cuda_trains_samples_and_its_checkpoint_loads_on_a_cpu(mnist_data, tmp_path, capsys):
+    # the suite runs on the CPU (the references above are CPU arithmetic); this is the GPU's path
+    run_mnist(mnist_data, tmp_path, "--epochs", "2", "--device", "cuda")
+    assert capsys.readouterr().out.startswith("device cuda")
+    ckpt = common.load_checkpoint(tmp_path / "ckpt.pt")  # onto the CPU, as a user's laptop would
+    assert ckpt["epoch"] == 2 and all(v.device.type == "cpu" and v.isfinite().all() for v in ckpt["ema"].values())
+    run_mnist(mnist_data, tmp_path, "--sample", "10", "--device", "cuda")
+    x = torch.load(tmp_path / "samples.pt", weights_only=True)
+    assert x.shape == (10, 1, 28, 28) and x.min() >= 0 and x.max() <= 1 and x.std() > 0.05
 
 def test_resume_reads_and_writes_the_folder_given(mnist_data, tmp_path):
     import shutil
@@ -769,7 +783,8 @@ def both_data(tmp_path):
 
 def run_translate(data, out, *extra):
     import translate
-    return translate.main(["--data", str(data), "--out", str(out), "--batch-size", "16", "--nfe", "3", *extra])
+    return translate.main(["--data", str(data), "--out", str(out), "--batch-size", "16", "--nfe", "3", "--device", "cpu",
+                          *extra])
 
 def png_cells(path, rows, cols):
     """The 28x28 cells of a picture that save_image wrote (padding 2), in [0, 1]: (rows, cols, 28, 28)."""
@@ -870,7 +885,8 @@ def evaluated(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("evaluate")
     data = write_idx(write_idx(tmp / "data", "MNIST", n_train=300, n_test=200, classes=True),
                      "FashionMNIST", n_train=40, n_test=60, seed=1)
-    run = lambda *args: evaluate.main([*args, "--data", str(data), "--classifier", str(tmp / "classifier.pt"), "--epochs", "8"])
+    run = lambda *args: evaluate.main([*args, "--data", str(data), "--classifier", str(tmp / "classifier.pt"), "--epochs", "8",
+                                      "--device", "cpu"])
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         real = run("real", "--n", "200")
@@ -956,7 +972,8 @@ def test_evaluate_sweeps_a_run_over_solvers_grids_and_network_evaluations(evalua
 def test_evaluate_bad_input_is_a_clear_error(tmp_path):
     import evaluate
     eval_data = write_idx(tmp_path / "data", "MNIST")
-    run_evaluate = lambda data, tmp, *args: evaluate.main([*args, "--data", str(data), "--classifier", str(tmp / "cls" / "classifier.pt")])
+    run_evaluate = lambda data, tmp, *args: evaluate.main([*args, "--data", str(data), "--classifier",
+                                                          str(tmp / "cls" / "classifier.pt"), "--device", "cpu"])
     s = tmp_path / "samples.pt"
     expect_error("no checkpoint at", run_evaluate, eval_data, tmp_path, str(tmp_path / "missing.pt"))
     expect_error("no checkpoint at", run_evaluate, eval_data, tmp_path, str(tmp_path))  # a folder, no run
