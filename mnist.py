@@ -35,17 +35,16 @@ add = parser.add_argument
 add("--schedule", default="cosine", choices=list(SCHEDULES),
     help="the path from x0 to x1 (Eq. 5) (default: %(default)s)")
 add("--epochs", type=positive_int, default=20, help="passes over the training set (default: %(default)s)")
-add("--batch-size", type=positive_int, default=64,
+add("--batch-size", type=positive_int, default=32,
     help="images per optimiser step (the handout's: 128) (default: %(default)s)")
 add("--lr", type=positive_float, default=1e-3, help="Adam's learning rate (default: %(default)s)")
 add("--t-dist", default="logit-normal", choices=list(T_DISTS),
     help="the distribution of t in training (the handout's: uniform) (default: %(default)s)")
-add("--t-mean", type=float, default=0.0, help="logit-normal t: the mean of the normal (> 0: more training "
-    "near the data end) (default: %(default)s)")
+add("--t-mean", type=float, default=-0.5, help="logit-normal t: the mean of the normal (< 0: more training "
+    "near the noise end, > 0: near the data end) (default: %(default)s)")
 add("--warmup", type=positive_int, default=None, help="optimiser steps over which the learning rate rises "
     "linearly to --lr (default: none)")
 add("--clip", type=positive_float, default=None, help="clip the norm of the gradient to this (default: none)")
-add("--beta2", type=decay, default=0.999, help="Adam's beta2 (default: %(default)s)")
 add("--pairing", default="random", choices=["random", "ot"], help="which noise image meets which digit: "
     "drawn independently, or re-paired in each batch by optimal transport (default: %(default)s)")
 add("--ema", type=decay, default=0.999, metavar="DECAY",
@@ -70,6 +69,9 @@ add("--resume", action="store_true", help="continue OUT/ckpt.pt: its settings, t
 add("--sample", type=positive_int, default=None, metavar="N",
     help="no training: N digits from OUT/ckpt.pt into OUT/samples.pt and .png")
 add("--raw", action="store_true", help="with --sample: the trained weights, not their moving average")
+
+# what a checkpoint made before a setting existed (or had today's default) trained with
+OLDER = {"t_mean": 0.0, "warmup": None, "clip": None, "pairing": "random"}
 
 def memory_available():
     """Bytes of memory a new allocation can take (Linux's MemAvailable), or None where unknown."""
@@ -120,7 +122,7 @@ def main(argv=None):
             die(f"{ckpt_path} has no training settings to resume from")
         # the checkpoint's settings define the model and its training; these come from the command line
         given = {k: getattr(args, k) for k in ("epochs", "out", "data", "device", "dtype", "resume")}
-        args = argparse.Namespace(**{**vars(args), **ckpt["config"], **given})
+        args = argparse.Namespace(**{**vars(args), **OLDER, **ckpt["config"], **given})
     elif os.path.exists(ckpt_path):
         die(f"{ckpt_path} exists: add --resume to continue that run, or choose another --out")
     make_dir(args.out)
@@ -136,7 +138,7 @@ def main(argv=None):
     # model, optimiser and the moving average of the weights. channels_last is the layout
     # the fast conv kernels want (README, "How fast").
     model = model.to(device, memory_format=torch.channels_last)
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, args.beta2))
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.999))
     ema = copy.deepcopy(model).requires_grad_(False) if args.ema else None
     start = 0
     if ckpt:

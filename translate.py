@@ -45,7 +45,8 @@ add("--lr", type=positive_float, default=1e-3, help="Adam's learning rate (defau
 # uniform, not mnist.py's logit-normal: after 10 epochs FID 95 against 153 (README, section 4)
 add("--t-dist", default="uniform", choices=list(T_DISTS),
     help="the distribution of t in training (default: %(default)s)")
-add("--pairing", default="random", choices=["random", "ot"], help="which garment meets which digit: drawn "
+# ot, not the handout's random pairing: after 10 epochs FID 78.6 against 95.0, chi2 432 against 148
+add("--pairing", default="ot", choices=["random", "ot"], help="which garment meets which digit: drawn "
     "independently, or re-paired in each batch by optimal transport (default: %(default)s)")
 add("--ema", type=decay, default=0.999, metavar="DECAY",
     help="moving average of the weights, used for sampling (0: none) (default: %(default)s)")
@@ -71,6 +72,9 @@ add("--sample", type=positive_int, default=None, metavar="N",
     help="no training: translate the first N Fashion-MNIST "
     "test images with OUT/ckpt.pt into OUT/samples.pt and .png")
 add("--raw", action="store_true", help="with --sample: the trained weights, not their moving average")
+
+# what a checkpoint made before a setting existed (or had today's default) trained with
+OLDER = {"pairing": "random"}
 
 def save_pairs(x0, x, path, width=16):
     """A PNG with rows of `width`: sources (x0, in [-1, 1]) above their results (x, in [0, 1])."""
@@ -123,7 +127,7 @@ def main(argv=None):
             die(f"{ckpt_path} has no training settings to resume from")
         # the checkpoint's settings define the model and its training; these come from the command line
         given = {k: getattr(args, k) for k in ("epochs", "out", "data", "device", "dtype", "resume")}
-        args = argparse.Namespace(**{**vars(args), **ckpt["config"], **given})
+        args = argparse.Namespace(**{**vars(args), **OLDER, **ckpt["config"], **given})
     elif os.path.exists(ckpt_path):
         die(f"{ckpt_path} exists: add --resume to continue that run, or choose another --out")
     make_dir(args.out)
