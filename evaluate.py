@@ -272,7 +272,8 @@ def along_the_path(args, device):
 def curve(args, device):
     """Score the sampling weights of every epoch of a run (RUN/epochNNN.pt), each from the same
     starting points, with the cheap sampler that --nfe 10 takes: RUN/curve.csv, and curve.png
-    with a line for RUN and one for each run of --also."""
+    with a line for RUN and one for each run of --also. Epochs already in a run's curve.csv
+    with the same n, noise set and sampler are read back unless their weights are newer."""
     runs = [args.samples, *(args.also or [])]
     files = {run: sorted(glob.glob(os.path.join(run, "epoch[0-9][0-9][0-9].pt"))) for run in runs}
     for run in runs:
@@ -282,19 +283,29 @@ def curve(args, device):
     n, dtype, curves = args.n or 1000, pick_dtype(args.dtype, device), {}
     for run in runs:
         rows = curves[run] = []
+        path = os.path.join(run, "curve.csv")
+        scored = {}  # rows of an earlier --curve, for weights not rewritten since: read back, not sampled again
+        if os.path.exists(path):
+            with open(path) as f:
+                scored = {(r["epoch"], r["seed"], r["sampler"], r["n"]): r for r in csv.DictReader(f)}
         for f in files[run]:
             model, config = load_model(f, device)
             schedule = config.get("schedule", "cosine")
             solver, steps, grid = plan(10, schedule)
             ts = time_grid(grid, steps, schedule)
             for seed in [None] if args.translation else args.seeds:
-                x0 = load_images("FashionMNIST", args.data, train=False)[:n] if args.translation else fixed_noise(n, seed)
-                r = score(classifier, cache, generate(model, x0, steps, device, dtype, solver, ts) * 2 - 1)
-                rows.append({"epoch": int(os.path.basename(f)[5:8]), "seed": seed, "sampler": f"{solver}-{steps}-{grid}",
-                             "n": n, "fid": round(r["fid"], 3),
-                             "confidence": round(r["confidence"], 4), "coverage": round(r["coverage"], 4)})
-                print(f"{run} " + " ".join(f"{k}={v}" for k, v in rows[-1].items()), flush=True)
-        with open(os.path.join(run, "curve.csv"), "w", newline="") as f:
+                row = {"epoch": int(os.path.basename(f)[5:8]), "seed": seed, "sampler": f"{solver}-{steps}-{grid}", "n": n}
+                old = scored.get(tuple("" if v is None else str(v) for v in row.values()))
+                if old and os.path.getmtime(f) < os.path.getmtime(path):
+                    row.update({k: float(old[k]) for k in ("fid", "confidence", "coverage")})
+                else:
+                    x0 = load_images("FashionMNIST", args.data, train=False)[:n] if args.translation else fixed_noise(n, seed)
+                    r = score(classifier, cache, generate(model, x0, steps, device, dtype, solver, ts) * 2 - 1)
+                    row.update({"fid": round(r["fid"], 3), "confidence": round(r["confidence"], 4),
+                                "coverage": round(r["coverage"], 4)})
+                rows.append(row)
+                print(f"{run} " + " ".join(f"{k}={v}" for k, v in row.items()), flush=True)
+        with open(path, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(rows)

@@ -941,8 +941,8 @@ def test_evaluate_translation_table(evaluated, tmp_path, capsys):
     assert r["distance"] == pytest.approx(0, abs=1e-6)
     assert re.search(r"^distance from its own garment 0.0000, from another's \d+\.\d{4}", capsys.readouterr().out, re.M)
 
-def test_evaluate_sweeps_a_run_over_solvers_grids_and_network_evaluations(evaluated, tmp_path, capsys):
-    import shutil
+def test_evaluate_sweeps_a_run_over_solvers_grids_and_network_evaluations(evaluated, tmp_path, capsys, monkeypatch):
+    import shutil, evaluate
     run, data = evaluated[:2]
     out = tmp_path / "run"
     run_mnist(data, out, "--epochs", "1", "--limit", "48")
@@ -974,9 +974,21 @@ def test_evaluate_sweeps_a_run_over_solvers_grids_and_network_evaluations(evalua
     assert (out / "curve.png").stat().st_size > 10_000
     # --also: another run's curve beside it, the same numbers for the same weights
     shutil.copytree(out, tmp_path / "copy")
+    os.remove(tmp_path / "copy" / "curve.csv")  # (scored afresh)
     both = run(str(out), "--curve", "--n", "20", "--seeds", "0", "--also", str(tmp_path / "copy"))
     with open(tmp_path / "copy" / "curve.csv") as f:
         assert [float(r["fid"]) for r in csv.DictReader(f)] == [r["fid"] for r in both] == [r["fid"] for r in curve]
+    # scores in curve.csv are read back, not sampled again, unless the weights are newer
+    sampled = []
+    real_generate = evaluate.generate
+    monkeypatch.setattr(evaluate, "generate", lambda *a, **k: sampled.append(1) or real_generate(*a, **k))
+    assert run(str(out), "--curve", "--n", "20", "--seeds", "0") == curve and sampled == []
+    later = os.path.getmtime(out / "curve.csv") + 10
+    os.utime(out / "epoch002.pt", (later, later))
+    assert run(str(out), "--curve", "--n", "20", "--seeds", "0") == curve and len(sampled) == 1
+    # another noise set is sampled; so is epoch 2 again, its weights still newer than the csv
+    rows = run(str(out), "--curve", "--n", "20", "--seeds", "0", "1")
+    assert [r for r in rows if r["seed"] == 0] == curve and len(sampled) == 1 + 3
     # --path: along 100 Euler steps from the first noise set; at t = 1 the guess is the digit itself
     path = run(str(out), "--path", "--n", "20", "--seeds", "0")
     assert [r["t"] for r in path] == [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0]
