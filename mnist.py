@@ -70,7 +70,7 @@ add("--sample", type=positive_int, default=None, metavar="N",
     help="no training: N digits from OUT/ckpt.pt into OUT/samples.pt and .png")
 add("--raw", action="store_true", help="with --sample: the trained weights, not their moving average")
 
-# what a checkpoint made before a setting existed (or had today's default) trained with
+# settings newer than some checkpoints: what a checkpoint saved before them trained with
 OLDER = {"t_mean": 0.0, "warmup": None, "clip": None, "pairing": "random"}
 
 def memory_available():

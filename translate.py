@@ -73,7 +73,7 @@ add("--sample", type=positive_int, default=None, metavar="N",
     "test images with OUT/ckpt.pt into OUT/samples.pt and .png")
 add("--raw", action="store_true", help="with --sample: the trained weights, not their moving average")
 
-# what a checkpoint made before a setting existed (or had today's default) trained with
+# settings newer than some checkpoints: what a checkpoint saved before them trained with
 OLDER = {"pairing": "random"}
 
 def save_pairs(x0, x, path, width=16):
