@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from common import (GRIDS, SOLVERS, atomic_save, die, fixed_noise, generate, load_checkpoint,
                     get_schedule, load_images, load_model, nfe, pick_device, pick_dtype, plan, positive_int,
-                    time_grid)
+                    steps_within, time_grid)
 
 GARMENTS = ["T-shirt", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Boot"]
 
@@ -224,7 +224,7 @@ def sweep(args, model, config, device, classifier, cache):
         for grid in GRIDS:
             for solver in SOLVERS:
                 for k in args.nfe:
-                    steps = max(s for s in range(1, k + 2) if nfe(solver, s) <= k or s == 1)
+                    steps = steps_within(solver, k)
                     t0 = time.time()
                     x = generate(model, x0, steps, device, dtype, solver, time_grid(grid, steps, config.get("schedule", "cosine")))
                     seconds = time.time() - t0
@@ -281,6 +281,9 @@ def curve(args, device):
             die(f"{run} holds no epochNNN.pt (mnist.py and translate.py write one after each epoch)")
     classifier, cache = load_classifier(args)
     n, dtype, curves = args.n or 1000, pick_dtype(args.dtype, device), {}
+    seeds = [None] if args.translation else args.seeds  # the starting points, the same for every epoch
+    starts = {seed: load_images("FashionMNIST", args.data, train=False)[:n] if seed is None else fixed_noise(n, seed)
+              for seed in seeds}
     for run in runs:
         rows = curves[run] = []
         path = os.path.join(run, "curve.csv")
@@ -293,14 +296,13 @@ def curve(args, device):
             schedule = config.get("schedule", "cosine")
             solver, steps, grid = plan(10, schedule)
             ts = time_grid(grid, steps, schedule)
-            for seed in [None] if args.translation else args.seeds:
+            for seed in seeds:
                 row = {"epoch": int(os.path.basename(f)[5:8]), "seed": seed, "sampler": f"{solver}-{steps}-{grid}", "n": n}
                 old = scored.get(tuple("" if v is None else str(v) for v in row.values()))
                 if old and os.path.getmtime(f) < os.path.getmtime(path):
                     row.update({k: float(old[k]) for k in ("fid", "confidence", "coverage")})
                 else:
-                    x0 = load_images("FashionMNIST", args.data, train=False)[:n] if args.translation else fixed_noise(n, seed)
-                    r = score(classifier, cache, generate(model, x0, steps, device, dtype, solver, ts) * 2 - 1)
+                    r = score(classifier, cache, generate(model, starts[seed], steps, device, dtype, solver, ts) * 2 - 1)
                     row.update({"fid": round(r["fid"], 3), "confidence": round(r["confidence"], 4),
                                 "coverage": round(r["coverage"], 4)})
                 rows.append(row)

@@ -138,7 +138,7 @@ def main(argv=None):
     # model, optimiser and the moving average of the weights. channels_last is the layout
     # the fast conv kernels want (README, "How fast").
     model = model.to(device, memory_format=torch.channels_last)
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.999))
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     ema = copy.deepcopy(model).requires_grad_(False) if args.ema else None
     start = 0
     if ckpt:

@@ -714,9 +714,7 @@ def flow_cells(path, rows, cols, scale=2):
     """The 28x28 cells of flow.png (a band of 12 * scale pixels for the times on top), in [0, 1]."""
     from PIL import Image
     img = torch.tensor(np.array(Image.open(path)), dtype=torch.float64)[12 * scale::scale, ::scale] / 255
-    assert img.shape == (30 * rows + 2, 30 * cols + 2)
-    return torch.stack([torch.stack([img[30 * r + 2:30 * r + 30, 30 * c + 2:30 * c + 30] for c in range(cols)])
-                        for r in range(rows)])
+    return png_cells_of(img, rows, cols)
 
 def gif_frames(path):
     """The frames of a GIF in [0, 1], and how long each is shown (ms)."""
@@ -745,6 +743,7 @@ def test_mnist_sample_with_nfe_writes_the_flow_from_noise_to_the_digits(mnist_da
     torch.testing.assert_close(last.flatten(0, 1)[:10], x[:, 0].double(), rtol=0, atol=0.5 / 255 + 1e-9)
 
 def png_cells_of(img, rows, cols):
+    """The 28x28 cells (padding 2) of a picture (H, W) that make_grid/save_image laid out: (rows, cols, 28, 28)."""
     assert img.shape == (30 * rows + 2, 30 * cols + 2)
     return torch.stack([torch.stack([img[30 * r + 2:30 * r + 30, 30 * c + 2:30 * c + 30] for c in range(cols)])
                         for r in range(rows)])
@@ -805,9 +804,7 @@ def png_cells(path, rows, cols):
     """The 28x28 cells of a picture that save_image wrote (padding 2), in [0, 1]: (rows, cols, 28, 28)."""
     from PIL import Image
     img = torch.tensor(np.array(Image.open(path).convert("L")), dtype=torch.float64) / 255
-    assert img.shape == (30 * rows + 2, 30 * cols + 2)
-    return torch.stack([torch.stack([img[30 * r + 2:30 * r + 30, 30 * c + 2:30 * c + 30] for c in range(cols)])
-                        for r in range(rows)])
+    return png_cells_of(img, rows, cols)
 
 def test_translate_starts_from_garments_and_writes_pictures(both_data, tmp_path, monkeypatch):
     garments = common.load_images("FashionMNIST", str(both_data)).flatten(1)
