@@ -1,8 +1,11 @@
 """
-What the nanoFM scripts share, maths first: the schedules, the flow matching loss, the
-samplers, the two networks (an MLP for 2D, the handout's U-Net for images); then a few
-small helpers. Equation numbers refer to the handout of the practical (see README.md).
+What the nanoFM scripts share. The maths first, in the order a reader meets it: the
+schedules, the flow matching loss and the moving average of the weights, the samplers and
+their time grids, the two networks (an MLP for 2D, the handout's U-Net for images). Then
+small helpers, grouped by what they serve: the command line, the data, files and
+checkpoints, pictures, progress. Equation numbers refer to the handout (see README.md).
 """
+import contextlib
 import hashlib
 import math
 import os
@@ -13,6 +16,10 @@ import time
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+# =============================================================================
+# the maths
+# =============================================================================
 
 # -----------------------------------------------------------------------------
 # schedules: X_t = alpha_t X_0 + beta_t X_1 (Eq. 5), with the border conditions
@@ -37,15 +44,16 @@ def get_schedule(name):
     return SCHEDULES[name]
 
 # -----------------------------------------------------------------------------
-# the loss
+# training: the loss, the pairing of a batch, the moving average of the weights
 
 T_DISTS = ("uniform", "logit-normal")  # the distributions of t that fm_loss knows
 
 def fm_loss(model, x0, x1, schedule, t_dist="uniform", t_mean=0.0):
-    """The flow matching loss (Eq. 4, generalised by Eq. 6) for one batch x0 ~ mu_0, x1 ~ mu_1,
-    both (B, ...). Each sample gets its own t ~ U(0, 1), or with t_dist="logit-normal" t =
-    sigmoid(N(t_mean, 1)): more samples in the middle of the path, fewer near its ends
-    (Esser et al. 2024); t_mean > 0 moves them towards the data end."""
+    """The flow matching loss (Eq. 4, generalised by Eq. 6) for one batch x0 ~ mu_0,
+    x1 ~ mu_1, both (B, ...). Each sample gets its own t ~ U(0, 1), or with
+    t_dist="logit-normal" t = sigmoid(N(t_mean, 1)): more samples in the middle of the
+    path, fewer near its ends (Esser et al. 2024); t_mean > 0 moves them towards the data
+    end, t_mean < 0 towards the noise."""
     if t_dist == "uniform":
         t = torch.rand(x0.shape[0], device=x0.device, dtype=x0.dtype)
     elif t_dist == "logit-normal":
@@ -59,18 +67,21 @@ def fm_loss(model, x0, x1, schedule, t_dist="uniform", t_mean=0.0):
     return (model(xt, t).to(target.dtype) - target).pow(2).mean()
 
 def ot_pairing(x0, x1):
-    """Minibatch optimal transport (Tong et al. 2023): the order of x0 (B, ...) that pairs it with
-    x1 (B, ...) at the least total squared distance, found exactly by the Hungarian method with
-    potentials (Kuhn 1955, in Jonker and Volgenant's form), O(B^3). x0[ot_pairing(x0, x1)] is
-    x0 reordered: the pairs keep both marginals, only who meets whom changes."""
+    """Minibatch optimal transport (Tong et al. 2023): the order of x0 (B, ...) that pairs it
+    with x1 (B, ...) at the least total squared distance, found exactly by the Hungarian
+    method with potentials (Kuhn 1955, in Jonker and Volgenant's form), O(B^3).
+    x0[ot_pairing(x0, x1)] is x0 reordered: the pairs keep both marginals, only who meets
+    whom changes."""
     import numpy as np
-    cost = torch.cdist(x0.flatten(1).float(), x1.flatten(1).float()).pow(2).cpu().double().numpy()
+    cost = torch.cdist(x0.flatten(1).float(), x1.flatten(1).float()).pow(2)
+    cost = cost.cpu().double().numpy()
     n = len(cost)
     a = np.zeros((n + 1, n + 1))
-    a[1:, 1:] = cost                                   # 1-based: row/column 0 is the method's dummy
-    u, v = np.zeros(n + 1), np.zeros(n + 1)             # the dual potentials of rows and columns
-    p, way = np.zeros(n + 1, dtype=np.int64), np.zeros(n + 1, dtype=np.int64)  # p[j]: row of column j
-    for i in range(1, n + 1):                           # add row i, then repair along a shortest path
+    a[1:, 1:] = cost                        # 1-based: row/column 0 is the method's dummy
+    u, v = np.zeros(n + 1), np.zeros(n + 1)  # the dual potentials of rows and columns
+    p = np.zeros(n + 1, dtype=np.int64)     # p[j]: the row matched to column j
+    way = np.zeros(n + 1, dtype=np.int64)
+    for i in range(1, n + 1):               # add row i, then repair along a shortest path
         p[0], j0 = i, 0
         minv, used = np.full(n + 1, np.inf), np.zeros(n + 1, dtype=bool)
         while p[j0] != 0:  # (p[0] = i: at least once)
@@ -88,6 +99,12 @@ def ot_pairing(x0, x1):
             p[j0], j0 = p[way[j0]], way[j0]
     return torch.as_tensor(p[1:] - 1, device=x0.device)  # for column j (x1[j]) the row of x0
 
+@torch.no_grad()
+def update_ema(ema, model, decay):
+    """ema <- decay * ema + (1 - decay) * model, tensor by tensor (the U-Net has no buffers)."""
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p, 1 - decay)
+
 # -----------------------------------------------------------------------------
 # the samplers integrate dx/dt = model(x, t) from t = 0 to t = 1 over a grid of times
 # 0 = t_0 < t_1 < ... < t_steps = 1. One step of each solver, from (x, t) to t_next:
@@ -97,23 +114,25 @@ def euler_step(model, x, t, t_next):
     return x + (t_next - t) * model(x, t.expand(x.shape[0]))
 
 def heun_step(model, x, t, t_next):
-    """Heun's method (the explicit trapezoid rule): an Euler step to a trial point, then again with
-    the mean of the slopes at both ends. Two network evaluations, error O(h^2) (Euler: O(h))."""
+    """Heun's method (the explicit trapezoid rule): an Euler step to a trial point, then
+    again with the mean of the slopes at both ends. Two network evaluations, error O(h^2)
+    (Euler: O(h))."""
     h = t_next - t
     d = model(x, t.expand(x.shape[0]))
     d_next = model(x + h * d, t_next.expand(x.shape[0]))
     return x + h * (d + d_next) / 2
 
 def midpoint_step(model, x, t, t_next):
-    """The midpoint method: half an Euler step, then the whole step with the slope found there.
-    Two network evaluations, error O(h^2), and none at t_next (never at t = 1)."""
+    """The midpoint method: half an Euler step, then the whole step with the slope found
+    there. Two network evaluations, error O(h^2), and none at t_next (never at t = 1)."""
     h = t_next - t
     x_mid = x + h / 2 * model(x, t.expand(x.shape[0]))
     return x + h * model(x_mid, (t + h / 2).expand(x.shape[0]))
 
 # heun-euler: Heun's steps, but an Euler step last, as EDM does (Karras et al. 2022): no
 # evaluation at t = 1, where training (t ~ logit-normal) almost never looked
-SOLVERS = {"euler": euler_step, "heun": heun_step, "midpoint": midpoint_step, "heun-euler": heun_step}
+SOLVERS = {"euler": euler_step, "heun": heun_step, "midpoint": midpoint_step,
+           "heun-euler": heun_step}
 
 def nfe(solver, steps):
     """Network evaluations per sample."""
@@ -125,28 +144,36 @@ def steps_within(solver, budget):
 
 # Time grids: steps + 1 times from exactly 0 to exactly 1. "uniform": t_i = i / steps.
 # "early": t_i = (i / steps)^1.5, shorter steps in the first half, where the noise becomes a
-# digit (README, "Sampling"). "edm": Karras et al. (2022), evenly spaced in
-# sigma^(1/7) from sigma = 80 to 0 in the noise-to-signal ratio sigma = alpha_t / beta_t
-# (linear: (1 - t) / t, cosine: cot(pi t / 2)), short steps at both ends.
+# digit (README, "Sampling"). "edm": Karras et al. (2022): the noise-to-signal ratio
+# sigma = alpha_t / beta_t (linear: (1 - t) / t, cosine: cot(pi t / 2)) evenly spaced in
+# sigma^(1/7) from EDM's sigma_max = 80 to its sigma_min = 0.002 in steps - 1 steps, then
+# one step to sigma = 0 (t = 1); short steps at both ends. The first time is 0, not
+# sigma = 80's t (0.012 linear, 0.008 cosine): the sampler starts from pure noise.
 SIGMA_TO_T = {"linear": lambda s: 1 / (1 + s), "cosine": lambda s: 2 / math.pi * torch.atan(1 / s)}
 GRIDS = ("uniform", "early", "edm")
 
 def time_grid(name, steps, schedule="cosine"):
-    u = torch.linspace(0, 1, steps + 1, dtype=torch.float64)
     if name not in GRIDS:
         raise ValueError(f"unknown time grid {name!r}; known grids: {', '.join(GRIDS)}")
-    t = {"uniform": u, "early": u ** 1.5, "edm": SIGMA_TO_T[schedule](80 * (1 - u) ** 7)}[name]
+    if name == "edm":
+        root = torch.linspace(80 ** (1 / 7), 0.002 ** (1 / 7), steps, dtype=torch.float64)
+        t = torch.cat([SIGMA_TO_T[schedule](root ** 7), torch.ones(1, dtype=torch.float64)])
+    else:
+        u = torch.linspace(0, 1, steps + 1, dtype=torch.float64)
+        t = u if name == "uniform" else u ** 1.5
     t[0], t[-1] = 0, 1  # exactly, whatever the rounding
     return t
 
-# The sampler that measured best within a budget of network evaluations, per schedule (README,
-# "Sampling"): rows (the smallest budget, solver, grid); --nfe K takes the last row that fits K.
+# The sampler within a budget of network evaluations, per schedule: rows (the smallest
+# budget, solver, grid); --nfe K takes the last row that fits K. Each row's solver and grid
+# measured best at its budgets on the two noise sets, but for linear at 100, where heun-euler
+# on the uniform grid measured 25.2 and on the early grid TODO-MEASURE (README, "Sampling").
 BEST = {"cosine": [(1, "euler", "early"), (6, "heun-euler", "early")],
         "linear": [(1, "euler", "early"), (2, "midpoint", "early"), (50, "heun-euler", "early")]}
 
 def plan(budget, schedule, solver=None, steps=None, grid=None):
-    """The sampler for --nfe: the solver and grid that measured best within `budget` network
-    evaluations for `schedule`, and as many steps as fit it; a solver, steps or grid given wins."""
+    """The sampler for --nfe: the solver and grid of BEST for `budget` network evaluations
+    and `schedule`, and as many steps as fit it; a solver, steps or grid given wins."""
     _, best_solver, best_grid = [row for row in BEST[schedule] if row[0] <= budget][-1]
     solver, grid = solver or best_solver, grid or best_grid
     return solver, steps or steps_within(solver, budget), grid
@@ -170,16 +197,33 @@ def sample(model, x0, steps, solver="euler", trajectory=False, ts=None):
     return torch.stack(xs) if trajectory else x
 
 def euler(model, x0, steps, trajectory=False):
-    """The Euler sampler of Eq. 7, written exactly (README, "Where we differ from the handout")."""
+    """The Euler sampler of Eq. 7, written exactly (README, "Where we differ from the
+    handout")."""
     return sample(model, x0, steps, "euler", trajectory)
+
+@torch.no_grad()
+def generate(model, x0, steps, device, dtype, solver="euler", ts=None, keep=0):
+    """Carry x0 (N, 1, 28, 28) to t = 1 in chunks of 256: (N, 1, 28, 28) in [0, 1] on the
+    CPU. With keep=K, also the way there of the first K images, (steps + 1, K, 1, 28, 28)
+    in [0, 1]."""
+    xs, path = [], None
+    with autocast(device, dtype):
+        for i, chunk in enumerate(x0.split(256)):
+            first = keep > 0 and i == 0
+            x = sample(model, chunk.to(device), steps, solver, trajectory=first, ts=ts)
+            if keep and i == 0:  # the states on the way, from the same network evaluations
+                path, x = to_unit(x[:, :keep]).cpu(), x[-1]
+            xs.append(to_unit(x).cpu())
+    return (torch.cat(xs), path) if keep else torch.cat(xs)
 
 # -----------------------------------------------------------------------------
 # networks. Every model is called as model(xt, t) with t of shape (B,).
 
 class MLP(nn.Module):
-    """The MLP of section 2: d + 1 inputs (the point and the time, last), three hidden layers of
-    n_hidden with ReLU, d outputs. The handout also puts a ReLU on the output; we don't: a velocity
-    has negative components too, and a ReLU there could never move a point left or down."""
+    """The MLP of section 2: d + 1 inputs (the point and the time, last), three hidden
+    layers of n_hidden with ReLU, d outputs. The handout also puts a ReLU on the output; we
+    don't: a velocity has negative components too, and a ReLU there could never move a
+    point left or down."""
     def __init__(self, d=2, n_hidden=128):
         super().__init__()
         self.net = nn.Sequential(
@@ -228,8 +272,12 @@ class UNet(nn.Module):
         d1 = self.dec1(self.up1(d2) + e1)             # (B, 32, 28, 28), additive skip
         return self.out(d1)                           # (B, c_out, 28, 28)
 
+# =============================================================================
+# helpers
+# =============================================================================
+
 # -----------------------------------------------------------------------------
-# helpers that several scripts call
+# the command line: one-line errors, argparse types, device and precision
 
 def die(msg):
     """A user's mistake: one line on stderr naming the script, exit status 1."""
@@ -254,21 +302,25 @@ def decay(s):  # a moving average's decay, 0 (none) <= d < 1
 def pick_device(name="auto"):
     """'auto' takes cuda, then mps, then cpu; a named device must exist here."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu")
+        return torch.device("cuda" if torch.cuda.is_available() else
+                            "mps" if torch.backends.mps.is_available() else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
         die(f"unknown device {name!r}; use auto, cpu, cuda or mps")
     if (device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count()) or \
        (device.type == "mps" and not torch.backends.mps.is_available()):
-        die(f"device {name!r} is not available on this machine ({torch.cuda.device_count()} CUDA devices)")
+        die(f"device {name!r} is not available on this machine "
+            f"({torch.cuda.device_count()} CUDA devices)")
     return device
 
 def pick_dtype(name, device):
-    """'auto' takes bfloat16 autocast only on a CPU that computes it natively (AVX512-BF16 or AMX):
-    2.3x faster there; emulated bf16 is slower than fp32, and so is autocast on an H200 (README)."""
+    """'auto' takes bfloat16 autocast only on a CPU that computes it natively (AVX512-BF16
+    or AMX): 2.3x faster there; emulated bf16 is slower than fp32, and so is autocast on an
+    H200 (README, "How fast")."""
     if name == "auto":
-        native = device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+        native = device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or
+                                           torch.cpu._is_amx_tile_supported())
         name = "bfloat16" if native else "float32"
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
 
@@ -276,7 +328,11 @@ def autocast(device, dtype):
     """Mixed precision: matmuls and convs in bf16, weights and the loss stay in fp32."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
 
-IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+# -----------------------------------------------------------------------------
+# data: MNIST and Fashion-MNIST through torchvision, checked; fixed noise
+
+IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+             "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 IDX_MD5 = {  # the official files' (uncompressed), in IDX_FILES' order
     "MNIST": ("6bbc9ace898e44ae57da46a324031adb", "a25bea736e30d166cdddb491f175f624",
               "2646ac647ad5339dbf082846283269ea", "27ae3e4e09519cfbb04c329615203637"),
@@ -298,11 +354,13 @@ def check_idx(path, md5):
         problem = "the official file's size, but not its MD5"
     else:
         return
-    die(f"{path} is damaged ({problem}); delete it so that it is downloaded again, or copy it again")
+    die(f"{path} is damaged ({problem}); delete it so that it is downloaded again, "
+        f"or copy it again")
 
 def load_images(name, root, train=True, labels=False):
-    """All images of MNIST or FashionMNIST as one tensor (N, 1, 28, 28) in [-1, 1] (and their
-    classes (N,)). torchvision downloads them on first use; offline, we say where to put them."""
+    """All images of MNIST or FashionMNIST as one tensor (N, 1, 28, 28) in [-1, 1] (and
+    their classes (N,)). torchvision downloads them on first use; offline, we say where to
+    put them."""
     import torchvision  # only the image scripts need it
     for file, md5 in zip(IDX_FILES, IDX_MD5[name]):
         check_idx(os.path.join(root, name, "raw", file), md5)
@@ -319,39 +377,11 @@ def fixed_noise(n, seed):
     """n noise images (n, 1, 28, 28) fixed by the seed: mnist.py and evaluate.py share them."""
     return torch.randn(n, 1, 28, 28, generator=torch.Generator().manual_seed(seed))
 
-def to_unit(x):
-    """[-1, 1] (what the model makes, clipped) -> [0, 1] (what an image file holds)."""
-    return (x.float().clamp(-1, 1) + 1) / 2
-
-@torch.no_grad()
-def generate(model, x0, steps, device, dtype, solver="euler", ts=None, keep=0):
-    """Carry x0 (N, 1, 28, 28) to t = 1 in chunks of 256: (N, 1, 28, 28) in [0, 1] on the CPU.
-    With keep=K, also the way there of the first K images, (steps + 1, K, 1, 28, 28) in [0, 1]."""
-    xs, path = [], None
-    with autocast(device, dtype):
-        for i, chunk in enumerate(x0.split(256)):
-            x = sample(model, chunk.to(device), steps, solver, trajectory=keep > 0 and i == 0, ts=ts)
-            if keep and i == 0:  # the states on the way, from the same network evaluations
-                path, x = to_unit(x[:, :keep]).cpu(), x[-1]
-            xs.append(to_unit(x).cpu())
-    return (torch.cat(xs), path) if keep else torch.cat(xs)
-
-def save_flow(path, ts, out, rows=8, scale=2):
-    """OUT/flow.png: `rows` images (a row each) at about ten of the times ts (columns, written
-    above them), and OUT/flow.gif: all of path (up to 64 images) moving from t = 0 to 1.
-    path: (steps + 1, K, 1, 28, 28) in [0, 1], the states at the times ts."""
-    from PIL import Image, ImageDraw
-    from torchvision.utils import make_grid
-    to_image = lambda grid: Image.fromarray(grid[0].mul(255).round().byte().numpy())  # (3, H, W) -> grey
-    cols = sorted({round(i * (len(ts) - 1) / 9) for i in range(10)})
-    grid = to_image(make_grid(path[cols, :rows].transpose(0, 1).flatten(0, 1), nrow=len(cols)))
-    png = Image.new("L", (grid.width * scale, grid.height * scale + 12 * scale))
-    png.paste(grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST), (0, 12 * scale))
-    for j, c in enumerate(cols):
-        ImageDraw.Draw(png).text(((30 * j + 4) * scale, 2), f"t={ts[c]:.2f}", fill=255, font_size=6 * scale)
-    png.save(os.path.join(out, "flow.png"))
-    frames = [to_image(make_grid(x, nrow=8)) for x in path] + [to_image(make_grid(path[-1], nrow=8))] * 12
-    frames[0].save(os.path.join(out, "flow.gif"), save_all=True, append_images=frames[1:], duration=120, loop=0)
+# -----------------------------------------------------------------------------
+# files and checkpoints. Every file is written under a temporary name beside it (NAME.tmp.EXT)
+# and renamed when complete: a crash or a full disk never leaves a half-written file under
+# the real name, and the one that was there stays as it was. A kill (SIGKILL, power) can leave
+# the temporary file behind; the next write of the same file replaces it.
 
 def make_dir(path):
     """Create a folder to write into, or say in one line why it cannot be."""
@@ -362,18 +392,26 @@ def make_dir(path):
     except OSError as e:
         die(f"cannot write to the folder {path}: {e.strerror or e}")
 
-def atomic_save(obj, path):
-    """torch.save to a temporary file, then rename: a kill or a full disk mid-write never
-    leaves a half file, and the file that was there stays as it was."""
-    tmp = path + ".tmp"
+@contextlib.contextmanager
+def atomic_write(path):
+    """with atomic_write(path) as tmp: write tmp (same extension as path, so that writers
+    that go by it still do). When the block ends it is renamed to path; if it fails, tmp is
+    removed and path is as it was (a full disk or a folder we may not write: one line)."""
+    root, ext = os.path.splitext(path)
+    tmp = f"{root}.tmp{ext}"
     try:
-        torch.save(obj, tmp)
+        yield tmp
         os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:  # a full disk, a folder we may not write
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
         die(f"cannot write {path} ({str(e).splitlines()[0][:200]}); what was there is unchanged")
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+def atomic_save(obj, path):
+    """torch.save, through atomic_write."""
+    with atomic_write(path) as tmp:
+        torch.save(obj, tmp)
 
 def load_checkpoint(path):
     if not os.path.exists(path):
@@ -381,7 +419,15 @@ def load_checkpoint(path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        die(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+        die(f"cannot read checkpoint {path}: not a file that torch.save wrote, or a damaged one "
+            f"({type(e).__name__}); write it again, or delete it")
+
+def check_script(ckpt, path, script, hint=""):
+    """Checkpoints record the script that wrote them ("script"): another script refuses
+    them in one line. A checkpoint from before that record passes."""
+    wrote = ckpt.get("script") if isinstance(ckpt, dict) else None
+    if wrote is not None and wrote != script:
+        die(f"{path} was written by {wrote}, not {script}{hint}")
 
 def restore(model, weights, path):
     """Load weights (a state dict) into model, or say clearly that they do not fit it."""
@@ -391,25 +437,65 @@ def restore(model, weights, path):
         die(f"{path} does not hold weights for this script's {type(model).__name__}")
     return model
 
-def load_model(path, device, raw=False):
-    """The U-Net of a checkpoint, for sampling: its moving average where it has one, unless raw,
-    and the settings it was trained with. channels_last: the layout fast conv kernels want."""
+def load_model(path, device, raw=False, script=None, hint=""):
+    """The U-Net of a checkpoint, for sampling: its moving average where it has one, unless
+    raw, and the settings it was trained with. With script, a checkpoint another script
+    wrote is refused (check_script). channels_last: the layout fast conv kernels want."""
     ckpt = load_checkpoint(path)
+    if script:
+        check_script(ckpt, path, script, hint)
     if raw and isinstance(ckpt, dict) and "ema" in ckpt and "model" not in ckpt:
         die(f"{path} holds only the moving average of the weights; --raw needs a run's ckpt.pt")
-    weights = ckpt.get("ema" if "ema" in ckpt and not raw else "model") if isinstance(ckpt, dict) else None
+    weights = None
+    if isinstance(ckpt, dict):
+        weights = ckpt.get("ema" if "ema" in ckpt and not raw else "model")
     model = restore(UNet(), weights, path).to(device, memory_format=torch.channels_last)
     return model, ckpt.get("config") or {}
 
-@torch.no_grad()
-def update_ema(ema, model, decay):
-    """ema <- decay * ema + (1 - decay) * model, tensor by tensor (the U-Net has no buffers)."""
-    for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p, 1 - decay)
+# -----------------------------------------------------------------------------
+# pictures
+
+def to_unit(x):
+    """[-1, 1] (what the model makes, clipped) -> [0, 1] (what an image file holds)."""
+    return (x.float().clamp(-1, 1) + 1) / 2
+
+def save_grid(x, path, nrow):
+    """torchvision's save_image (a grid of x (N, 1, 28, 28) in [0, 1], nrow to a row),
+    through atomic_write."""
+    from torchvision.utils import save_image
+    with atomic_write(path) as tmp:
+        save_image(x, tmp, nrow=nrow)
+
+def save_flow(path, ts, out, rows=8, scale=2):
+    """OUT/flow.png: `rows` images (a row each) at about ten of the times ts (columns,
+    written above them), and OUT/flow.gif: all of path (up to 64 images) moving from t = 0
+    to 1. path: (steps + 1, K, 1, 28, 28) in [0, 1], the states at the times ts."""
+    from PIL import Image, ImageDraw
+    from torchvision.utils import make_grid
+    # (3, H, W) in [0, 1] -> a grey PIL image
+    to_image = lambda grid: Image.fromarray(grid[0].mul(255).round().byte().numpy())
+    cols = sorted({round(i * (len(ts) - 1) / 9) for i in range(10)})
+    grid = to_image(make_grid(path[cols, :rows].transpose(0, 1).flatten(0, 1), nrow=len(cols)))
+    png = Image.new("L", (grid.width * scale, grid.height * scale + 12 * scale))
+    big = grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)
+    png.paste(big, (0, 12 * scale))
+    for j, c in enumerate(cols):
+        ImageDraw.Draw(png).text(((30 * j + 4) * scale, 2), f"t={ts[c]:.2f}", fill=255,
+                                 font_size=6 * scale)
+    with atomic_write(os.path.join(out, "flow.png")) as tmp:
+        png.save(tmp)
+    frames = [to_image(make_grid(x, nrow=8)) for x in path]
+    frames += [to_image(make_grid(path[-1], nrow=8))] * 12  # held at the end
+    with atomic_write(os.path.join(out, "flow.gif")) as tmp:
+        frames[0].save(tmp, save_all=True, append_images=frames[1:], duration=120, loop=0)
+
+# -----------------------------------------------------------------------------
+# progress
 
 def progress(epoch, epochs, step, steps, images, loss_sum, t0):
-    """Progress inside an epoch: on a terminal one line rewritten in place, into a file or a
-    pipe a plain line every tenth of the epoch. Called after every step; epoch counts from 1."""
+    """Progress inside an epoch of `steps` optimiser steps: on a terminal one line rewritten
+    in place, into a file or a pipe a plain line every tenth of the epoch. Called after
+    every step; epoch counts from 1."""
     tty = sys.stdout.isatty()
     if step == steps:  # the epoch's own line follows
         print("\r\033[K" if tty else "", end="", flush=True)
@@ -419,6 +505,7 @@ def progress(epoch, epochs, step, steps, images, loss_sum, t0):
     dt = time.time() - t0
     left = (steps - step) * dt / step
     clock = lambda s: time.strftime("%H:%M:%S", time.gmtime(s))
-    line = (f"  step {step}/{steps} of epoch {epoch}/{epochs} | loss {loss_sum / images:.4f} | {images / dt:.0f} img/s | "
-            f"{clock(left)} left in the epoch, {clock(left + (epochs - epoch) * steps * dt / step)} in the run")
+    line = (f"  step {step}/{steps} of epoch {epoch}/{epochs} | loss {loss_sum / images:.4f} | "
+            f"{images / dt:.0f} img/s | {clock(left)} left in the epoch, "
+            f"{clock(left + (epochs - epoch) * steps * dt / step)} in the run")
     print("\r\033[K" + line if tty else line, end="" if tty else "\n", flush=True)

@@ -5,14 +5,16 @@ Numbers for image quality: score generated digits with a small MNIST classifier.
     python evaluate.py out/translate-cosine/samples.pt --translation     # + which garment becomes which digit
     python evaluate.py real --n 1000     # 1000 real MNIST training images: the best one can hope for
     python evaluate.py noise --n 1000    # 1000 images of uniform noise: far away
-    python evaluate.py out/mnist-cosine --n 1000   # a run folder: quality against the number of
-                                                   # network evaluations, both solvers (nfe.csv, nfe.png;
-                                                   # with --raw: nfe-raw.csv, nfe-raw.png)
+    python evaluate.py out/mnist-cosine --n 1000   # a run folder: quality against the number
+                                   # of network evaluations, every solver on every time grid
+                                   # (nfe.csv, nfe.png; with --raw: nfe-raw.csv, nfe-raw.png)
+    python evaluate.py out/mnist-cosine --curve    # quality against epochs (curve.csv, .png)
+    python evaluate.py out/mnist-cosine --path     # how the flow moves along 100 Euler steps
 
-The first call trains a small convolutional classifier on the MNIST training set (225 s on
-our 2-core CPU, while it was busy with other work) and caches it, with its test accuracy
-and the statistics of the MNIST test set, in out/classifier.pt. The last line of the output
-holds the figures as name=value pairs:
+Add --translation for translate.py's samples and runs. The first call trains a small
+convolutional classifier on the MNIST training set (README, section 5, gives its time) and
+caches it, with its test accuracy and the statistics of the MNIST test set, in
+out/classifier.pt. The last line of the output holds the figures as name=value pairs:
     n       the number of images scored
     fid     the Frechet distance between Gaussians fitted to the classifier's 128 features
             (the layer before the logits) of these images and of the 10,000 MNIST test
@@ -35,38 +37,44 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (GRIDS, SOLVERS, atomic_save, die, fixed_noise, generate, load_checkpoint,
-                    get_schedule, load_images, load_model, nfe, pick_device, pick_dtype, plan, positive_int,
-                    steps_within, time_grid)
+from common import (GRIDS, SOLVERS, atomic_save, atomic_write, check_script, die, fixed_noise, generate,
+                    get_schedule, load_checkpoint, load_images, load_model, nfe, pick_device,
+                    pick_dtype, plan, positive_int, steps_within, time_grid)
 
 GARMENTS = ["T-shirt", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Boot"]
 
 parser = argparse.ArgumentParser(description="Score generated MNIST digits with a classifier.")
 parser.error = die  # argparse's errors in one line, without its usage block
-parser.add_argument("samples", help="a samples.pt of mnist.py or translate.py (N, 1, 28, 28) in [0, 1]; "
-                                    "'real' (MNIST training images) or 'noise' (uniform noise), for reference; "
-                                    "or a run folder (OUT of mnist.py or translate.py) to sweep the solvers")
-parser.add_argument("--n", type=positive_int, default=None,
-                    help="score the first N images (default: all of samples.pt; 1000 otherwise)")
-parser.add_argument("--nfe", type=positive_int, nargs="+", default=[4, 6, 8, 10, 16, 20, 50, 100],
-                    help="run folder: the budgets of network evaluations to try (each solver takes as many steps as fit)")
-parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1],
-                    help="run folder: the sets of noise images to sample from (those of mnist.py --sample --seed S)")
-parser.add_argument("--raw", action="store_true", help="run folder: the trained weights, not their average")
-parser.add_argument("--path", action="store_true", help="run folder: how the flow moves instead: along 100 Euler "
-                    "steps, the pixels' scale, how fast the velocity changes, when the digit is decided")
-parser.add_argument("--curve", action="store_true", help="run folder: quality against epochs instead: score the "
-                    "weights of every epoch (epochNNN.pt) with the sampler of --nfe 10 (curve.csv, curve.png)")
-parser.add_argument("--also", nargs="+", metavar="RUN", help="with --curve: more runs, drawn in the same curve.png")
-parser.add_argument("--device", default="auto", help="run folder: where to sample (auto, cpu, cuda, mps)")
-parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                    help="run folder: sample in this precision (auto: bf16 autocast only where the hardware has it)")
-parser.add_argument("--translation", action="store_true",
-                    help="samples.pt is translate.py's: image i comes from Fashion-MNIST test image i")
-parser.add_argument("--data", default="data", help="torchvision's data folder (as for mnist.py)")
-parser.add_argument("--classifier", default="out/classifier.pt", help="where the classifier is cached")
-parser.add_argument("--epochs", type=positive_int, default=2, help="the classifier's training epochs")
-parser.add_argument("--seed", type=int, default=0, help="seeds the classifier and the reference images")
+add = parser.add_argument
+add("samples", help="a samples.pt of mnist.py or translate.py (N, 1, 28, 28) in [0, 1]; 'real' "
+    "(MNIST training images) or 'noise' (uniform noise), for reference; or a run folder (OUT of "
+    "mnist.py or translate.py) to sweep the solvers and grids")
+add("--n", type=positive_int, default=None,
+    help="score the first N images (default: all of samples.pt; 1000 otherwise)")
+add("--translation", action="store_true", help="translate.py's samples.pt or run: image i comes "
+    "from Fashion-MNIST test image i")
+# run folder only (RUN_ONLY): what to sample, and how
+add("--nfe", type=positive_int, nargs="+", default=[4, 6, 8, 10, 16, 20, 50, 100], help="run "
+    "folder: the budgets of network evaluations to try (each solver takes as many steps as fit)")
+add("--grids", nargs="+", choices=list(GRIDS), default=list(GRIDS),
+    help="run folder: the time grids to try (default: all)")
+add("--seeds", type=int, nargs="+", default=[0, 1], help="run folder: the sets of noise images to "
+    "sample from (those of mnist.py --sample --seed S)")
+add("--raw", action="store_true", help="run folder: the trained weights, not their average")
+add("--path", action="store_true", help="run folder: how the flow moves instead: along 100 Euler "
+    "steps, the pixels' scale, how fast the velocity changes, when the digit is decided")
+add("--curve", action="store_true", help="run folder: quality against epochs instead: score the "
+    "weights of every epoch (epochNNN.pt) with the sampler of --nfe 10 (curve.csv, curve.png)")
+add("--also", nargs="+", metavar="RUN", help="with --curve: more runs, drawn in the same curve.png")
+add("--device", default="auto", help="where to sample a run folder (auto, cpu, cuda, mps)")
+add("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="run folder: sample "
+    "in this precision (auto: bf16 autocast only where the hardware has it)")
+# the classifier
+add("--data", default="data", help="torchvision's data folder (as for mnist.py)")
+add("--classifier", default="out/classifier.pt", help="where the classifier is cached")
+add("--epochs", type=positive_int, default=2, help="the classifier's training epochs")
+add("--seed", type=int, default=0, help="seeds the classifier and the reference images")
+RUN_ONLY = ("nfe", "grids", "seeds", "raw", "path", "curve", "also", "dtype")
 
 class Classifier(nn.Module):
     """Two conv layers and two linear ones; features() is the 128-d layer FID compares."""
@@ -116,7 +124,7 @@ def coverage(pred):
 
 def train_classifier(args):
     """Train the classifier on MNIST, measure it on the test set, cache it with the test
-    set's feature statistics (the FID reference). A few minutes on two CPU cores."""
+    set's feature statistics (the FID reference)."""
     torch.manual_seed(args.seed)
     x, y = load_images("MNIST", args.data, labels=True)
     x_test, y_test = load_images("MNIST", args.data, train=False, labels=True)
@@ -129,7 +137,8 @@ def train_classifier(args):
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-        print(f"classifier epoch {epoch + 1}/{args.epochs} | last loss {loss.item():.4f} | {time.time() - t0:.0f} s")
+        print(f"classifier epoch {epoch + 1}/{args.epochs} | last loss {loss.item():.4f} | "
+              f"{time.time() - t0:.0f} s")
     model.eval()
     feats, probs = features_and_probs(model, x_test)
     mu, sigma = gaussian_stats(feats)
@@ -163,8 +172,12 @@ def images_to_score(args):
     if not (isinstance(x, torch.Tensor) and x.dim() == 4 and x.shape[1:] == (1, 28, 28) and x.is_floating_point()):
         die(f"{args.samples} does not hold images: expected a float tensor (N, 1, 28, 28), "
             f"got {tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    if not x.isfinite().all():
+        die(f"{args.samples}: {(~x.isfinite()).sum().item()} values are not finite (NaN or "
+            f"infinite); the model that drew them has diverged")
     if len(x) < 2 or x.min() < 0 or x.max() > 1:
-        die(f"{args.samples}: expected at least 2 images with values in [0, 1] (mnist.py --sample N writes them)")
+        die(f"{args.samples}: expected at least 2 images with values in [0, 1] "
+            f"(mnist.py --sample N writes them)")
     if args.n and args.n > len(x):
         die(f"--n {args.n}: {args.samples} holds only {len(x)} images")
     return x[: args.n].float() * 2 - 1
@@ -207,110 +220,154 @@ def score(classifier, cache, x):
 def line(r):
     return f"n={r['n']} fid={r['fid']:.3f} confidence={r['confidence']:.4f} coverage={r['coverage']:.4f}"
 
+def starting_points(args, n, seed):
+    """Where sampling starts: the first n Fashion-MNIST test images with --translation (seed
+    None), else the noise of mnist.py --sample n --seed S (so the same samples)."""
+    if args.translation:
+        return load_images("FashionMNIST", args.data, train=False)[:n]
+    return fixed_noise(n, seed)
+
+def write_csv(rows, path):
+    with atomic_write(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
 def sweep(args, model, config, device, classifier, cache):
-    """Sample the run's model with every solver on every time grid at each number of network
-    evaluations, from the same starting points (mnist.py's --sample noise of each --seeds, or
-    the first Fashion-MNIST test images), and score each. Writes RUN/nfe.csv and RUN/nfe.png
-    (nfe-raw.* with --raw)."""
+    """Sample the run's model with every solver on every time grid of --grids at each number
+    of network evaluations, from the same starting points (starting_points), and score each.
+    Writes RUN/nfe.csv and RUN/nfe.png (nfe-raw.* with --raw)."""
     n, run = args.n or 1000, args.samples
     name = os.path.join(run, "nfe-raw" if args.raw else "nfe")
-    dtype = pick_dtype(args.dtype, device)
+    dtype, schedule = pick_dtype(args.dtype, device), config.get("schedule", "cosine")
     rows = []
     for seed in [None] if args.translation else args.seeds:
-        if args.translation:
-            x0 = load_images("FashionMNIST", args.data, train=False)[:n]
-        else:  # the noise of mnist.py --sample n --seed S: the same samples
-            x0 = fixed_noise(n, seed)
-        for grid in GRIDS:
+        x0 = starting_points(args, n, seed)
+        for grid in args.grids:
             for solver in SOLVERS:
                 for k in args.nfe:
                     steps = steps_within(solver, k)
                     t0 = time.time()
-                    x = generate(model, x0, steps, device, dtype, solver, time_grid(grid, steps, config.get("schedule", "cosine")))
+                    ts = time_grid(grid, steps, schedule)
+                    x = generate(model, x0, steps, device, dtype, solver, ts)
                     seconds = time.time() - t0
                     r = score(classifier, cache, x * 2 - 1)
-                    rows.append({"seed": seed, "grid": grid, "solver": solver, "steps": steps, "nfe": nfe(solver, steps),
-                                 "n": n, "fid": round(r["fid"], 3), "confidence": round(r["confidence"], 4),
+                    rows.append({"seed": seed, "grid": grid, "solver": solver, "steps": steps,
+                                 "nfe": nfe(solver, steps), "n": n, "fid": round(r["fid"], 3),
+                                 "confidence": round(r["confidence"], 4),
                                  "coverage": round(r["coverage"], 4), "seconds": round(seconds, 1)})
                     print(" ".join(f"{k}={v}" for k, v in rows[-1].items()), flush=True)
-    with open(name + ".csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(rows, name + ".csv")
     plot_sweep(rows, name + ".png", f"{run}{' (raw weights)' if args.raw else ''}, n = {n}")
     print(f"wrote {name}.csv and {name}.png")
     return rows
 
+def guess_x1(schedule, t, x, v):
+    """The x_1 that a velocity v at (x, t) points to: Eq. 5 and 6, x = alpha x_0 + beta x_1
+    and v = dalpha x_0 + dbeta x_1, solved for x_1 (exact where v is the velocity of a
+    single path through x)."""
+    a, b, da, db = schedule(t)
+    return (a * v - da * x) / (a * db - da * b)
+
 @torch.no_grad()
-def along_the_path(args, device):
-    """Carry the noise of --seeds' first set with 100 Euler steps in float32 and print, every
-    tenth of the way: the root mean square of the pixels of x_t; how fast the velocity changes,
-    |dv/dt| (the norm over an image's 784 pixels, averaged over the images); and the share of
-    images whose x_1 as the model predicts it from x_t (Eq. 5 and 6 solved for X_1:
-    (alpha v - dalpha x_t) / (alpha dbeta - dalpha beta)) the classifier reads as the digit
-    the image ends as."""
-    model, config = load_model(os.path.join(args.samples, "ckpt.pt"), device, args.raw)
+def along_the_path(args, model, schedule, device):
+    """Carry the starting points of --seeds' first set (the garments with --translation)
+    with 100 Euler steps in float32 and print, every tenth of the way: the root mean square
+    of the pixels of x_t; how fast the velocity changes, |dv/dt| (the norm over an image's
+    784 pixels, averaged over the images); and "decided", the share of images whose x_1 as
+    the model guesses it from x_t (guess_x1) the classifier reads as the digit the image ends
+    as. At t = 1 there is nothing left to guess: that row has no "decided"."""
     classifier, _ = load_classifier(args)
-    schedule, n, steps = get_schedule(config.get("schedule", "cosine")), args.n or 1000, 100
-    ts, x, v_prev, rows = torch.linspace(0, 1, steps + 1, device=device), fixed_noise(n, args.seeds[0]).to(device), None, []
+    n, steps = args.n or 1000, 100
+    ts = torch.linspace(0, 1, steps + 1, device=device)
+    x, v_prev, rows = starting_points(args, n, args.seeds[0]).to(device), None, []
     for i in range(steps):
         v = model(x, ts[i].expand(n)).float()
-        a, b, da, db = schedule(ts[i])
-        guess = classifier(((a * v - da * x) / (a * db - da * b)).clamp(-1, 1).cpu()).argmax(1)
-        rows.append({"t": round(ts[i].item(), 2), "rms": x.pow(2).mean().sqrt().item(), "guess": guess,
-                     "dv/dt": (v - v_prev).flatten(1).norm(dim=1).mean().item() * steps if i else float("nan")})
+        guess = classifier(guess_x1(schedule, ts[i], x, v).clamp(-1, 1).cpu()).argmax(1)
+        dv = (v - v_prev).flatten(1).norm(dim=1).mean().item() * steps if i else float("nan")
+        rows.append({"t": round(ts[i].item(), 2), "rms": x.pow(2).mean().sqrt().item(),
+                     "guess": guess, "dv/dt": dv})
         x, v_prev = x + (ts[i + 1] - ts[i]) * v, v
     final = classifier(x.clamp(-1, 1).cpu()).argmax(1)
-    rows.append({"t": 1.0, "rms": x.pow(2).mean().sqrt().item(), "guess": final, "dv/dt": float("nan")})
-    print(f"{args.samples}, {n} images: t, rms of x_t, |dv/dt|, x_1 guessed from x_t read as the final digit")
+    rows.append({"t": 1.0, "rms": x.pow(2).mean().sqrt().item(), "guess": None, "dv/dt": float("nan")})
+    print(f"{args.samples}, {n} images: t, rms of x_t, |dv/dt|, "
+          f"x_1 guessed from x_t read as the final digit")
     rows = [rows[i] for i in [*range(0, 100, 10), 95, 99, 100]]
     for r in rows:
-        r["decided"] = (r.pop("guess") == final).double().mean().item()
-        print(f"t={r['t']:.2f} rms={r['rms']:.2f} dv/dt={r['dv/dt']:.0f} decided={100 * r['decided']:.0f}%")
+        guess = r.pop("guess")
+        r["decided"] = None if guess is None else (guess == final).double().mean().item()
+        decided = "" if guess is None else f" decided={100 * r['decided']:.0f}%"
+        print(f"t={r['t']:.2f} rms={r['rms']:.2f} dv/dt={r['dv/dt']:.0f}{decided}")
     return rows
 
+def read_scores(path):
+    """The scores of an earlier curve.csv by the row's key (curve_key). A row that does not
+    parse, and a last line without its newline (a file cut short), are left out: they are
+    scored again."""
+    try:
+        with open(path, newline="") as f:
+            lines = f.read().splitlines(keepends=True)
+    except (OSError, UnicodeDecodeError):
+        return {}
+    if lines and not lines[-1].endswith("\n"):
+        lines = lines[:-1]
+    scored = {}
+    try:
+        for r in csv.DictReader(lines):
+            try:
+                scored[curve_key(r)] = {k: float(r[k]) for k in ("fid", "confidence", "coverage")}
+            except (KeyError, TypeError, ValueError):
+                continue
+    except csv.Error:
+        pass
+    return scored
+
+def curve_key(row):
+    """What decides a curve.csv row's scores, but for the weights and the classifier."""
+    return tuple("" if row[k] is None else str(row[k]) for k in ("epoch", "seed", "sampler", "n", "dtype"))
+
 def curve(args, device):
-    """Score the sampling weights of every epoch of a run (RUN/epochNNN.pt), each from the same
-    starting points, with the cheap sampler that --nfe 10 takes: RUN/curve.csv, and curve.png
-    with a line for RUN and one for each run of --also. Epochs already in a run's curve.csv
-    with the same n, noise set and sampler are read back unless their weights are newer."""
+    """Score the sampling weights of every epoch of a run (RUN/epochNNN.pt), each from the
+    same starting points, with the cheap sampler that --nfe 10 takes: RUN/curve.csv, and
+    curve.png with a line for RUN and one for each run of --also. Epochs already in a run's
+    curve.csv with the same n, noise set, sampler and precision are read back, unless their
+    weights or the classifier are newer than the file."""
     runs = [args.samples, *(args.also or [])]
     files = {run: sorted(glob.glob(os.path.join(run, "epoch[0-9][0-9][0-9].pt"))) for run in runs}
     for run in runs:
         if not files[run]:
             die(f"{run} holds no epochNNN.pt (mnist.py and translate.py write one after each epoch)")
+        check_script(load_checkpoint(files[run][0]), files[run][0], SCRIPT[args.translation],
+                     HINT[args.translation])  # before the classifier: a wrong run is told at once
     classifier, cache = load_classifier(args)
     n, dtype, curves = args.n or 1000, pick_dtype(args.dtype, device), {}
-    seeds = [None] if args.translation else args.seeds  # the starting points, the same for every epoch
-    starts = {seed: load_images("FashionMNIST", args.data, train=False)[:n] if seed is None else fixed_noise(n, seed)
-              for seed in seeds}
+    seeds = [None] if args.translation else args.seeds  # the same starting points every epoch
+    starts = {seed: starting_points(args, n, seed) for seed in seeds}
     for run in runs:
         rows = curves[run] = []
         path = os.path.join(run, "curve.csv")
-        scored = {}  # rows of an earlier --curve, for weights not rewritten since: read back, not sampled again
+        scored, since = {}, 0  # an earlier --curve's scores, and when they were written
         if os.path.exists(path):
-            with open(path) as f:
-                scored = {(r["epoch"], r["seed"], r["sampler"], r["n"]): r for r in csv.DictReader(f)}
+            scored, since = read_scores(path), os.path.getmtime(path)
         for f in files[run]:
-            model, config = load_model(f, device)
+            model, config = load_model(f, device, script=SCRIPT[args.translation], hint=HINT[args.translation])
             schedule = config.get("schedule", "cosine")
             solver, steps, grid = plan(10, schedule)
             ts = time_grid(grid, steps, schedule)
             for seed in seeds:
-                row = {"epoch": int(os.path.basename(f)[5:8]), "seed": seed, "sampler": f"{solver}-{steps}-{grid}", "n": n}
-                old = scored.get(tuple("" if v is None else str(v) for v in row.values()))
-                if old and os.path.getmtime(f) < os.path.getmtime(path):
-                    row.update({k: float(old[k]) for k in ("fid", "confidence", "coverage")})
+                row = {"epoch": int(os.path.basename(f)[5:8]), "seed": seed, "n": n,
+                       "sampler": f"{solver}-{steps}-{grid}", "dtype": str(dtype)[6:]}
+                old = scored.get(curve_key(row))
+                if old and max(os.path.getmtime(f), os.path.getmtime(args.classifier)) < since:
+                    row.update(old)
                 else:
-                    r = score(classifier, cache, generate(model, starts[seed], steps, device, dtype, solver, ts) * 2 - 1)
+                    x = generate(model, starts[seed], steps, device, dtype, solver, ts)
+                    r = score(classifier, cache, x * 2 - 1)
                     row.update({"fid": round(r["fid"], 3), "confidence": round(r["confidence"], 4),
                                 "coverage": round(r["coverage"], 4)})
                 rows.append(row)
                 print(f"{run} " + " ".join(f"{k}={v}" for k, v in row.items()), flush=True)
-        with open(path, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
+        write_csv(rows, path)
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -326,7 +383,8 @@ def curve(args, device):
     ax.legend(fontsize=8)
     ax.set_title(f"n = {n}, the weights of each epoch", fontsize=10)
     fig.tight_layout()
-    fig.savefig(os.path.join(args.samples, "curve.png"), dpi=100)
+    with atomic_write(os.path.join(args.samples, "curve.png")) as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
     print(f"wrote curve.csv in {', '.join(runs)} and {os.path.join(args.samples, 'curve.png')}")
     return curves[args.samples]
@@ -353,21 +411,33 @@ def plot_sweep(rows, path, title):
     axes[0].legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
+
+# the script that writes the runs of each kind, and what to say to someone who mixed them
+SCRIPT = {False: "mnist.py", True: "translate.py"}
+HINT = {False: ": add --translation for translate.py's runs",
+        True: ": --translation is for translate.py's runs"}
 
 def main(argv=None):
     args = parser.parse_args(argv)
     if args.translation and args.samples in ("real", "noise"):
         die("--translation needs translate.py's samples.pt or run folder")
+    if args.also and not args.curve:
+        die("--also draws more runs in --curve's picture: add --curve")
     if os.path.isdir(args.samples):
         device = pick_device(args.device)
         if args.curve:
             return curve(args, device)
+        ckpt = os.path.join(args.samples, "ckpt.pt")  # no run: told at once
+        model, config = load_model(ckpt, device, args.raw, SCRIPT[args.translation], HINT[args.translation])
         if args.path:
-            return along_the_path(args, device)
-        model, config = load_model(os.path.join(args.samples, "ckpt.pt"), device, args.raw)  # no run: told at once
+            return along_the_path(args, model, get_schedule(config.get("schedule", "cosine")), device)
         return sweep(args, model, config, device, *load_classifier(args))
+    given = [k for k in RUN_ONLY if getattr(args, k) != parser.get_default(k)]
+    if given:
+        die(f"--{given[0]} is for a run folder; {args.samples} is not one")
     x = images_to_score(args)  # before the classifier: a wrong path is told at once
     r = score(*load_classifier(args), x)
     print("predicted digits  " + " ".join(f"{d}:{c}" for d, c in enumerate(r["counts"].tolist())))
@@ -379,6 +449,6 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except KeyboardInterrupt:  # Ctrl-C: one line and exit status 130 (no file is ever half-written)
+    except KeyboardInterrupt:  # Ctrl-C: one line, exit status 130 (files: common.atomic_write)
         print(f"{os.path.basename(__file__)}: interrupted", file=sys.stderr)
         raise SystemExit(130)

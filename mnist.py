@@ -2,12 +2,13 @@
 Flow matching on MNIST with the handout's small U-Net (section 3): noise -> digits.
 
 Train; after every epoch it writes an 8x8 grid of samples from the same fixed noise
-(OUT/epoch001.png, ...) and a checkpoint OUT/ckpt.pt:
+(OUT/epoch001.png, ...), the sampling weights (OUT/epoch001.pt, ...) and a checkpoint
+OUT/ckpt.pt:
     python mnist.py --schedule cosine --epochs 20        # OUT = out/mnist-cosine
     python mnist.py --limit 2000 --epochs 2              # a one-minute look on a laptop CPU
 Continue an interrupted run, or draw samples from a trained one:
     python mnist.py --out out/mnist-cosine --resume --epochs 30
-    python mnist.py --out out/mnist-cosine --sample 64   # OUT/samples.pt (64, 1, 28, 28) in [0, 1], OUT/samples.png
+    python mnist.py --out out/mnist-cosine --sample 64   # OUT/samples.pt (64, 1, 28, 28), .png
 
 The maths (fm_loss, the samplers, the U-Net) is in common.py; the run is all here.
 """
@@ -20,58 +21,67 @@ import sys
 import time
 
 import torch
-from torchvision.utils import save_image
 
-from common import (GRIDS, SCHEDULES, SOLVERS, T_DISTS, UNet, atomic_save, autocast, decay, die, fixed_noise,
-                    fm_loss, generate, get_schedule, load_checkpoint, load_images, load_model, make_dir, nfe,
-                    ot_pairing, pick_device, pick_dtype, plan, positive_float, positive_int, progress,
-                    restore, save_flow, time_grid, update_ema)
+from common import (GRIDS, SCHEDULES, SOLVERS, T_DISTS, UNet, atomic_save, autocast, check_script,
+                    decay, die, fixed_noise, fm_loss, generate, get_schedule, load_checkpoint,
+                    load_images, load_model, make_dir, nfe, ot_pairing, pick_device, pick_dtype, plan,
+                    positive_float, positive_int, progress, restore, save_flow, save_grid, time_grid,
+                    update_ema)
 
 # -----------------------------------------------------------------------------
-# settings; the defaults are the recommended run (README, "Results")
+# settings; the defaults are the recommended run (README, "Results"). translate.py has the
+# same settings; test_fm.py lists the defaults in which the two differ, and why.
 parser = argparse.ArgumentParser(description="Flow matching on MNIST: noise -> digits.")
 parser.error = die  # argparse's errors in one line, without its usage block
 add = parser.add_argument
 add("--schedule", default="cosine", choices=list(SCHEDULES),
     help="the path from x0 to x1 (Eq. 5) (default: %(default)s)")
-add("--epochs", type=positive_int, default=20, help="passes over the training set (default: %(default)s)")
+add("--epochs", type=positive_int, default=20,
+    help="passes over the training set (default: %(default)s)")
 add("--batch-size", type=positive_int, default=32,
-    help="images per optimiser step (the handout's: 128) (default: %(default)s)")
+    help="images per optimiser step (default: %(default)s)")
 add("--lr", type=positive_float, default=1e-3, help="Adam's learning rate (default: %(default)s)")
 add("--t-dist", default="logit-normal", choices=list(T_DISTS),
     help="the distribution of t in training (the handout's: uniform) (default: %(default)s)")
-add("--t-mean", type=float, default=-0.5, help="logit-normal t: the mean of the normal (< 0: more training "
-    "near the noise end, > 0: near the data end) (default: %(default)s)")
-add("--warmup", type=positive_int, default=None, help="optimiser steps over which the learning rate rises "
-    "linearly to --lr (default: none)")
-add("--clip", type=positive_float, default=None, help="clip the norm of the gradient to this (default: none)")
-add("--pairing", default="random", choices=["random", "ot"], help="which noise image meets which digit: "
-    "drawn independently, or re-paired in each batch by optimal transport (default: %(default)s)")
+add("--t-mean", type=float, default=-0.5, help="logit-normal t: the mean of the normal (< 0: more "
+    "training near the noise end, > 0: near the data end) (default: %(default)s)")
+add("--warmup", type=positive_int, default=None, help="optimiser steps over which the learning "
+    "rate rises linearly to --lr (default: none)")
+add("--clip", type=positive_float, default=None,
+    help="clip the norm of the gradient to this (default: none)")
+add("--pairing", default="random", choices=["random", "ot"], help="which noise image meets which "
+    "digit: drawn independently, or re-paired in each batch by optimal transport "
+    "(default: %(default)s)")
 add("--ema", type=decay, default=0.999, metavar="DECAY",
     help="moving average of the weights, used for sampling (0: none) (default: %(default)s)")
-add("--nfe", type=positive_int, default=20, help="sample with at most this many network evaluations an image, "
-    "by the solver, grid and steps that measured best for it (default: %(default)s)")
-add("--solver", default=None, choices=list(SOLVERS), help="instead of --nfe's choice: euler (1 network "
-    "evaluation a step), heun or midpoint (2), heun-euler (2, the last step 1)")
-add("--steps", type=positive_int, default=None, help="instead of --nfe's choice: solver steps (Eq. 7 for Euler)")
-add("--grid", default=None, choices=list(GRIDS), help="instead of --nfe's choice: the times of the steps, "
-    "uniform, early (shorter steps first) or edm (Karras et al.)")
+add("--nfe", type=positive_int, default=20, help="sample with at most this many network "
+    "evaluations an image, by the solver, grid and steps that measured best for it "
+    "(default: %(default)s)")
+add("--solver", default=None, choices=list(SOLVERS), help="instead of --nfe's choice: euler "
+    "(1 network evaluation a step), heun or midpoint (2), heun-euler (2, the last step 1)")
+add("--steps", type=positive_int, default=None,
+    help="instead of --nfe's choice: solver steps (Eq. 7 for Euler)")
+add("--grid", default=None, choices=list(GRIDS), help="instead of --nfe's choice: the times of "
+    "the steps, uniform, early (shorter steps first) or edm (Karras et al.)")
 add("--seed", type=int, default=0,
     help="seeds the training and the fixed sampling noise (default: %(default)s)")
 add("--limit", type=positive_int, default=None, help="train on the first N images only (quick runs)")
-add("--data", default="data", help="torchvision's data folder (MNIST/raw/ below it) (default: %(default)s)")
+add("--data", default="data",
+    help="torchvision's data folder (MNIST/raw/ below it) (default: %(default)s)")
 add("--out", default=None, help="output folder (default: out/mnist-SCHEDULE)")
 add("--device", default="auto",
     help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps (default: %(default)s)")
 add("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
     help="auto: bf16 autocast only where the hardware has it (default: %(default)s)")
-add("--resume", action="store_true", help="continue OUT/ckpt.pt: its settings, the --epochs given here")
+add("--resume", action="store_true",
+    help="continue OUT/ckpt.pt: its settings, the --epochs given here")
 add("--sample", type=positive_int, default=None, metavar="N",
     help="no training: N digits from OUT/ckpt.pt into OUT/samples.pt and .png")
-add("--raw", action="store_true", help="with --sample: the trained weights, not their moving average")
+add("--raw", action="store_true",
+    help="with --sample: the trained weights, not their moving average")
 
 # settings newer than some checkpoints: what a checkpoint saved before them trained with
-OLDER = {"t_mean": 0.0, "warmup": None, "clip": None, "pairing": "random"}
+OLDER = {"t_dist": "uniform", "t_mean": 0.0, "warmup": None, "clip": None, "pairing": "random"}
 
 def memory_available():
     """Bytes of memory a new allocation can take (Linux's MemAvailable), or None where unknown."""
@@ -91,7 +101,7 @@ def main(argv=None):
     # -------------------------------------------------------------------------
     # --sample: no training, N digits from N noise images fixed by --seed
     if args.sample:
-        model, config = load_model(ckpt_path, device, args.raw)
+        model, config = load_model(ckpt_path, device, args.raw, script="mnist.py")
         schedule = config.get("schedule", "cosine")  # the one the weights were trained for
         solver, n_steps, grid = plan(args.nfe, schedule, args.solver, args.steps, args.grid)
         ts = time_grid(grid, n_steps, schedule)
@@ -104,7 +114,7 @@ def main(argv=None):
         print(f"{len(x)} images, {solver}, {n_steps} steps on the {grid} grid ({nfe(solver, n_steps)} network "
               f"evaluations each): {dt:.1f} s ({len(x) / dt:.1f} img/s)")
         atomic_save(x, os.path.join(args.out, "samples.pt"))  # (N, 1, 28, 28) in [0, 1]
-        save_image(x[:256], os.path.join(args.out, "samples.png"), nrow=16)
+        save_grid(x[:256], os.path.join(args.out, "samples.png"), nrow=16)
         save_flow(path, ts, args.out)  # the first 64 on their way from t = 0 to 1
         print(f"wrote {args.out}/samples.pt, samples.png, flow.png and flow.gif")
         return
@@ -115,6 +125,7 @@ def main(argv=None):
     model, ckpt = UNet(), None
     if args.resume:
         ckpt = load_checkpoint(ckpt_path)
+        check_script(ckpt, ckpt_path, "mnist.py")
         if isinstance(ckpt, dict) and "config" in ckpt and "optimizer" not in ckpt:
             die(f"{ckpt_path} holds weights only, no optimiser state: it can --sample, not --resume")
         restore(model, ckpt.get("model") if isinstance(ckpt, dict) else None, ckpt_path)
@@ -149,6 +160,9 @@ def main(argv=None):
         if device.type == "cuda" and ckpt["cuda_rng"]:
             torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
         start = ckpt["epoch"]
+        if start >= args.epochs:
+            die(f"{ckpt_path} holds {start} epochs already: nothing to do for --epochs {args.epochs}; "
+                f"ask for more than {start}")
         print(f"resuming {ckpt_path} after epoch {start}")
     print(f"device {device}, dtype {str(dtype).removeprefix('torch.')}, schedule {args.schedule}, "
           f"seed {args.seed}, {N} training images, {sum(p.numel() for p in model.parameters())} parameters")
@@ -158,8 +172,8 @@ def main(argv=None):
 
     # -------------------------------------------------------------------------
     # the training loop
-    steps = math.ceil(N / args.batch_size)
-    n, saved = start * steps, start  # optimiser steps so far; the epoch in OUT/ckpt.pt
+    batches = math.ceil(N / args.batch_size)  # optimiser steps an epoch
+    n, saved = start * batches, start  # optimiser steps so far; the epoch in OUT/ckpt.pt
     try:
         for epoch in range(start, args.epochs):
             t0, total = time.time(), 0.0
@@ -184,7 +198,7 @@ def main(argv=None):
                 n += 1
                 if ema is not None:  # the decay warms up as (1 + n) / (10 + n): early weights fade fast
                     update_ema(ema, model, min(args.ema, (1 + n) / (10 + n)))
-                progress(epoch + 1, args.epochs, step, steps, step * args.batch_size, total, t0)
+                progress(epoch + 1, args.epochs, step, batches, step * args.batch_size, total, t0)
             dt = time.time() - t0
             print(f"epoch {epoch + 1:3d}/{args.epochs} | loss {total / N:.4f} | {N / dt:5.0f} img/s | {dt:6.1f} s", flush=True)
 
@@ -195,17 +209,18 @@ def main(argv=None):
                 die(f"the weights are no longer finite after epoch {epoch + 1}: the run diverged; "
                     f"try a smaller --lr than {args.lr:g} (the last checkpoint is left as it was)")
             x = generate(sampler, fixed, n_steps, device, dtype, solver, ts)
-            save_image(x, os.path.join(args.out, f"epoch{epoch + 1:03d}.png"), nrow=8)
+            save_grid(x, os.path.join(args.out, f"epoch{epoch + 1:03d}.png"), nrow=8)
             atomic_save({
-                "model": model.state_dict(), "optimizer": opt.state_dict(), "config": vars(args),
+                "script": "mnist.py", "model": model.state_dict(), "optimizer": opt.state_dict(),
+                "config": vars(args),
                 **({"ema": ema.state_dict()} if ema is not None else {}),
                 "epoch": epoch + 1, "rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else [],
             }, ckpt_path)
             saved = epoch + 1
             # and the sampling weights alone (0.8 MB), one file an epoch: evaluate.py --curve scores them
-            atomic_save({"ema" if ema is not None else "model": sampler.state_dict(), "config": vars(args),
-                         "epoch": epoch + 1}, os.path.join(args.out, f"epoch{epoch + 1:03d}.pt"))
+            atomic_save({"script": "mnist.py", "ema" if ema is not None else "model": sampler.state_dict(),
+                         "config": vars(args), "epoch": epoch + 1}, os.path.join(args.out, f"epoch{epoch + 1:03d}.pt"))
     except KeyboardInterrupt:  # Ctrl-C: one line on where the run stands and how to go on, exit status 130
         print("\r\033[K" if sys.stdout.isatty() else "", end="", flush=True)  # (the progress line)
         again = f"python mnist.py --out {shlex.quote(args.out)} --data {shlex.quote(args.data)} --resume --epochs {args.epochs}"
@@ -217,6 +232,6 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except KeyboardInterrupt:  # Ctrl-C: one line and exit status 130 (no file is ever half-written)
+    except KeyboardInterrupt:  # Ctrl-C: one line, exit status 130 (files: common.atomic_write)
         print(f"{os.path.basename(__file__)}: interrupted", file=sys.stderr)
         raise SystemExit(130)
