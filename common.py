@@ -3,12 +3,15 @@ What the nanoFM scripts share. The maths first, in the order a reader meets it: 
 schedules, the flow matching loss and the moving average of the weights, the samplers and
 their time grids, the two networks (an MLP for 2D, the handout's U-Net for images). Then
 small helpers, grouped by what they serve: the command line, the data, files and
-checkpoints, pictures, progress. Equation numbers refer to the handout (see README.md).
+checkpoints, a training run's plumbing (resume, divergence, Ctrl-C, memory), pictures,
+progress. Equation numbers refer to the handout (see README.md).
 """
+import argparse
 import contextlib
 import hashlib
 import math
 import os
+import shlex
 import struct
 import sys
 import time
@@ -273,7 +276,7 @@ class UNet(nn.Module):
         return self.out(d1)                           # (B, c_out, 28, 28)
 
 # =============================================================================
-# helpers
+# helpers: the plumbing the scripts share, kept out of their way
 # =============================================================================
 
 # -----------------------------------------------------------------------------
@@ -451,6 +454,76 @@ def load_model(path, device, raw=False, script=None, hint=""):
         weights = ckpt.get("ema" if "ema" in ckpt and not raw else "model")
     model = restore(UNet(), weights, path).to(device, memory_format=torch.channels_last)
     return model, ckpt.get("config") or {}
+
+# -----------------------------------------------------------------------------
+# a training run's plumbing: resume exactly, stop on divergence, Ctrl-C, memory
+
+def resume(path, args, script, older, model):
+    """--resume: load path's weights into model; returns the checkpoint and the run's
+    settings: the checkpoint's (with `older` for settings it predates), but --epochs, --out,
+    --data, --device and --dtype as given now. What cannot be resumed is one line."""
+    ckpt = load_checkpoint(path)
+    check_script(ckpt, path, script)
+    if isinstance(ckpt, dict) and "config" in ckpt and "optimizer" not in ckpt:
+        die(f"{path} holds weights only, no optimiser state: it can --sample, not --resume")
+    restore(model, ckpt.get("model") if isinstance(ckpt, dict) else None, path)
+    if not isinstance(ckpt.get("config"), dict):
+        die(f"{path} has no training settings to resume from")
+    if ckpt.get("epoch", 0) >= args.epochs:
+        die(f"{path} holds {ckpt.get('epoch', 0)} epochs already: nothing to do for --epochs "
+            f"{args.epochs}; ask for more than {ckpt.get('epoch', 0)}")
+    given = {k: getattr(args, k) for k in ("epochs", "out", "data", "device", "dtype", "resume")}
+    print(f"resuming {path} after epoch {ckpt['epoch']}")
+    return ckpt, argparse.Namespace(**{**vars(args), **older, **ckpt["config"], **given})
+
+def restore_state(ckpt, opt, ema, device):
+    """The rest of a resumed run's state, so that it goes on exactly: the optimiser's
+    moments, the moving average (a checkpoint without one starts it from the weights), the
+    random number generators. Returns the epochs done."""
+    if ema is not None and "ema" in ckpt:
+        ema.load_state_dict(ckpt["ema"])
+    opt.load_state_dict(ckpt["optimizer"])
+    torch.set_rng_state(ckpt["rng"])
+    if device.type == "cuda" and ckpt["cuda_rng"]:
+        torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
+    return ckpt["epoch"]
+
+def check_loss(total, loss, step, epoch, lr):
+    """A non-finite loss (total: the epoch's sum so far) stops the run before the optimiser
+    step it would spoil the weights with; the last checkpoint stays as it was."""
+    if not math.isfinite(total):
+        die(f"the loss is {loss.item()} at step {step} of epoch {epoch}: the run diverged; "
+            f"try a smaller --lr than {lr:g} (the last checkpoint is left as it was)")
+
+def check_weights(models, epoch, lr):
+    """Never a checkpoint of non-finite weights."""
+    if not all(p.isfinite().all() for m in models for p in m.parameters()):
+        die(f"the weights are no longer finite after epoch {epoch}: the run diverged; "
+            f"try a smaller --lr than {lr:g} (the last checkpoint is left as it was)")
+
+def interrupted(script, args, epoch, saved, path):
+    """Ctrl-C in epoch `epoch`: one line on stderr with the epoch the checkpoint at path
+    holds (saved) and the command that goes on from it; exit status 130."""
+    print("\r\033[K" if sys.stdout.isatty() else "", end="", flush=True)  # (the progress line)
+    again = (f"python {script} --out {shlex.quote(args.out)} --data {shlex.quote(args.data)} "
+             f"--resume --epochs {args.epochs}")
+    again += "".join(f" --{k} {getattr(args, k)}" for k in ("device", "dtype")
+                     if getattr(args, k) != "auto")
+    where = f"{path} holds epoch {saved}; continue with: {again}" if saved else \
+        "no checkpoint was written yet"
+    print(f"{script}: interrupted in epoch {epoch}; {where}", file=sys.stderr)
+    raise SystemExit(130)
+
+def check_memory(need, what):
+    """One line if `need` bytes are more than Linux's MemAvailable (unknown elsewhere: pass)."""
+    try:
+        with open("/proc/meminfo") as f:
+            free = next(int(l.split()[1]) * 1024 for l in f if l.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return
+    if need > free:
+        die(f"{what} needs {need / 2**30:.1f} GiB of memory, {free / 2**30:.1f} GiB is free: "
+            f"ask for fewer")
 
 # -----------------------------------------------------------------------------
 # pictures

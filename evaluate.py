@@ -2,8 +2,8 @@
 Numbers for image quality: score generated digits with a small MNIST classifier.
 
     python evaluate.py out/mnist-cosine/samples.pt                       # FID, confidence, coverage
-    python evaluate.py out/translate-cosine/samples.pt --translation     # + which garment becomes which digit
-    python evaluate.py real --n 1000     # 1000 real MNIST training images: the best one can hope for
+    python evaluate.py out/translate-cosine/samples.pt --translation  # + which garment: which digit
+    python evaluate.py real --n 1000     # 1000 real MNIST training images: the best to hope for
     python evaluate.py noise --n 1000    # 1000 images of uniform noise: far away
     python evaluate.py out/mnist-cosine --n 1000   # a run folder: quality against the number
                                    # of network evaluations, every solver on every time grid
@@ -11,10 +11,12 @@ Numbers for image quality: score generated digits with a small MNIST classifier.
     python evaluate.py out/mnist-cosine --curve    # quality against epochs (curve.csv, .png)
     python evaluate.py out/mnist-cosine --path     # how the flow moves along 100 Euler steps
 
-Add --translation for translate.py's samples and runs. The first call trains a small
-convolutional classifier on the MNIST training set (README, section 5, gives its time) and
-caches it, with its test accuracy and the statistics of the MNIST test set, in
-out/classifier.pt. The last line of the output holds the figures as name=value pairs:
+Add --translation for translate.py's samples and runs. The figures come from a small
+convolutional classifier trained on the MNIST training set, kept with its test accuracy and
+the statistics of the MNIST test set in weights/classifier.pt: retrained, its weights (and
+every FID) differ a little from one CPU to another (README, section 5), so the one every
+number in the README comes from is kept. --classifier PATH of a file that does not exist
+trains a new one there. The last line of the output holds the figures as name=value pairs:
     n       the number of images scored
     fid     the Frechet distance between Gaussians fitted to the classifier's 128 features
             (the layer before the logits) of these images and of the 10,000 MNIST test
@@ -37,11 +39,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (GRIDS, SOLVERS, atomic_save, atomic_write, check_script, die, fixed_noise, generate,
-                    get_schedule, load_checkpoint, load_images, load_model, nfe, pick_device,
-                    pick_dtype, plan, positive_int, steps_within, time_grid)
+from common import (GRIDS, SOLVERS, atomic_save, atomic_write, check_script, die, fixed_noise,
+                    generate, get_schedule, load_checkpoint, load_images, load_model, nfe,
+                    pick_device, pick_dtype, plan, positive_int, steps_within, time_grid)
 
-GARMENTS = ["T-shirt", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Boot"]
+GARMENTS = ["T-shirt", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+            "Boot"]
 
 parser = argparse.ArgumentParser(description="Score generated MNIST digits with a classifier.")
 parser.error = die  # argparse's errors in one line, without its usage block
@@ -71,7 +74,8 @@ add("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="ru
     "in this precision (auto: bf16 autocast only where the hardware has it)")
 # the classifier
 add("--data", default="data", help="torchvision's data folder (as for mnist.py)")
-add("--classifier", default="out/classifier.pt", help="where the classifier is cached")
+add("--classifier", default="weights/classifier.pt", help="the classifier's file; trained and "
+    "written there if it does not exist (default: %(default)s)")
 add("--epochs", type=positive_int, default=2, help="the classifier's training epochs")
 add("--seed", type=int, default=0, help="seeds the classifier and the reference images")
 RUN_ONLY = ("nfe", "grids", "seeds", "raw", "path", "curve", "also", "dtype")
@@ -93,7 +97,7 @@ class Classifier(nn.Module):
 
 @torch.no_grad()
 def features_and_probs(model, x):
-    """x (N, 1, 28, 28) in [-1, 1] -> features (N, 128) in float64 and class probabilities (N, 10)."""
+    """x (N, 1, 28, 28) in [-1, 1] -> features (N, 128) in float64, class probabilities (N, 10)."""
     feats, probs = [], []
     for chunk in x.split(1000):
         f = model.features(chunk)
@@ -142,7 +146,8 @@ def train_classifier(args):
     model.eval()
     feats, probs = features_and_probs(model, x_test)
     mu, sigma = gaussian_stats(feats)
-    cache = {"model": model.state_dict(), "accuracy": (probs.argmax(1) == y_test).double().mean().item(),
+    accuracy = (probs.argmax(1) == y_test).double().mean().item()
+    cache = {"model": model.state_dict(), "accuracy": accuracy,
              "mu": mu, "sigma": sigma, "n_reference": len(x_test)}
     os.makedirs(os.path.dirname(args.classifier) or ".", exist_ok=True)
     atomic_save(cache, args.classifier)
@@ -164,12 +169,14 @@ def load_classifier(args):
 
 def images_to_score(args):
     """The images to score, (N, 1, 28, 28) in [-1, 1]."""
-    if args.samples == "real":  # real digits the classifier's reference (the test set) does not contain
+    if args.samples == "real":  # digits the classifier's reference (the test set) does not contain
         return load_images("MNIST", args.data)[: args.n or 1000]
     if args.samples == "noise":
-        return torch.rand(args.n or 1000, 1, 28, 28, generator=torch.Generator().manual_seed(args.seed)) * 2 - 1
+        g = torch.Generator().manual_seed(args.seed)
+        return torch.rand(args.n or 1000, 1, 28, 28, generator=g) * 2 - 1
     x = load_checkpoint(args.samples)
-    if not (isinstance(x, torch.Tensor) and x.dim() == 4 and x.shape[1:] == (1, 28, 28) and x.is_floating_point()):
+    if not (isinstance(x, torch.Tensor) and x.dim() == 4 and x.shape[1:] == (1, 28, 28)
+            and x.is_floating_point()):
         die(f"{args.samples} does not hold images: expected a float tensor (N, 1, 28, 28), "
             f"got {tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
     if not x.isfinite().all():
@@ -190,14 +197,17 @@ def translation_table(args, pred, x):
     garments, garment = garments[: len(pred)], garment[: len(pred)]
     own = (x - garments).pow(2).mean().item()
     other = (x - garments.roll(1, dims=0)).pow(2).mean().item()
-    print(f"distance from its own garment {own:.4f}, from another's {other:.4f} (mean squared pixel difference)")
+    print(f"distance from its own garment {own:.4f}, from another's {other:.4f} "
+          f"(mean squared pixel difference)")
     table = torch.stack([torch.bincount(pred[garment == g], minlength=10) for g in range(10)])
-    print("garment  -> digit (% of the row)   " + " ".join(f"{d:>4d}" for d in range(10)) + "     n")
+    digits = " ".join(f"{d:>4d}" for d in range(10))
+    print(f"garment  -> digit (% of the row)   {digits}     n")
     for name, row in zip(GARMENTS, table):
         share = 100 * row.double() / max(row.sum().item(), 1)
         print(f"  {name:<31s}" + " ".join(f"{s:4.0f}" for s in share) + f" {row.sum().item():5d}")
     chi2, dof = independence_chi2(table)
-    print(f"chi2 = {chi2:.1f} with {dof} degrees of freedom: about {dof} +- {math.sqrt(2 * dof):.0f} "
+    print(f"chi2 = {chi2:.1f} with {dof} degrees of freedom: "
+          f"about {dof} +- {math.sqrt(2 * dof):.0f} "
           f"if the digit did not depend on the garment")
     return table, own
 
@@ -213,12 +223,14 @@ def score(classifier, cache, x):
     """The figures for images x (N, 1, 28, 28) in [-1, 1]."""
     feats, probs = features_and_probs(classifier, x)
     confidence, pred = probs.max(1)
-    return {"n": len(x), "fid": frechet_distance(*gaussian_stats(feats), cache["mu"], cache["sigma"]),
+    fid = frechet_distance(*gaussian_stats(feats), cache["mu"], cache["sigma"])
+    return {"n": len(x), "fid": fid,
             "confidence": confidence.mean().item(), "coverage": coverage(pred), "pred": pred,
             "counts": torch.bincount(pred, minlength=10), "accuracy": cache["accuracy"]}
 
 def line(r):
-    return f"n={r['n']} fid={r['fid']:.3f} confidence={r['confidence']:.4f} coverage={r['coverage']:.4f}"
+    return (f"n={r['n']} fid={r['fid']:.3f} confidence={r['confidence']:.4f} "
+            f"coverage={r['coverage']:.4f}")
 
 def starting_points(args, n, seed):
     """Where sampling starts: the first n Fashion-MNIST test images with --translation (seed
@@ -289,7 +301,8 @@ def along_the_path(args, model, schedule, device):
                      "guess": guess, "dv/dt": dv})
         x, v_prev = x + (ts[i + 1] - ts[i]) * v, v
     final = classifier(x.clamp(-1, 1).cpu()).argmax(1)
-    rows.append({"t": 1.0, "rms": x.pow(2).mean().sqrt().item(), "guess": None, "dv/dt": float("nan")})
+    rows.append({"t": 1.0, "rms": x.pow(2).mean().sqrt().item(), "guess": None,
+                 "dv/dt": float("nan")})
     print(f"{args.samples}, {n} images: t, rms of x_t, |dv/dt|, "
           f"x_1 guessed from x_t read as the final digit")
     rows = [rows[i] for i in [*range(0, 100, 10), 95, 99, 100]]
@@ -324,7 +337,8 @@ def read_scores(path):
 
 def curve_key(row):
     """What decides a curve.csv row's scores, but for the weights and the classifier."""
-    return tuple("" if row[k] is None else str(row[k]) for k in ("epoch", "seed", "sampler", "n", "dtype"))
+    keys = ("epoch", "seed", "sampler", "n", "dtype")
+    return tuple("" if row[k] is None else str(row[k]) for k in keys)
 
 def curve(args, device):
     """Score the sampling weights of every epoch of a run (RUN/epochNNN.pt), each from the
@@ -336,7 +350,7 @@ def curve(args, device):
     files = {run: sorted(glob.glob(os.path.join(run, "epoch[0-9][0-9][0-9].pt"))) for run in runs}
     for run in runs:
         if not files[run]:
-            die(f"{run} holds no epochNNN.pt (mnist.py and translate.py write one after each epoch)")
+            die(f"{run} holds no epochNNN.pt (mnist.py and translate.py write one an epoch)")
         check_script(load_checkpoint(files[run][0]), files[run][0], SCRIPT[args.translation],
                      HINT[args.translation])  # before the classifier: a wrong run is told at once
     classifier, cache = load_classifier(args)
@@ -350,7 +364,8 @@ def curve(args, device):
         if os.path.exists(path):
             scored, since = read_scores(path), os.path.getmtime(path)
         for f in files[run]:
-            model, config = load_model(f, device, script=SCRIPT[args.translation], hint=HINT[args.translation])
+            model, config = load_model(f, device, False, SCRIPT[args.translation],
+                                       HINT[args.translation])
             schedule = config.get("schedule", "cosine")
             solver, steps, grid = plan(10, schedule)
             ts = time_grid(grid, steps, schedule)
@@ -374,7 +389,8 @@ def curve(args, device):
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
     for run, rows in curves.items():
         epochs = sorted({r["epoch"] for r in rows})
-        mean = [sum(r["fid"] for r in rows if r["epoch"] == e) / sum(r["epoch"] == e for r in rows) for e in epochs]
+        mean = [sum(r["fid"] for r in rows if r["epoch"] == e) / sum(r["epoch"] == e for r in rows)
+                for e in epochs]
         ax.plot(epochs, mean, "o-", ms=3, label=run)
     ax.set_yscale("log")
     ax.set_xlabel("epoch")
@@ -401,11 +417,13 @@ def plot_sweep(rows, path, title):
             for solver, color in zip(SOLVERS, ["tab:blue", "tab:orange", "tab:green", "tab:red"]):
                 mine = [r for r in rows if r["solver"] == solver and r["grid"] == grid]
                 ks = sorted({r["nfe"] for r in mine})
-                ys = [sum(r[key] for r in mine if r["nfe"] == k) / sum(r["nfe"] == k for r in mine) for k in ks]
+                ys = [sum(r[key] for r in mine if r["nfe"] == k) / sum(r["nfe"] == k for r in mine)
+                      for k in ks]
                 ax.plot(ks, ys, style, color=color, label=f"{solver}, {grid} grid", ms=4)
         ax.set_xscale("log")
         ax.set_xlabel("network evaluations per image")
-        ax.set_ylabel({"fid": "FID (classifier features, lower is better)", "confidence": "mean confidence"}[key])
+        ax.set_ylabel({"fid": "FID (classifier features, lower is better)",
+                       "confidence": "mean confidence"}[key])
         ax.grid(alpha=0.3)
     axes[0].set_yscale("log")
     axes[0].legend(fontsize=8)
@@ -431,9 +449,11 @@ def main(argv=None):
         if args.curve:
             return curve(args, device)
         ckpt = os.path.join(args.samples, "ckpt.pt")  # no run: told at once
-        model, config = load_model(ckpt, device, args.raw, SCRIPT[args.translation], HINT[args.translation])
+        model, config = load_model(ckpt, device, args.raw, SCRIPT[args.translation],
+                                   HINT[args.translation])
+        schedule = config.get("schedule", "cosine")
         if args.path:
-            return along_the_path(args, model, get_schedule(config.get("schedule", "cosine")), device)
+            return along_the_path(args, model, get_schedule(schedule), device)
         return sweep(args, model, config, device, *load_classifier(args))
     given = [k for k in RUN_ONLY if getattr(args, k) != parser.get_default(k)]
     if given:

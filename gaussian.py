@@ -23,23 +23,30 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
 
-from common import (MLP, SCHEDULES, die, euler, fm_loss, get_schedule, make_dir, pick_device, positive_float,
-                    positive_int)
+from common import (MLP, SCHEDULES, die, euler, fm_loss, get_schedule, make_dir, pick_device,
+                    positive_float, positive_int)
 
 # -----------------------------------------------------------------------------
 # settings; the defaults are the recommended run
 parser = argparse.ArgumentParser(description="Variance along the flow, N(0, I) -> N((1, 1), I).")
 parser.error = die  # argparse's errors in one line, without its usage block
-parser.add_argument("--schedule", default="both", choices=["both", *SCHEDULES], help="which schedule(s) to train")
-parser.add_argument("--iters", type=positive_int, default=3000, help="training iterations per schedule")
-parser.add_argument("--batch-size", type=positive_int, default=1024, help="points per iteration (large: a precise mean)")
-parser.add_argument("--n-hidden", type=positive_int, default=128, help="width of the MLP's hidden layers")
+parser.add_argument("--schedule", default="both", choices=["both", *SCHEDULES],
+                    help="which schedule(s) to train")
+parser.add_argument("--iters", type=positive_int, default=3000,
+                    help="training iterations per schedule")
+parser.add_argument("--batch-size", type=positive_int, default=1024,
+                    help="points per iteration (large: a precise mean)")
+parser.add_argument("--n-hidden", type=positive_int, default=128,
+                    help="width of the MLP's hidden layers")
 parser.add_argument("--lr", type=positive_float, default=1e-3, help="Adam learning rate")
-parser.add_argument("--steps", type=positive_int, default=100, help="Euler steps when sampling (Eq. 7)")
-parser.add_argument("--n-samples", type=positive_int, default=50000, help="points whose variance we measure")
+parser.add_argument("--steps", type=positive_int, default=100,
+                    help="Euler steps when sampling (Eq. 7)")
+parser.add_argument("--n-samples", type=positive_int, default=50000,
+                    help="points whose variance we measure")
 parser.add_argument("--seed", type=int, default=0, help="makes the run repeat itself")
 parser.add_argument("--out", default="out/gaussian", help="output folder")
-parser.add_argument("--device", default="cpu", help="cpu is fastest for this tiny MLP; auto, cuda, mps also work")
+parser.add_argument("--device", default="cpu",
+                    help="cpu is fastest for this tiny MLP; auto, cuda, mps also work")
 
 MU1 = torch.tensor([1.0, 1.0])  # the mean of the target; its covariance is I
 
@@ -59,28 +66,34 @@ def main(argv=None):
         every = max(1, args.iters // 5)  # print the mean loss five times
         losses, t0 = [], time.time()
         for it in range(1, args.iters + 1):
-            x0 = torch.randn(args.batch_size, 2, device=device)                   # x0 ~ N(0, I)
-            x1 = MU1.to(device) + torch.randn(args.batch_size, 2, device=device)  # x1 ~ N((1, 1), I)
-            loss = fm_loss(model, x0, x1, schedule)                               # Eq. 4, t ~ U(0, 1)
+            x0 = torch.randn(args.batch_size, 2, device=device)                 # x0 ~ N(0, I)
+            x1 = MU1.to(device) + torch.randn(args.batch_size, 2,
+                                              device=device)                    # x1 ~ N((1, 1), I)
+            loss = fm_loss(model, x0, x1, schedule)                             # Eq. 4, t ~ U(0, 1)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             losses.append(loss.item())
             if not math.isfinite(losses[-1]):
-                die(f"the loss is {losses[-1]} at iteration {it}: the run diverged; try a smaller --lr than {args.lr:g}")
+                die(f"the loss is {losses[-1]} at iteration {it}: the run diverged; "
+                    f"try a smaller --lr than {args.lr:g}")
             if it % every == 0:
-                print(f"{name} | iter {it:5d}/{args.iters} | loss {sum(losses[-every:]) / every:.4f} | {time.time() - t0:5.1f} s")
+                print(f"{name} | iter {it:5d}/{args.iters} | "
+                      f"loss {sum(losses[-every:]) / every:.4f} | {time.time() - t0:5.1f} s")
 
         # ---------------------------------------------------------------------
         # the variance of the generated points at every Euler step, next to the theory
-        traj = euler(model, torch.randn(args.n_samples, 2, device=device), args.steps, trajectory=True).cpu()
+        traj = euler(model, torch.randn(args.n_samples, 2, device=device), args.steps,
+                     trajectory=True).cpu()
         t = torch.linspace(0, 1, args.steps + 1)
         var = traj.var(dim=1).mean(dim=1)   # (steps+1,): per coordinate, averaged over the two
         alpha, beta, _, _ = schedule(t)
         theory = alpha ** 2 + beta ** 2     # Var(X_0) = Var(X_1) = 1, X_0 and X_1 independent
-        rows += [(name, f"{ti:.4f}", f"{vm:.5f}", f"{vt:.5f}") for ti, vm, vt in zip(t.tolist(), var.tolist(), theory.tolist())]
+        rows += [(name, f"{ti:.4f}", f"{vm:.5f}", f"{vt:.5f}")
+                 for ti, vm, vt in zip(t.tolist(), var.tolist(), theory.tolist())]
         mean = traj[-1].mean(dim=0)
-        results[name] = {"t": t, "var": var, "theory": theory, "mean": mean, "loss": sum(losses[-every:]) / every}
+        results[name] = {"t": t, "var": var, "theory": theory, "mean": mean,
+                         "loss": sum(losses[-every:]) / every}
         print(f"{name} | mean of the generated X_1: ({mean[0]:.3f}, {mean[1]:.3f}), target (1, 1)")
 
     # -------------------------------------------------------------------------
@@ -96,7 +109,8 @@ def main(argv=None):
     fig, ax = plt.subplots(figsize=(6, 4))
     for n, color in zip(names, ["tab:blue", "tab:orange"]):
         ax.plot(results[n]["t"], results[n]["var"], color=color, label=f"{n}: measured")
-        ax.plot(results[n]["t"], results[n]["theory"], "--", color="black", lw=1, label=f"{n}: theory")
+        ax.plot(results[n]["t"], results[n]["theory"], "--", color="black", lw=1,
+                label=f"{n}: theory")
     ax.set_xlabel("t"); ax.set_ylabel("variance of x_t (per coordinate)"); ax.set_ylim(0, 1.2)
     ax.set_title(f"N(0, I) -> N((1, 1), I), Euler with {args.steps} steps")
     ax.legend()

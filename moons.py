@@ -19,23 +19,29 @@ import matplotlib.pyplot as plt
 from matplotlib.animation import FuncAnimation, PillowWriter
 import torch
 
-from common import (MLP, SCHEDULES, die, euler, fm_loss, get_schedule, make_dir, pick_device, positive_float,
-                    positive_int)
+from common import (MLP, SCHEDULES, die, euler, fm_loss, get_schedule, make_dir, pick_device,
+                    positive_float, positive_int)
 
 # -----------------------------------------------------------------------------
 # settings; the defaults are the recommended run
 parser = argparse.ArgumentParser(description="Flow matching on the two moons.")
 parser.error = die  # argparse's errors in one line, without its usage block
-parser.add_argument("--schedule", default="linear", choices=list(SCHEDULES), help="the path from X_0 to X_1 (Eq. 5)")
-parser.add_argument("--iters", type=positive_int, default=5000, help="training iterations (fresh batches each)")
+parser.add_argument("--schedule", default="linear", choices=list(SCHEDULES),
+                    help="the path from X_0 to X_1 (Eq. 5)")
+parser.add_argument("--iters", type=positive_int, default=5000,
+                    help="training iterations (fresh batches each)")
 parser.add_argument("--batch-size", type=positive_int, default=256, help="points per iteration")
-parser.add_argument("--n-hidden", type=positive_int, default=128, help="width of the MLP's hidden layers")
+parser.add_argument("--n-hidden", type=positive_int, default=128,
+                    help="width of the MLP's hidden layers")
 parser.add_argument("--lr", type=positive_float, default=1e-3, help="Adam learning rate")
-parser.add_argument("--steps", type=positive_int, default=100, help="Euler steps when sampling (Eq. 7)")
-parser.add_argument("--n-samples", type=positive_int, default=2000, help="points generated for the pictures")
+parser.add_argument("--steps", type=positive_int, default=100,
+                    help="Euler steps when sampling (Eq. 7)")
+parser.add_argument("--n-samples", type=positive_int, default=2000,
+                    help="points generated for the pictures")
 parser.add_argument("--seed", type=int, default=0, help="makes the run repeat itself")
 parser.add_argument("--out", default="out/moons", help="output folder")
-parser.add_argument("--device", default="cpu", help="cpu is fastest for this tiny MLP; auto, cuda, mps also work")
+parser.add_argument("--device", default="cpu",
+                    help="cpu is fastest for this tiny MLP; auto, cuda, mps also work")
 parser.add_argument("--gif", type=int, default=1, help="1: also write OUT/moons.gif, 0: skip it")
 
 def sample_moons(n, noise=0.05):
@@ -69,13 +75,16 @@ def main(argv=None):
         opt.step()
         losses.append(loss.item())
         if not math.isfinite(losses[-1]):
-            die(f"the loss is {losses[-1]} at iteration {it}: the run diverged; try a smaller --lr than {args.lr:g}")
+            die(f"the loss is {losses[-1]} at iteration {it}: the run diverged; "
+                f"try a smaller --lr than {args.lr:g}")
         if it % every == 0:
-            print(f"iter {it:5d}/{args.iters} | loss {sum(losses[-every:]) / every:.4f} | {time.time() - t0:5.1f} s")
+            print(f"iter {it:5d}/{args.iters} | loss {sum(losses[-every:]) / every:.4f} | "
+                  f"{time.time() - t0:5.1f} s")
 
     # -------------------------------------------------------------------------
     # sampling: the whole trajectory of n_samples points, (steps+1, n, 2)
-    traj = euler(model, torch.randn(args.n_samples, 2, device=device), args.steps, trajectory=True).cpu()
+    traj = euler(model, torch.randn(args.n_samples, 2, device=device), args.steps,
+                 trajectory=True).cpu()
     plot(model, traj, sample_moons(args.n_samples), losses, args, device)
     print(f"wrote {args.out}/moons.png" + (f" and {args.out}/moons.gif" if args.gif else ""))
     return {"losses": losses, "samples": traj[-1]}

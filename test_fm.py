@@ -63,7 +63,8 @@ def test_cosine_is_variance_preserving_and_linear_is_not():
     assert (a ** 2 + b ** 2)[50].item() == 0.5                            # 1/4 + 1/4 at t = 1/2
 
 def test_unknown_schedule_is_a_clear_error():
-    with pytest.raises(ValueError, match="unknown schedule 'sigmoid'; known schedules: linear, cosine"):
+    with pytest.raises(ValueError,
+                       match="unknown schedule 'sigmoid'; known schedules: linear, cosine"):
         get_schedule("sigmoid")
 
 # -----------------------------------------------------------------------------
@@ -129,14 +130,16 @@ def test_euler_rejects_bad_steps(steps):
     with pytest.raises(ValueError, match="positive integer"):
         euler(lambda x, t: x, torch.zeros(2, 2), steps)
 
-@pytest.mark.parametrize("solver,ratio", [("euler", 2), ("heun", 4), ("midpoint", 4), ("heun-euler", 4)])
+@pytest.mark.parametrize("solver,ratio",
+                         [("euler", 2), ("heun", 4), ("midpoint", 4), ("heun-euler", 4)])
 @pytest.mark.parametrize("grid", ["uniform", "early"])
 def test_solver_order_of_accuracy(solver, ratio, grid):
     # dx/dt = t x, x(0) = 1: x(1) = e^(1/2). Halving the step divides the error by 2^order
     # (Heun with a last Euler step too: one step of local error O(h^2) keeps the order 2).
     field = lambda x, t: t[:, None] * x
     x0 = torch.ones(1, 1, dtype=torch.float64)
-    errors = [abs(common.sample(field, x0, n, solver, ts=common.time_grid(grid, n)).item() - math.exp(0.5))
+    errors = [abs(common.sample(field, x0, n, solver, ts=common.time_grid(grid, n)).item()
+                  - math.exp(0.5))
               for n in [20, 40, 80]]
     assert errors[0] / errors[1] == pytest.approx(ratio, rel=0.07)
     assert errors[1] / errors[2] == pytest.approx(ratio, rel=0.04)
@@ -167,16 +170,18 @@ def test_no_step_of_the_sampler_has_length_zero_in_float32(grid, schedule):
     for steps in [10, 25, 50, 100, 1000]:
         seen = []
         ts = common.time_grid(grid, steps, schedule)
-        common.sample(lambda x, t: seen.append(t[0].item()) or torch.zeros_like(x), torch.zeros(2, 1),
-                      steps, "euler", ts=ts)
+        common.sample(lambda x, t: seen.append(t[0].item()) or torch.zeros_like(x),
+                      torch.zeros(2, 1), steps, "euler", ts=ts)
         assert len(seen) == steps and all(b > a for a, b in zip(seen, seen[1:] + [1.0])), steps
 
 def test_midpoint_is_exact_where_the_velocity_is_linear_in_t():
     # the midpoint rule integrates a line exactly, like the trapezoid rule
-    a, b = torch.tensor([0.5, -1.0], dtype=torch.float64), torch.tensor([2.0, 3.0], dtype=torch.float64)
+    a, b = (torch.tensor([0.5, -1.0], dtype=torch.float64),
+            torch.tensor([2.0, 3.0], dtype=torch.float64))
     x0 = torch.randn(4, 2, dtype=torch.float64)
     for steps in [1, 3, 8]:
-        torch.testing.assert_close(common.sample(lambda x, t: a + b * t[:, None], x0, steps, "midpoint"), x0 + a + b / 2)
+        torch.testing.assert_close(
+            common.sample(lambda x, t: a + b * t[:, None], x0, steps, "midpoint"), x0 + a + b / 2)
 
 @pytest.mark.parametrize("solver,times", [
     ("midpoint", [0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875]),
@@ -184,7 +189,8 @@ def test_midpoint_is_exact_where_the_velocity_is_linear_in_t():
 ])
 def test_where_the_solvers_evaluate_and_how_often(solver, times):
     seen = []
-    common.sample(lambda x, t: seen.append(t[0].item()) or torch.zeros_like(x), torch.zeros(3, 2), 4, solver)
+    common.sample(lambda x, t: seen.append(t[0].item()) or torch.zeros_like(x),
+                  torch.zeros(3, 2), 4, solver)
     assert seen == pytest.approx(times)
     assert len(seen) == common.nfe(solver, 4)
 
@@ -208,16 +214,19 @@ def test_nfe_picks_the_best_measured_sampler_and_explicit_settings_win(schedule,
 def test_heun_is_exact_where_the_velocity_is_linear_in_t_and_euler_is_not():
     # dx/dt = a + b t: x(1) = x0 + a + b / 2. The trapezoid rule integrates a line exactly;
     # Euler takes the left end of each step and falls short by b / (2 steps).
-    a, b = torch.tensor([0.5, -1.0], dtype=torch.float64), torch.tensor([2.0, 3.0], dtype=torch.float64)
+    a, b = (torch.tensor([0.5, -1.0], dtype=torch.float64),
+            torch.tensor([2.0, 3.0], dtype=torch.float64))
     field = lambda x, t: a + b * t[:, None]
     x0 = torch.randn(4, 2, dtype=torch.float64)
     for steps in [1, 3, 8]:
         torch.testing.assert_close(common.sample(field, x0, steps, "heun"), x0 + a + b / 2)
-        torch.testing.assert_close(common.sample(field, x0, steps, "euler"), x0 + a + b / 2 - b / (2 * steps))
+        torch.testing.assert_close(common.sample(field, x0, steps, "euler"),
+                                   x0 + a + b / 2 - b / (2 * steps))
 
 def test_heun_calls_the_network_twice_a_step_at_both_ends():
     seen = []
-    common.sample(lambda x, t: seen.append(t[0].item()) or torch.zeros_like(x), torch.zeros(3, 2), 4, "heun")
+    common.sample(lambda x, t: seen.append(t[0].item()) or torch.zeros_like(x),
+                  torch.zeros(3, 2), 4, "heun")
     assert seen == pytest.approx([0, 0.25, 0.25, 0.5, 0.5, 0.75, 0.75, 1.0])
 
 def test_ot_pairing_is_the_permutation_of_least_total_squared_distance():
@@ -227,7 +236,8 @@ def test_ot_pairing_is_the_permutation_of_least_total_squared_distance():
         for _ in range(20):
             x0, x1 = torch.randn(n, 3, generator=g), torch.randn(n, 3, generator=g)
             cost = torch.cdist(x0, x1).pow(2)
-            best = min(itertools.permutations(range(n)), key=lambda q: sum(cost[q[j], j] for j in range(n)))
+            best = min(itertools.permutations(range(n)),
+                       key=lambda q: sum(cost[q[j], j] for j in range(n)))
             assert tuple(common.ot_pairing(x0, x1).tolist()) == best
     # a batch whose best pairing is known: each x1 is a slightly moved, shuffled x0
     x0 = torch.randn(64, 1, 28, 28, generator=g)
@@ -236,11 +246,13 @@ def test_ot_pairing_is_the_permutation_of_least_total_squared_distance():
     assert torch.equal(common.ot_pairing(x0, x1), order)
 
 def test_unknown_distribution_of_t_is_a_clear_error():
-    with pytest.raises(ValueError, match="unknown distribution of t 'beta'; known: uniform, logit-normal"):
+    with pytest.raises(ValueError,
+                       match="unknown distribution of t 'beta'; known: uniform, logit-normal"):
         fm_loss(lambda x, t: x, torch.zeros(2, 1), torch.zeros(2, 1), linear, "beta")
 
 def test_unknown_solver_is_a_clear_error():
-    with pytest.raises(ValueError, match="unknown solver 'rk4'; known solvers: euler, heun, midpoint, heun-euler"):
+    with pytest.raises(ValueError, match="unknown solver 'rk4'; known solvers: "
+                                         "euler, heun, midpoint, heun-euler"):
         common.sample(lambda x, t: x, torch.zeros(2, 2), 3, "rk4")
 
 # -----------------------------------------------------------------------------
@@ -270,10 +282,12 @@ def test_unet_layers_and_parameter_count():
     assert sum(p.numel() for p in model.parameters()) == expected == 205_953
     shapes = {}
     for name in ["enc1", "enc2", "mid", "up2", "dec2", "up1", "dec1", "out"]:
-        getattr(model, name).register_forward_hook(lambda m, i, o, name=name: shapes.__setitem__(name, tuple(o.shape[1:])))
+        getattr(model, name).register_forward_hook(
+            lambda m, i, o, name=name: shapes.__setitem__(name, tuple(o.shape[1:])))
     model(torch.randn(3, 1, 28, 28), torch.rand(3))
-    assert shapes == {"enc1": (32, 28, 28), "enc2": (64, 14, 14), "mid": (64, 7, 7), "up2": (64, 14, 14),
-                      "dec2": (32, 14, 14), "up1": (32, 28, 28), "dec1": (32, 28, 28), "out": (1, 28, 28)}
+    assert shapes == {"enc1": (32, 28, 28), "enc2": (64, 14, 14), "mid": (64, 7, 7),
+                      "up2": (64, 14, 14), "dec2": (32, 14, 14), "up1": (32, 28, 28),
+                      "dec1": (32, 28, 28), "out": (1, 28, 28)}
     assert model.enc1.net[0].in_channels == 2  # the image and the time map
 
 def test_unet_forward_matches_the_handouts_network_written_out():
@@ -282,7 +296,8 @@ def test_unet_forward_matches_the_handouts_network_written_out():
     # skip, or feeding anything but t as the second channel, changes the output.
     torch.manual_seed(0)
     model = UNet().double()
-    x, t = torch.randn(3, 1, 28, 28, dtype=torch.float64), torch.tensor([0.0, 0.3, 0.9], dtype=torch.float64)
+    x, t = (torch.randn(3, 1, 28, 28, dtype=torch.float64),
+            torch.tensor([0.0, 0.3, 0.9], dtype=torch.float64))
     def double(block, h):
         c1, c2 = block.net[0], block.net[2]
         h = F.relu(F.conv2d(h, c1.weight, c1.bias, padding=1))
@@ -303,7 +318,8 @@ def test_unet_forward_matches_the_handouts_network_written_out():
 # the 2D scripts, small and fast
 
 def moon_distance(points, n=4000):
-    """Distance of each point to the nearest point of the noise-free moons (centred as in moons.py)."""
+    """Distance of each point to the nearest point of the noise-free moons (centred as in
+    moons.py)."""
     theta = torch.linspace(0, math.pi, n // 2)
     upper = torch.stack([torch.cos(theta), torch.sin(theta)], 1)
     lower = torch.stack([1 - torch.cos(theta), 0.5 - torch.sin(theta)], 1)
@@ -312,17 +328,19 @@ def moon_distance(points, n=4000):
 
 def test_moons_training_learns_the_moons(tmp_path):
     import moons
-    out = moons.main(["--iters", "1500", "--n-samples", "1000", "--steps", "50", "--gif", "0", "--out", str(tmp_path)])
+    out = moons.main(["--iters", "1500", "--n-samples", "1000", "--steps", "50", "--gif", "0",
+                      "--out", str(tmp_path)])
     losses = out["losses"]
     # the loss has a floor near 1 (the spread of X_1 - X_0 given X_t), far below the start
     assert sum(losses[-100:]) / 100 < 0.8 * sum(losses[:20]) / 20
-    assert moon_distance(out["samples"]).median() < 0.1                # the moons' own noise is 0.05
-    assert moon_distance(torch.randn(1000, 2)).median() > 0.3          # the source is far from them
+    assert moon_distance(out["samples"]).median() < 0.1               # the moons' own noise is 0.05
+    assert moon_distance(torch.randn(1000, 2)).median() > 0.3         # the source is far from them
     assert (tmp_path / "moons.png").stat().st_size > 10_000
 
 def test_gaussian_variance_follows_the_theory_along_the_flow(tmp_path):
     import gaussian
-    results = gaussian.main(["--iters", "300", "--steps", "10", "--n-samples", "2000", "--out", str(tmp_path)])
+    results = gaussian.main(["--iters", "300", "--steps", "10", "--n-samples", "2000",
+                             "--out", str(tmp_path)])
     for name in ["linear", "cosine"]:  # the generated points reach the target's mean (1, 1)
         assert results[name]["mean"].tolist() == pytest.approx([1, 1], abs=0.15)
     with open(tmp_path / "variance.csv") as f:
@@ -333,14 +351,16 @@ def test_gaussian_variance_follows_the_theory_along_the_flow(tmp_path):
         t = [float(r[1]) for r in block]
         assert t == pytest.approx([i / 10 for i in range(11)])
         theory = [float(r[3]) for r in block]
-        assert theory == pytest.approx([(1 - s) ** 2 + s ** 2 if name == "linear" else 1 for s in t], abs=1e-5)
+        assert theory == pytest.approx([(1 - s) ** 2 + s ** 2 if name == "linear" else 1
+                                        for s in t], abs=1e-5)
     # the flow itself: linear dips towards 1/2 in the middle (its Euler value with 10 steps
     # on the exact field is 0.44), cosine stays near 1 all the way
     linear_var, cosine_var = [float(r[2]) for r in rows[1:12]], [float(r[2]) for r in rows[12:]]
     assert linear_var[5] == pytest.approx(0.44, abs=0.08) and max(linear_var[4:7]) < 0.6
     assert all(v == pytest.approx(1, abs=0.12) for v in cosine_var)
     # at t = 1 linear ends below 1 (Euler on the exact field, 10 steps: 0.7726), cosine at 1
-    assert linear_var[-1] == pytest.approx(0.77, abs=0.08) and cosine_var[-1] == pytest.approx(1, abs=0.12)
+    assert (linear_var[-1] == pytest.approx(0.77, abs=0.08)
+            and cosine_var[-1] == pytest.approx(1, abs=0.12))
     assert (tmp_path / "variance.png").exists()
 
 @pytest.mark.parametrize("script,args,message", [
@@ -352,7 +372,8 @@ def test_gaussian_variance_follows_the_theory_along_the_flow(tmp_path):
     ("gaussian.py", ["--out", "README.md/run"], "cannot write to the folder README.md/run"),
 ])
 def test_bad_input_is_one_line_and_a_non_zero_exit(script, args, message):
-    r = subprocess.run([sys.executable, os.path.join(HERE, script), *args], capture_output=True, text=True, cwd=HERE)
+    r = subprocess.run([sys.executable, os.path.join(HERE, script), *args], capture_output=True,
+                       text=True, cwd=HERE)
     assert r.returncode != 0
     assert r.stderr.count("\n") == 1 and message in r.stderr, r.stderr
     assert "Traceback" not in r.stderr
@@ -373,8 +394,10 @@ def write_idx(root, name, n_train=48, n_test=16, seed=0, classes=False):
             for i, k in enumerate(labels.tolist()):
                 r, c = 3 + 12 * (k // 5), 1 + 5 * (k % 5)
                 images[i, r:r + 8, c:c + 5] = 255
-        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(struct.pack(">IIII", 0x0803, n, 28, 28) + images.numpy().tobytes())
-        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(struct.pack(">II", 0x0801, n) + labels.numpy().tobytes())
+        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(struct.pack(">IIII", 0x0803, n, 28, 28)
+                                                          + images.numpy().tobytes())
+        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(struct.pack(">II", 0x0801, n)
+                                                          + labels.numpy().tobytes())
     return root
 
 @pytest.fixture
@@ -383,8 +406,8 @@ def mnist_data(tmp_path):
 
 def run_mnist(data, out, *extra):
     import mnist
-    return mnist.main(["--data", str(data), "--out", str(out), "--batch-size", "16", "--nfe", "3", "--device", "cpu",
-                          *extra])
+    return mnist.main(["--data", str(data), "--out", str(out), "--batch-size", "16",
+                       "--nfe", "3", "--device", "cpu", *extra])
 
 def test_load_images_reads_idx_files_into_minus_one_one(mnist_data):
     x = common.load_images("MNIST", str(mnist_data))
@@ -414,7 +437,8 @@ def test_mnist_trains_writes_grid_and_checkpoint_then_samples(mnist_data, tmp_pa
 
 def test_mnist_resumed_after_a_kill_ends_with_the_same_weights(mnist_data, tmp_path, monkeypatch):
     import mnist
-    extra = ["--t-dist", "logit-normal", "--lr", "2e-3", "--warmup", "5", "--clip", "1.0", "--t-mean", "0.3"]
+    extra = ["--t-dist", "logit-normal", "--lr", "2e-3", "--warmup", "5", "--clip", "1.0",
+             "--t-mean", "0.3"]
     run_mnist(mnist_data, tmp_path / "a", "--epochs", "3", *extra)  # never interrupted
     # the same run, killed in the middle of epoch 2 (48 images / 16 = 3 steps an epoch)
     calls = {"n": 0}
@@ -444,11 +468,13 @@ def test_warmup_clip_and_the_mean_of_t_follow_their_definitions(mnist_data, tmp_
     real_step = torch.optim.Adam.step
     def spy(self, *a, **k):
         seen.append(self.param_groups[0]["lr"])
-        norms.append(torch.cat([p.grad.flatten() for p in self.param_groups[0]["params"]]).norm().item())
+        norms.append(
+            torch.cat([p.grad.flatten() for p in self.param_groups[0]["params"]]).norm().item())
         return real_step(self, *a, **k)
     monkeypatch.setattr(torch.optim.Adam, "step", spy)
     real_loss = fm_loss
-    monkeypatch.setattr(mnist, "fm_loss", lambda m, x0, x1, s, d, mean: ts.append(mean) or real_loss(m, x0, x1, s, d, mean))
+    monkeypatch.setattr(mnist, "fm_loss", lambda m, x0, x1, s, d, mean:
+                        ts.append(mean) or real_loss(m, x0, x1, s, d, mean))
     run_mnist(mnist_data, tmp_path / "a", "--epochs", "2", "--warmup", "4", "--lr", "0.01",
               "--clip", "0.05", "--t-mean", "0.5")
     assert seen == pytest.approx([0.0025, 0.005, 0.0075, 0.01, 0.01, 0.01])
@@ -456,7 +482,8 @@ def test_warmup_clip_and_the_mean_of_t_follow_their_definitions(mnist_data, tmp_
     clipped, norms[:] = norms[:], []
     # the same first step without --clip: its gradient is longer than 0.05, and the clipped
     # run's Adam saw it scaled to exactly 0.05; no step saw more
-    run_mnist(mnist_data, tmp_path / "b", "--epochs", "1", "--warmup", "4", "--lr", "0.01", "--t-mean", "0.5")
+    run_mnist(mnist_data, tmp_path / "b", "--epochs", "1", "--warmup", "4", "--lr", "0.01",
+              "--t-mean", "0.5")
     assert norms[0] > 0.1 and clipped[0] == pytest.approx(0.05, rel=1e-4)
     assert max(clipped) <= 0.05 * (1 + 1e-4)
     # t ~ sigmoid(N(m, 1)): P(t > 1/2) = Phi(m)
@@ -474,7 +501,8 @@ def test_update_ema_is_the_weighted_mean():
     for e, b, p in zip(ema.parameters(), before, model.parameters()):
         torch.testing.assert_close(e, 0.75 * b + 0.25 * p)
 
-def test_ema_in_training_follows_its_warm_up_and_sampling_uses_it(mnist_data, tmp_path, monkeypatch):
+def test_ema_in_training_follows_its_warm_up_and_sampling_uses_it(mnist_data, tmp_path,
+                                                                  monkeypatch):
     # record the weights after each of the 3 optimiser steps; the EMA starts from the initial ones
     import mnist
     snapshots = []
@@ -494,7 +522,8 @@ def test_ema_in_training_follows_its_warm_up_and_sampling_uses_it(mnist_data, tm
     for (name, _), e in zip(UNet().named_parameters(), expected):
         torch.testing.assert_close(ckpt["ema"][name], e)
     # sampling takes the average by default, the trained weights with --raw
-    (ema_model, _), (raw_model, _) = (common.load_model(tmp_path / "a" / "ckpt.pt", "cpu", raw) for raw in (False, True))
+    (ema_model, _), (raw_model, _) = (common.load_model(tmp_path / "a" / "ckpt.pt", "cpu", raw)
+                                      for raw in (False, True))
     assert torch.equal(ema_model.out.bias, ckpt["ema"]["out.bias"])
     assert torch.equal(raw_model.out.bias, ckpt["model"]["out.bias"])
     # --ema 0: no average in the checkpoint
@@ -511,25 +540,34 @@ def test_mnist_bad_input_is_a_clear_error(mnist_data, tmp_path, monkeypatch):
     # no data and no network: name the folder and the four files
     monkeypatch.setattr(torchvision.datasets.MNIST, "mirrors", ["http://127.0.0.1:9/"])
     empty = tmp_path / "empty"
-    expect_error(f"MNIST is not in {empty / 'MNIST' / 'raw'} and could not be downloaded", run_mnist, empty, tmp_path / "o1")
+    expect_error(f"MNIST is not in {empty / 'MNIST' / 'raw'} and could not be downloaded",
+                 run_mnist, empty, tmp_path / "o1")
     expect_error("t10k-labels-idx1-ubyte there", run_mnist, empty, tmp_path / "o1")
-    expect_error("invalid choice: 'sigmoid'", run_mnist, mnist_data, tmp_path / "o2", "--schedule", "sigmoid")
-    expect_error("argument --ema: invalid decay value: '1.5'", run_mnist, mnist_data, tmp_path / "o2", "--ema", "1.5")
+    expect_error("invalid choice: 'sigmoid'", run_mnist, mnist_data, tmp_path / "o2",
+                 "--schedule", "sigmoid")
+    expect_error("argument --ema: invalid decay value: '1.5'", run_mnist, mnist_data,
+                 tmp_path / "o2", "--ema", "1.5")
     expect_error("invalid choice: 'rk4'", run_mnist, mnist_data, tmp_path / "o2", "--solver", "rk4")
-    expect_error("argument --lr: invalid positive_float value: '-0.001'", run_mnist, mnist_data, tmp_path / "o2", "--lr", "-0.001")
+    expect_error("argument --lr: invalid positive_float value: '-0.001'", run_mnist, mnist_data,
+                 tmp_path / "o2", "--lr", "-0.001")
     expect_error("no checkpoint at", run_mnist, mnist_data, tmp_path / "o3", "--sample", "4")
     expect_error("no checkpoint at", run_mnist, mnist_data, tmp_path / "o3", "--resume")
     # a checkpoint of another network, a corrupt file
     (tmp_path / "o4").mkdir()
     torch.save({"model": MLP().state_dict()}, tmp_path / "o4" / "ckpt.pt")
-    expect_error("does not hold weights for this script's UNet", run_mnist, mnist_data, tmp_path / "o4", "--sample", "4")
-    expect_error("does not hold weights for this script's UNet", run_mnist, mnist_data, tmp_path / "o4", "--resume")
+    expect_error("does not hold weights for this script's UNet", run_mnist, mnist_data,
+                 tmp_path / "o4", "--sample", "4")
+    expect_error("does not hold weights for this script's UNet", run_mnist, mnist_data,
+                 tmp_path / "o4", "--resume")
     torch.save({"model": UNet().state_dict()}, tmp_path / "o4" / "ckpt.pt")  # weights, no settings
-    expect_error("has no training settings to resume from", run_mnist, mnist_data, tmp_path / "o4", "--resume")
+    expect_error("has no training settings to resume from", run_mnist, mnist_data,
+                 tmp_path / "o4", "--resume")
     (tmp_path / "o4" / "ckpt.pt").write_bytes(b"not a checkpoint")
     expect_error("cannot read checkpoint", run_mnist, mnist_data, tmp_path / "o4", "--sample", "4")
-    (tmp_path / "o4" / "ckpt.pt").write_bytes(bytes(torch.randint(0, 256, (5000,), dtype=torch.uint8).tolist()))
-    expect_error("not a file that torch.save wrote, or a damaged one", run_mnist, mnist_data, tmp_path / "o4", "--resume")
+    (tmp_path / "o4" / "ckpt.pt").write_bytes(
+        bytes(torch.randint(0, 256, (5000,), dtype=torch.uint8).tolist()))
+    expect_error("not a file that torch.save wrote, or a damaged one", run_mnist, mnist_data,
+                 tmp_path / "o4", "--resume")
     # an existing run is never overwritten by a fresh one
     (tmp_path / "o4" / "ckpt.pt").write_bytes(b"not a checkpoint")
     expect_error("ckpt.pt exists: add --resume", run_mnist, mnist_data, tmp_path / "o4")
@@ -539,16 +577,21 @@ def test_mnist_bad_input_is_a_clear_error(mnist_data, tmp_path, monkeypatch):
 # long runs: progress, divergence, Ctrl-C, damaged data, impossible requests
 
 def test_progress_inside_an_epoch_at_least_every_tenth(mnist_data, tmp_path, capsys):
-    run_mnist(mnist_data, tmp_path / "o", "--epochs", "2", "--batch-size", "4")  # 48 images: 12 steps an epoch
+    run_mnist(mnist_data, tmp_path / "o", "--epochs", "2",
+              "--batch-size", "4")  # 48 images: 12 steps an epoch
     lines = capsys.readouterr().out.splitlines()
     for epoch in (1, 2):
-        shown = [int(re.search(r"step (\d+)/12 ", l).group(1)) for l in lines if l.endswith(" in the run") and f" of epoch {epoch}/2 |" in l]
+        shown = [int(re.search(r"step (\d+)/12 ", l).group(1)) for l in lines
+                 if l.endswith(" in the run") and f" of epoch {epoch}/2 |" in l]
         gaps = [b - a for a, b in zip([0] + shown, shown + [12])]
-        assert shown and max(gaps) <= 2, shown  # a line at least every tenth of the epoch (12 / 10 steps)
-        last = max(i for i, l in enumerate(lines) if l.startswith("  step ") and f" of epoch {epoch}/2 |" in l)
+        assert shown and max(gaps) <= 2, shown  # a line at least every tenth of the epoch
+                                                # (12 / 10 steps)
+        last = max(i for i, l in enumerate(lines)
+                   if l.startswith("  step ") and f" of epoch {epoch}/2 |" in l)
         assert lines[last + 1].startswith(f"epoch   {epoch}/2 | loss ")  # then the epoch's own line
     # each progress line: the running loss, images/s, the time left in the epoch and in the run
-    m = re.search(r"\| loss (\S+) \| (\d+) img/s \| (\d+):(\d\d):(\d\d) left in the epoch, (\d+):(\d\d):(\d\d) in the run$",
+    m = re.search(r"\| loss (\S+) \| (\d+) img/s \| (\d+):(\d\d):(\d\d) left in the epoch, "
+                  r"(\d+):(\d\d):(\d\d) in the run$",
                   [l for l in lines if l.startswith("  step ")][0])
     assert m and math.isfinite(float(m.group(1)))
 
@@ -560,14 +603,17 @@ def test_progress_in_a_long_epoch_prints_every_tenth_into_a_file(capsys):
     assert [int(l.split("step ")[1].split("/")[0]) for l in lines] == list(range(100, 1000, 100))
     assert all(" | loss 0.5000 | " in l for l in lines)
 
-def test_a_diverging_run_stops_at_once_and_keeps_the_last_good_checkpoint(mnist_data, tmp_path, monkeypatch):
+def test_a_diverging_run_stops_at_once_and_keeps_the_last_good_checkpoint(mnist_data, tmp_path,
+                                                                          monkeypatch):
     import mnist
     # a huge learning rate: one line naming the step, a non-zero exit, no checkpoint of bad weights
     with pytest.raises(SystemExit) as e:
         run_mnist(mnist_data, tmp_path / "huge", "--epochs", "3", "--lr", "1e6")
-    assert "the run diverged; try a smaller --lr than 1e+06" in str(e.value.code) and "\n" not in str(e.value.code)
+    assert ("the run diverged; try a smaller --lr than 1e+06" in str(e.value.code)
+            and "\n" not in str(e.value.code))
     ckpt = tmp_path / "huge" / "ckpt.pt"
-    assert not ckpt.exists() or all(torch.isfinite(v).all() for v in torch.load(ckpt, weights_only=True)["model"].values())
+    assert not ckpt.exists() or all(torch.isfinite(v).all()
+                                    for v in torch.load(ckpt, weights_only=True)["model"].values())
     # a run that diverges in its second epoch leaves the first epoch's checkpoint as it was
     run_mnist(mnist_data, tmp_path / "late", "--epochs", "1")
     before = (tmp_path / "late" / "ckpt.pt").read_bytes()
@@ -576,16 +622,18 @@ def test_a_diverging_run_stops_at_once_and_keeps_the_last_good_checkpoint(mnist_
         calls["n"] += 1
         return fm_loss(*a) * (float("nan") if calls["n"] == 2 else 1)
     monkeypatch.setattr(mnist, "fm_loss", nan_later)
-    expect_error("the loss is nan at step 2 of epoch 2: the run diverged", run_mnist, mnist_data, tmp_path / "late",
-                 "--epochs", "3", "--resume")
+    expect_error("the loss is nan at step 2 of epoch 2: the run diverged", run_mnist, mnist_data,
+                 tmp_path / "late", "--epochs", "3", "--resume")
     assert (tmp_path / "late" / "ckpt.pt").read_bytes() == before
     assert not list((tmp_path / "late").glob("*.tmp*"))
 
-def test_ctrl_c_names_the_checkpoint_and_the_resume_command_then_resumes_exactly(mnist_data, tmp_path):
+def test_ctrl_c_names_the_checkpoint_and_the_resume_command_then_resumes_exactly(mnist_data,
+                                                                                 tmp_path):
     import signal, shlex, time
     out = tmp_path / "run"
-    cmd = [sys.executable, os.path.join(HERE, "mnist.py"), "--data", str(mnist_data), "--out", str(out),
-           "--batch-size", "4", "--steps", "1", "--epochs", "300", "--device", "cpu"]
+    cmd = [sys.executable, os.path.join(HERE, "mnist.py"), "--data", str(mnist_data),
+           "--out", str(out), "--batch-size", "4", "--steps", "1", "--epochs", "300",
+           "--device", "cpu"]
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE)
     while not (out / "epoch002.pt").exists() and p.poll() is None:
         time.sleep(0.05)
@@ -593,40 +641,50 @@ def test_ctrl_c_names_the_checkpoint_and_the_resume_command_then_resumes_exactly
     _, err = p.communicate(timeout=60)
     assert p.returncode == 130, err
     assert err.count("\n") == 1 and "Traceback" not in err, err
-    assert re.search(r"interrupted in epoch \d+; \S+ckpt.pt holds epoch \d+; continue with: python mnist.py ", err), err
+    assert re.search(r"interrupted in epoch \d+; \S+ckpt.pt holds epoch \d+; "
+                     r"continue with: python mnist.py ", err), err
     assert not list(out.glob("*.tmp*"))
     saved = torch.load(out / "ckpt.pt", weights_only=True)["epoch"]
-    # the printed command continues the run; with --epochs cut to saved + 1 it ends as a run never stopped
+    # the printed command continues the run; with --epochs cut to saved + 1 it ends as a run
+    # never stopped
     again = shlex.split(err.split("continue with: ")[1])
     assert again[:2] == ["python", "mnist.py"] and again[again.index("--out") + 1] == str(out)
-    assert again[again.index("--device") + 1] == "cpu"  # a device given is kept; the sampler settings need not be
+    assert again[again.index("--device") + 1] == "cpu"  # a device given is kept; the sampler
+                                                        # settings need not be
     again[again.index("--epochs") + 1] = str(saved + 1)
     import mnist
     mnist.main(again[2:])
-    run_mnist(mnist_data, tmp_path / "straight", "--batch-size", "4", "--steps", "1", "--epochs", str(saved + 1))
+    run_mnist(mnist_data, tmp_path / "straight", "--batch-size", "4", "--steps", "1",
+              "--epochs", str(saved + 1))
     a, b = (torch.load(d / "ckpt.pt", weights_only=True) for d in (out, tmp_path / "straight"))
     assert a["epoch"] == b["epoch"] == saved + 1
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_mnist_on_cuda_trains_samples_and_its_checkpoint_loads_on_a_cpu(mnist_data, tmp_path, capsys):
+def test_mnist_on_cuda_trains_samples_and_its_checkpoint_loads_on_a_cpu(mnist_data, tmp_path,
+                                                                        capsys):
     # the suite runs on the CPU (the references above are CPU arithmetic); this is the GPU's path
     run_mnist(mnist_data, tmp_path, "--epochs", "2", "--device", "cuda")
     assert capsys.readouterr().out.startswith("device cuda")
     ckpt = common.load_checkpoint(tmp_path / "ckpt.pt")  # onto the CPU, as a user's laptop would
-    assert ckpt["epoch"] == 2 and all(v.device.type == "cpu" and v.isfinite().all() for v in ckpt["ema"].values())
+    assert ckpt["epoch"] == 2 and all(v.device.type == "cpu" and v.isfinite().all()
+                                      for v in ckpt["ema"].values())
     run_mnist(mnist_data, tmp_path, "--sample", "10", "--device", "cuda")
     x = torch.load(tmp_path / "samples.pt", weights_only=True)
     assert x.shape == (10, 1, 28, 28) and x.min() >= 0 and x.max() <= 1 and x.std() > 0.05
 
 @pytest.mark.parametrize("script", ["mnist", "translate"])
-def test_a_checkpoint_older_than_a_setting_resumes_with_what_it_trained_with(both_data, tmp_path, script):
+def test_a_checkpoint_older_than_a_setting_resumes_with_what_it_trained_with(both_data, tmp_path,
+                                                                             script):
     # a run from before --t-dist, --t-mean, --warmup, --clip and --pairing existed trained with
     # what OLDER says, not today's defaults; it resumes as the run that gave them explicitly
     import importlib
-    module, run = importlib.import_module(script), {"mnist": run_mnist, "translate": run_translate}[script]
-    assert module.OLDER == {"t_dist": "uniform", "t_mean": 0.0, "warmup": None, "clip": None, "pairing": "random"}
-    flags = ["--t-dist", "uniform", "--t-mean", "0", "--pairing", "random"]  # (no warm-up, no clipping)
+    module, run = importlib.import_module(script), {"mnist": run_mnist,
+                                                    "translate": run_translate}[script]
+    assert module.OLDER == {"t_dist": "uniform", "t_mean": 0.0, "warmup": None, "clip": None,
+                            "pairing": "random"}
+    flags = ["--t-dist", "uniform", "--t-mean", "0",
+             "--pairing", "random"]  # (no warm-up, no clipping)
     run(both_data, tmp_path / "straight", "--epochs", "2", *flags)
     run(both_data, tmp_path / "old", "--epochs", "1", *flags)
     ckpt = torch.load(tmp_path / "old" / "ckpt.pt", weights_only=True)
@@ -646,7 +704,8 @@ def test_resume_reads_and_writes_the_folder_given(mnist_data, tmp_path):
     run_mnist(mnist_data, tmp_path / "b", "--epochs", "2", "--resume")
     assert torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["epoch"] == 2
     assert (tmp_path / "b" / "epoch002.png").exists()
-    assert {f.name: f.read_bytes() for f in (tmp_path / "a").iterdir()} == before  # the original run: untouched
+    assert {f.name: f.read_bytes()
+            for f in (tmp_path / "a").iterdir()} == before  # the original run: untouched
 
 @pytest.mark.parametrize("damage,message", [
     ("truncate", "is damaged (1000 bytes, not an IDX file of the size its header gives)"),
@@ -661,7 +720,8 @@ def test_damaged_data_is_named_in_one_line(mnist_data, tmp_path, damage, message
     elif damage == "flip a header bit":
         data[11] ^= 0x04  # 28 rows -> 24
     else:
-        data = bytearray(torch.randint(0, 256, (len(data),), generator=torch.Generator().manual_seed(3),
+        data = bytearray(torch.randint(0, 256, (len(data),),
+                                       generator=torch.Generator().manual_seed(3),
                                        dtype=torch.uint8).numpy().tobytes())
     f.write_bytes(bytes(data))
     expect_error(f"{f} {message}; delete it so that it is downloaded again, or copy it again",
@@ -672,31 +732,38 @@ def test_a_file_of_the_official_size_with_another_md5_is_damaged(tmp_path):
     raw.mkdir(parents=True)
     f = raw / "t10k-labels-idx1-ubyte"  # the official test labels are 10,000 bytes after the header
     f.write_bytes(struct.pack(">II", 0x0801, 10000) + bytes(10000))
-    expect_error(f"{f} is damaged (the official file's size, but not its MD5)", common.load_images, "MNIST", str(tmp_path))
+    expect_error(f"{f} is damaged (the official file's size, but not its MD5)", common.load_images,
+                 "MNIST", str(tmp_path))
 
-def test_impossible_requests_are_one_line_and_leave_the_checkpoint(mnist_data, tmp_path, monkeypatch):
+def test_impossible_requests_are_one_line_and_leave_the_checkpoint(mnist_data, tmp_path,
+                                                                   monkeypatch):
     run_mnist(mnist_data, tmp_path / "o", "--epochs", "1")
     before = (tmp_path / "o" / "ckpt.pt").read_bytes()
     # more samples than memory can hold
-    expect_error("--sample 100000000 needs 584.1 GiB of memory", run_mnist, mnist_data, tmp_path / "o", "--sample", "100000000")
+    expect_error("--sample 100000000 needs 584.1 GiB of memory", run_mnist, mnist_data,
+                 tmp_path / "o", "--sample", "100000000")
     # an output folder that cannot be written (a path under a regular file)
     (tmp_path / "file").write_text("not a folder")
-    expect_error(f"cannot write to the folder {tmp_path / 'file' / 'run'}", run_mnist, mnist_data, tmp_path / "file" / "run")
+    expect_error(f"cannot write to the folder {tmp_path / 'file' / 'run'}", run_mnist, mnist_data,
+                 tmp_path / "file" / "run")
     # a full disk while saving the next checkpoint
     def full_disk(obj, f, *a, **k):
         open(f, "wb").write(b"half a checkpoint")  # what a full disk leaves behind
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(torch, "save", full_disk)
-    expect_error(f"cannot write {tmp_path / 'o' / 'ckpt.pt'} ([Errno 28] No space left on device); what was there is unchanged",
+    expect_error(f"cannot write {tmp_path / 'o' / 'ckpt.pt'} ([Errno 28] No space left on device); "
+                 "what was there is unchanged",
                  run_mnist, mnist_data, tmp_path / "o", "--epochs", "2", "--resume")
     assert (tmp_path / "o" / "ckpt.pt").read_bytes() == before
     assert not list((tmp_path / "o").glob("*.tmp*"))
 
-def test_translate_ot_pairing_reorders_the_same_garments_to_a_shorter_total(both_data, tmp_path, monkeypatch):
+def test_translate_ot_pairing_reorders_the_same_garments_to_a_shorter_total(both_data, tmp_path,
+                                                                            monkeypatch):
     import translate
     batches = {}
     def recording_loss(model, x0, x1, *rest):
-        batches.setdefault(recording_loss.run, []).append((x0.flatten(1).clone(), x1.flatten(1).clone()))
+        batches.setdefault(recording_loss.run, []).append((x0.flatten(1).clone(),
+                                                           x1.flatten(1).clone()))
         return fm_loss(model, x0, x1, *rest)
     monkeypatch.setattr(translate, "fm_loss", recording_loss)
     for pairing in ["random", "ot"]:
@@ -705,7 +772,8 @@ def test_translate_ot_pairing_reorders_the_same_garments_to_a_shorter_total(both
     cost = lambda x0, x1: (x0 - x1).pow(2).sum().item()
     for (r0, r1), (o0, o1) in zip(batches["random"], batches["ot"]):
         assert torch.equal(r1, o1)  # the same digits, in the same order
-        assert sorted(map(tuple, r0.tolist())) == sorted(map(tuple, o0.tolist()))  # the same garments
+        assert sorted(map(tuple, r0.tolist())) == sorted(map(tuple, o0.tolist()))  # the same
+                                                                                   # garments
         assert cost(o0, o1) <= cost(r0, r1) + 1e-6
     assert sum(cost(*b) for b in batches["ot"]) < sum(cost(*b) for b in batches["random"])
 
@@ -735,13 +803,15 @@ def test_translate_pairs_at_random_and_resumes_exactly(both_data, tmp_path, monk
     with pytest.raises(Killed):
         run_translate(both_data, tmp_path / "b", "--epochs", "2", "--pairing", "random")
     monkeypatch.setattr(translate, "fm_loss", fm_loss)
-    # as a checkpoint from before --pairing existed: it resumes with the random pairing it trained with
+    # as a checkpoint from before --pairing existed: it resumes with the random pairing it
+    # trained with
     ckpt = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)
     del ckpt["config"]["pairing"]
     torch.save(ckpt, tmp_path / "b" / "ckpt.pt")
     run_translate(both_data, tmp_path / "b", "--epochs", "2", "--resume")
     a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in "ab")
-    assert all(torch.equal(a["model"][k], b["model"][k]) and torch.equal(a["ema"][k], b["ema"][k]) for k in a["model"])
+    assert all(torch.equal(a["model"][k], b["model"][k]) and torch.equal(a["ema"][k], b["ema"][k])
+               for k in a["model"])
 
 # -----------------------------------------------------------------------------
 # sampling from a trained run: --nfe, the weights alone, the flow pictures
@@ -749,25 +819,30 @@ def test_translate_pairs_at_random_and_resumes_exactly(both_data, tmp_path, monk
 def flow_cells(path, rows, cols, scale=2):
     """The 28x28 cells of flow.png (a band of 12 * scale pixels for the times on top), in [0, 1]."""
     from PIL import Image
-    img = torch.tensor(np.array(Image.open(path)), dtype=torch.float64)[12 * scale::scale, ::scale] / 255
+    img = torch.tensor(np.array(Image.open(path)),
+                       dtype=torch.float64)[12 * scale::scale, ::scale] / 255
     return png_cells_of(img, rows, cols)
 
 def gif_frames(path):
     """The frames of a GIF in [0, 1], and how long each is shown (ms)."""
     from PIL import Image, ImageSequence
-    frames = [(np.array(f.convert("L")), f.info["duration"]) for f in ImageSequence.Iterator(Image.open(path))]
+    frames = [(np.array(f.convert("L")), f.info["duration"])
+              for f in ImageSequence.Iterator(Image.open(path))]
     return [torch.tensor(f, dtype=torch.float64) / 255 for f, _ in frames], [ms for _, ms in frames]
 
-def test_mnist_sample_with_nfe_writes_the_flow_from_noise_to_the_digits(mnist_data, tmp_path, capsys):
+def test_mnist_sample_with_nfe_writes_the_flow_from_noise_to_the_digits(mnist_data, tmp_path,
+                                                                        capsys):
     out = tmp_path / "o"
     run_mnist(mnist_data, out, "--epochs", "1")
     capsys.readouterr()
     run_mnist(mnist_data, out, "--sample", "10", "--nfe", "6")
     solver, steps, grid = common.plan(6, "cosine")
-    assert f"{solver}, {steps} steps on the {grid} grid ({common.nfe(solver, steps)} network evaluations each)" in capsys.readouterr().out
+    assert (f"{solver}, {steps} steps on the {grid} grid ({common.nfe(solver, steps)} "
+            "network evaluations each)" in capsys.readouterr().out)
     x = torch.load(out / "samples.pt", weights_only=True)
     noise = common.to_unit(common.fixed_noise(10, 0))
-    # flow.png: a row per sample (8), a column per time; the first column is the noise, the last the digit
+    # flow.png: a row per sample (8), a column per time; the first column is the noise, the last
+    # the digit
     cells = flow_cells(out / "flow.png", 8, steps + 1)
     torch.testing.assert_close(cells[:, 0], noise[:8, 0].double(), rtol=0, atol=0.5 / 255 + 1e-9)
     torch.testing.assert_close(cells[:, -1], x[:8, 0].double(), rtol=0, atol=0.5 / 255 + 1e-9)
@@ -775,19 +850,24 @@ def test_mnist_sample_with_nfe_writes_the_flow_from_noise_to_the_digits(mnist_da
     frames, ms = gif_frames(out / "flow.gif")
     assert len(frames) == steps + 1 and ms[-1] > 5 * ms[0]  # a frame a state, the last held
     first, last = (png_cells_of(f, 2, 8) for f in (frames[0], frames[-1]))
-    torch.testing.assert_close(first.flatten(0, 1)[:10], noise[:, 0].double(), rtol=0, atol=0.5 / 255 + 1e-9)
-    torch.testing.assert_close(last.flatten(0, 1)[:10], x[:, 0].double(), rtol=0, atol=0.5 / 255 + 1e-9)
+    torch.testing.assert_close(first.flatten(0, 1)[:10], noise[:, 0].double(),
+                               rtol=0, atol=0.5 / 255 + 1e-9)
+    torch.testing.assert_close(last.flatten(0, 1)[:10], x[:, 0].double(),
+                               rtol=0, atol=0.5 / 255 + 1e-9)
 
 def png_cells_of(img, rows, cols):
-    """The 28x28 cells (padding 2) of a picture (H, W) that make_grid/save_image laid out: (rows, cols, 28, 28)."""
+    """The 28x28 cells (padding 2) of a picture (H, W) that make_grid/save_image laid out:
+    (rows, cols, 28, 28)."""
     assert img.shape == (30 * rows + 2, 30 * cols + 2)
-    return torch.stack([torch.stack([img[30 * r + 2:30 * r + 30, 30 * c + 2:30 * c + 30] for c in range(cols)])
+    return torch.stack([torch.stack([img[30 * r + 2:30 * r + 30, 30 * c + 2:30 * c + 30]
+                                     for c in range(cols)])
                         for r in range(rows)])
 
 def test_translate_flow_starts_from_the_garments(both_data, tmp_path):
     out = tmp_path / "o"
     run_translate(both_data, out, "--epochs", "1")
-    run_translate(both_data, out, "--sample", "8", "--solver", "euler", "--steps", "12", "--grid", "uniform")
+    run_translate(both_data, out, "--sample", "8", "--solver", "euler", "--steps", "12",
+                  "--grid", "uniform")
     x = torch.load(out / "samples.pt", weights_only=True)
     garments = common.to_unit(common.load_images("FashionMNIST", str(both_data), train=False))
     cells = flow_cells(out / "flow.png", 8, 10)  # about ten of the 13 times
@@ -798,7 +878,8 @@ def test_the_weights_alone_sample_but_do_not_resume(mnist_data, tmp_path, capsys
     run_mnist(mnist_data, tmp_path / "run", "--epochs", "2")
     small = tmp_path / "weights"
     small.mkdir()
-    (small / "ckpt.pt").write_bytes((tmp_path / "run" / "epoch002.pt").read_bytes())  # what the repository keeps
+    (small / "ckpt.pt").write_bytes(
+        (tmp_path / "run" / "epoch002.pt").read_bytes())  # what the repository keeps
     assert (small / "ckpt.pt").stat().st_size < 1_000_000
     ckpt = torch.load(small / "ckpt.pt", weights_only=True)
     assert set(ckpt) == {"script", "ema", "config", "epoch"} and ckpt["epoch"] == 2
@@ -806,10 +887,12 @@ def test_the_weights_alone_sample_but_do_not_resume(mnist_data, tmp_path, capsys
     run_mnist(mnist_data, small, "--sample", "6")
     run_mnist(mnist_data, tmp_path / "run", "--sample", "6")
     assert torch.equal(torch.load(small / "samples.pt", weights_only=True),
-                       torch.load(tmp_path / "run" / "samples.pt", weights_only=True))  # the averaged weights
-    expect_error("holds weights only, no optimiser state: it can --sample, not --resume", run_mnist, mnist_data, small, "--resume")
-    expect_error("holds only the moving average of the weights; --raw needs a run's ckpt.pt", run_mnist, mnist_data, small,
-                 "--sample", "6", "--raw")
+                       torch.load(tmp_path / "run" / "samples.pt",
+                                  weights_only=True))  # the averaged weights
+    expect_error("holds weights only, no optimiser state: it can --sample, not --resume",
+                 run_mnist, mnist_data, small, "--resume")
+    expect_error("holds only the moving average of the weights; --raw needs a run's ckpt.pt",
+                 run_mnist, mnist_data, small, "--sample", "6", "--raw")
 
 def test_euler_on_the_exact_gaussian_field_has_the_predicted_discretisation_error():
     # N(0, 1) -> N(1, 1), linear schedule, independent X_0, X_1: the exact velocity field is
@@ -830,15 +913,17 @@ def test_euler_on_the_exact_gaussian_field_has_the_predicted_discretisation_erro
 
 @pytest.fixture
 def both_data(tmp_path):
-    return write_idx(write_idx(tmp_path / "data", "MNIST"), "FashionMNIST", n_train=40, n_test=24, seed=1)
+    return write_idx(write_idx(tmp_path / "data", "MNIST"),
+                     "FashionMNIST", n_train=40, n_test=24, seed=1)
 
 def run_translate(data, out, *extra):
     import translate
-    return translate.main(["--data", str(data), "--out", str(out), "--batch-size", "16", "--nfe", "3", "--device", "cpu",
-                          *extra])
+    return translate.main(["--data", str(data), "--out", str(out), "--batch-size", "16",
+                           "--nfe", "3", "--device", "cpu", *extra])
 
 def png_cells(path, rows, cols):
-    """The 28x28 cells of a picture that save_image wrote (padding 2), in [0, 1]: (rows, cols, 28, 28)."""
+    """The 28x28 cells of a picture that save_image wrote (padding 2), in [0, 1]:
+    (rows, cols, 28, 28)."""
     from PIL import Image
     img = torch.tensor(np.array(Image.open(path).convert("L")), dtype=torch.float64) / 255
     return png_cells_of(img, rows, cols)
@@ -860,27 +945,32 @@ def test_translate_starts_from_garments_and_writes_pictures(both_data, tmp_path,
     # the picture: the 16 fixed test garments on top, their translations below
     test_garments = common.to_unit(common.load_images("FashionMNIST", str(both_data), train=False))
     cells = png_cells(out / "epoch001.png", 2, 16)
-    torch.testing.assert_close(cells[0], test_garments[:16, 0].double(), rtol=0, atol=0.5 / 255 + 1e-9)
+    torch.testing.assert_close(cells[0], test_garments[:16, 0].double(),
+                               rtol=0, atol=0.5 / 255 + 1e-9)
 
     run_translate(both_data, out, "--sample", "10")
     x = torch.load(out / "samples.pt", weights_only=True)
     assert x.shape == (10, 1, 28, 28) and x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1
     cells = png_cells(out / "samples.png", 2, 10)  # sources above their translations
-    torch.testing.assert_close(cells[0], test_garments[:10, 0].double(), rtol=0, atol=0.5 / 255 + 1e-9)
+    torch.testing.assert_close(cells[0], test_garments[:10, 0].double(),
+                               rtol=0, atol=0.5 / 255 + 1e-9)
     torch.testing.assert_close(cells[1], x[:, 0].double(), rtol=0, atol=0.5 / 255 + 1e-9)
     # 20 images: a full row of 16 pairs, then 4 pairs padded with black
     run_translate(both_data, out, "--sample", "20")
     x = torch.load(out / "samples.pt", weights_only=True)
     cells = png_cells(out / "samples.png", 4, 16)
-    torch.testing.assert_close(cells[2, :4], test_garments[16:20, 0].double(), rtol=0, atol=0.5 / 255 + 1e-9)
+    torch.testing.assert_close(cells[2, :4], test_garments[16:20, 0].double(),
+                               rtol=0, atol=0.5 / 255 + 1e-9)
     torch.testing.assert_close(cells[3, :4], x[16:20, 0].double(), rtol=0, atol=0.5 / 255 + 1e-9)
     assert cells[2:, 4:].max() == 0
-    expect_error("--sample 25: Fashion-MNIST has only 24 test images", run_translate, both_data, out, "--sample", "25")
+    expect_error("--sample 25: Fashion-MNIST has only 24 test images", run_translate, both_data,
+                 out, "--sample", "25")
 
 def test_translate_without_fashion_mnist_is_a_clear_error(mnist_data, tmp_path, monkeypatch):
     import torchvision
     monkeypatch.setattr(torchvision.datasets.FashionMNIST, "mirrors", ["http://127.0.0.1:9/"])
-    expect_error(f"FashionMNIST is not in {mnist_data / 'FashionMNIST' / 'raw'}", run_translate, mnist_data, tmp_path / "o")
+    expect_error(f"FashionMNIST is not in {mnist_data / 'FashionMNIST' / 'raw'}", run_translate,
+                 mnist_data, tmp_path / "o")
 
 # -----------------------------------------------------------------------------
 # evaluate.py: the Frechet distance against closed forms, then the script on small IDX files
@@ -895,21 +985,25 @@ def test_frechet_distance_closed_forms():
     assert frechet_distance(mu, s, mu, s) == pytest.approx(0, abs=1e-9)
     # s2 = c^2 s1: (s1 s2)^(1/2) = c s1, so the distance is |dmu|^2 + (1 - c)^2 Tr(s1)
     shift = torch.tensor([1.0, -2.0, 0, 0, 0, 0.5], dtype=torch.float64)
-    assert frechet_distance(mu, s, mu + shift, 9 * s) == pytest.approx(5.25 + 4 * s.trace().item(), rel=1e-9)
+    assert frechet_distance(mu, s, mu + shift, 9 * s) == pytest.approx(5.25 + 4 * s.trace().item(),
+                                                                       rel=1e-9)
     # diagonal covariances: sum of (sqrt(a_i) - sqrt(b_i))^2
-    a, b = torch.tensor([1.0, 4.0, 0.25], dtype=torch.float64), torch.tensor([9.0, 1.0, 0.25], dtype=torch.float64)
+    a, b = (torch.tensor([1.0, 4.0, 0.25], dtype=torch.float64),
+            torch.tensor([9.0, 1.0, 0.25], dtype=torch.float64))
     z = torch.zeros(3, dtype=torch.float64)
     assert frechet_distance(z, torch.diag(a), z, torch.diag(b)) == pytest.approx(4 + 1 + 0)
     # 2x2 covariances that do not commute: Tr sqrt(s1 s2) = sqrt(Tr(s1 s2) + 2 sqrt(det s1 det s2)),
     # which the classic mistake Tr(sqrt(s1) sqrt(s2)) does not give
     s1 = torch.tensor([[2.0, 1.0], [1.0, 2.0]], dtype=torch.float64)
     s2 = torch.tensor([[1.0, 0.0], [0.0, 4.0]], dtype=torch.float64)
-    tr_sqrt = math.sqrt(torch.trace(s1 @ s2).item() + 2 * math.sqrt(torch.det(s1).item() * torch.det(s2).item()))
+    tr_sqrt = math.sqrt(torch.trace(s1 @ s2).item()
+                        + 2 * math.sqrt(torch.det(s1).item() * torch.det(s2).item()))
     z2 = torch.zeros(2, dtype=torch.float64)
     assert frechet_distance(z2, s1, z2, s2) == pytest.approx(4 + 5 - 2 * tr_sqrt, rel=1e-9)
     # symmetric in its two arguments, also for covariances that do not commute
     s2 = random_covariance(6, 1)
-    assert frechet_distance(mu, s, z.new_zeros(6), s2) == pytest.approx(frechet_distance(z.new_zeros(6), s2, mu, s), rel=1e-9)
+    assert frechet_distance(mu, s, z.new_zeros(6), s2) == pytest.approx(
+        frechet_distance(z.new_zeros(6), s2, mu, s), rel=1e-9)
 
 def test_independence_chi2_closed_forms():
     from evaluate import independence_chi2
@@ -918,7 +1012,8 @@ def test_independence_chi2_closed_forms():
     # each row all in its own column: chi2 = N (k - 1) for N samples and k classes
     assert independence_chi2(torch.eye(4, dtype=torch.long) * 25) == (pytest.approx(100 * 3), 9)
     # an empty row and column do not count
-    assert independence_chi2(torch.tensor([[5, 0, 5], [0, 0, 0], [5, 0, 5]])) == (pytest.approx(0), 1)
+    assert independence_chi2(torch.tensor([[5, 0, 5], [0, 0, 0],
+                                           [5, 0, 5]])) == (pytest.approx(0), 1)
 
 def test_coverage_counts_effective_classes():
     from evaluate import coverage
@@ -934,8 +1029,9 @@ def evaluated(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("evaluate")
     data = write_idx(write_idx(tmp / "data", "MNIST", n_train=300, n_test=200, classes=True),
                      "FashionMNIST", n_train=40, n_test=60, seed=1)
-    run = lambda *args: evaluate.main([*args, "--data", str(data), "--classifier", str(tmp / "classifier.pt"), "--epochs", "8",
-                                      "--device", "cpu"])
+    run = lambda *args: evaluate.main([*args, "--data", str(data), "--classifier",
+                                       str(tmp / "classifier.pt"), "--epochs", "8",
+                                       "--device", "cpu"])
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         real = run("real", "--n", "200")
@@ -964,7 +1060,8 @@ def test_evaluate_translation_table(evaluated, tmp_path, capsys):
     run(str(tmp_path / "samples.pt"), "--translation")
     out = capsys.readouterr().out
     rows = [l for l in out.splitlines() if l.startswith("  ")]
-    assert [r.split()[0] for r in rows] == ["T-shirt", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Boot"]
+    assert [r.split()[0] for r in rows] == ["T-shirt", "Trouser", "Pullover", "Dress", "Coat",
+                                            "Sandal", "Shirt", "Sneaker", "Bag", "Boot"]
     for r in rows:  # each row: ten shares that add up to 100 %, then its count (6 of each label)
         shares = [float(v) for v in r.split()[1:11]]
         assert sum(shares) == pytest.approx(100, abs=3) and r.split()[-1] == "6"
@@ -972,24 +1069,29 @@ def test_evaluate_translation_table(evaluated, tmp_path, capsys):
     table = torch.tensor([[round(float(v) * 6 / 100) for v in r.split()[1:11]] for r in rows])
     chi2, dof = evaluate.independence_chi2(table)
     assert dof == 9 * ((table.sum(0) > 0).sum().item() - 1)
-    m = re.search(r"^chi2 = (\d+\.\d) with (\d+) degrees of freedom: about (\d+) \+- (\d+) if", out, re.M)
-    assert m and float(m.group(1)) == pytest.approx(chi2, abs=0.05) and int(m.group(2)) == int(m.group(3)) == dof
+    m = re.search(r"^chi2 = (\d+\.\d) with (\d+) degrees of freedom: about (\d+) \+- (\d+) if",
+                  out, re.M)
+    assert (m and float(m.group(1)) == pytest.approx(chi2, abs=0.05)
+            and int(m.group(2)) == int(m.group(3)) == dof)
     assert int(m.group(4)) == round(math.sqrt(2 * dof))
     # a translation that is its own garment is at distance 0; the line says so, next to another's
     garments = common.load_images("FashionMNIST", str(evaluated[1]), train=False)
     torch.save(common.to_unit(garments), tmp_path / "same.pt")
     r = run(str(tmp_path / "same.pt"), "--translation")
     assert r["distance"] == pytest.approx(0, abs=1e-6)
-    assert re.search(r"^distance from its own garment 0.0000, from another's \d+\.\d{4}", capsys.readouterr().out, re.M)
+    assert re.search(r"^distance from its own garment 0.0000, from another's \d+\.\d{4}",
+                     capsys.readouterr().out, re.M)
 
-def test_evaluate_sweeps_a_run_over_solvers_grids_and_network_evaluations(evaluated, tmp_path, capsys, monkeypatch):
+def test_evaluate_sweeps_a_run_over_solvers_grids_and_network_evaluations(evaluated, tmp_path,
+                                                                          capsys, monkeypatch):
     import shutil, evaluate
     run, data = evaluated[:2]
     out = tmp_path / "run"
     run_mnist(data, out, "--epochs", "1", "--limit", "48")
     rows = run(str(out), "--nfe", "1", "3", "--n", "20", "--seeds", "0", "1")
     assert len(rows) == 2 * 3 * 4 * 2  # noise sets x grids x solvers x budgets
-    assert [(r["solver"], r["steps"], r["nfe"]) for r in rows if r["seed"] == 0 and r["grid"] == "uniform"] == [
+    assert [(r["solver"], r["steps"], r["nfe"])
+            for r in rows if r["seed"] == 0 and r["grid"] == "uniform"] == [
         ("euler", 1, 1), ("euler", 3, 3), ("heun", 1, 2), ("heun", 1, 2),
         ("midpoint", 1, 2), ("midpoint", 1, 2), ("heun-euler", 1, 1), ("heun-euler", 2, 3)]
     with open(out / "nfe.csv") as f:
@@ -1003,8 +1105,10 @@ def test_evaluate_sweeps_a_run_over_solvers_grids_and_network_evaluations(evalua
     with open(out / "nfe.csv") as f:
         assert len(list(csv.DictReader(f))) == 48
     # the sweep samples what mnist.py --sample draws, from the same noise
-    euler3 = [r for r in rows if (r["seed"], r["grid"], r["solver"], r["nfe"]) == (1, "early", "euler", 3)][0]
-    run_mnist(data, out, "--sample", "20", "--solver", "euler", "--steps", "3", "--grid", "early", "--seed", "1")
+    euler3 = [r for r in rows
+              if (r["seed"], r["grid"], r["solver"], r["nfe"]) == (1, "early", "euler", 3)][0]
+    run_mnist(data, out, "--sample", "20", "--solver", "euler", "--steps", "3", "--grid", "early",
+              "--seed", "1")
     assert run(str(out / "samples.pt"))["fid"] == pytest.approx(euler3["fid"], abs=1e-3)
     # --curve: the weights of every epoch, each with the sampler of --nfe 10
     run_mnist(data, out, "--epochs", "2", "--resume")
@@ -1018,11 +1122,13 @@ def test_evaluate_sweeps_a_run_over_solvers_grids_and_network_evaluations(evalua
     os.remove(tmp_path / "copy" / "curve.csv")  # (scored afresh)
     both = run(str(out), "--curve", "--n", "20", "--seeds", "0", "--also", str(tmp_path / "copy"))
     with open(tmp_path / "copy" / "curve.csv") as f:
-        assert [float(r["fid"]) for r in csv.DictReader(f)] == [r["fid"] for r in both] == [r["fid"] for r in curve]
+        assert ([float(r["fid"]) for r in csv.DictReader(f)] == [r["fid"] for r in both]
+                == [r["fid"] for r in curve])
     # scores in curve.csv are read back, not sampled again, unless the weights are newer
     sampled = []
     real_generate = evaluate.generate
-    monkeypatch.setattr(evaluate, "generate", lambda *a, **k: sampled.append(1) or real_generate(*a, **k))
+    monkeypatch.setattr(evaluate, "generate",
+                        lambda *a, **k: sampled.append(1) or real_generate(*a, **k))
     assert run(str(out), "--curve", "--n", "20", "--seeds", "0") == curve and sampled == []
     later = os.path.getmtime(out / "curve.csv") + 10
     os.utime(out / "epoch002.pt", (later, later))
@@ -1032,8 +1138,10 @@ def test_evaluate_sweeps_a_run_over_solvers_grids_and_network_evaluations(evalua
     assert [r for r in rows if r["seed"] == 0] == curve and len(sampled) == 1 + 3
     # --path: along 100 Euler steps from the first noise set; at t = 1 nothing is left to guess
     path = run(str(out), "--path", "--n", "20", "--seeds", "0")
-    assert [r["t"] for r in path] == [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0]
-    assert path[0]["rms"] == pytest.approx(common.fixed_noise(20, 0).pow(2).mean().sqrt().item(), rel=1e-5)
+    assert [r["t"] for r in path] == [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9,
+                                      0.95, 0.99, 1.0]
+    assert path[0]["rms"] == pytest.approx(common.fixed_noise(20, 0).pow(2).mean().sqrt().item(),
+                                           rel=1e-5)
     assert path[-1]["decided"] is None and all(0 <= r["decided"] <= 1 for r in path[:-1])
     assert all(math.isfinite(r["dv/dt"]) for r in path[1:-1])
     # a curve.csv cut short in its last row, or written in another precision: scored again
@@ -1051,19 +1159,25 @@ def test_evaluate_sweeps_a_run_over_solvers_grids_and_network_evaluations(evalua
 def test_evaluate_bad_input_is_a_clear_error(tmp_path):
     import evaluate
     eval_data = write_idx(tmp_path / "data", "MNIST")
-    run_evaluate = lambda data, tmp, *args: evaluate.main([*args, "--data", str(data), "--classifier",
-                                                          str(tmp / "cls" / "classifier.pt"), "--device", "cpu"])
+    run_evaluate = lambda data, tmp, *args: evaluate.main(
+        [*args, "--data", str(data), "--classifier", str(tmp / "cls" / "classifier.pt"),
+         "--device", "cpu"])
     s = tmp_path / "samples.pt"
-    expect_error("no checkpoint at", run_evaluate, eval_data, tmp_path, str(tmp_path / "missing.pt"))
-    expect_error("no checkpoint at", run_evaluate, eval_data, tmp_path, str(tmp_path))  # a folder, no run
-    expect_error("holds no epochNNN.pt", run_evaluate, eval_data, tmp_path, str(tmp_path), "--curve")
+    expect_error("no checkpoint at", run_evaluate, eval_data, tmp_path,
+                 str(tmp_path / "missing.pt"))
+    expect_error("no checkpoint at", run_evaluate, eval_data, tmp_path,
+                 str(tmp_path))  # a folder, no run
+    expect_error("holds no epochNNN.pt", run_evaluate, eval_data, tmp_path, str(tmp_path),
+                 "--curve")
     torch.save(torch.rand(5, 3, 32, 32), s)
-    expect_error("does not hold images: expected a float tensor (N, 1, 28, 28), got (5, 3, 32, 32)", run_evaluate, eval_data, tmp_path, str(s))
+    expect_error("does not hold images: expected a float tensor (N, 1, 28, 28), got (5, 3, 32, 32)",
+                 run_evaluate, eval_data, tmp_path, str(s))
     torch.save(torch.rand(5, 1, 28, 28) * 2 - 1, s)
     expect_error("values in [0, 1]", run_evaluate, eval_data, tmp_path, str(s))
     torch.save(torch.rand(5, 1, 28, 28), s)
     expect_error("--n 9: ", run_evaluate, eval_data, tmp_path, str(s), "--n", "9")
-    expect_error("--translation needs translate.py's samples.pt or run folder", run_evaluate, eval_data, tmp_path, "real", "--translation")
+    expect_error("--translation needs translate.py's samples.pt or run folder", run_evaluate,
+                 eval_data, tmp_path, "real", "--translation")
     (tmp_path / "cls").mkdir()
     (tmp_path / "cls" / "classifier.pt").write_bytes(b"garbage")
     expect_error("cannot read checkpoint", run_evaluate, eval_data, tmp_path, str(s))
@@ -1073,7 +1187,8 @@ def test_evaluate_bad_input_is_a_clear_error(tmp_path):
 # -----------------------------------------------------------------------------
 # what the project says stays true: checkpoints, the two image scripts in step, the README
 
-def test_a_checkpoint_names_the_script_that_wrote_it_and_the_other_script_refuses_it(both_data, tmp_path):
+def test_a_checkpoint_names_the_script_that_wrote_it_and_the_other_script_refuses_it(both_data,
+                                                                                     tmp_path):
     import evaluate
     run_mnist(both_data, tmp_path / "m", "--epochs", "1")
     run_translate(both_data, tmp_path / "t", "--epochs", "1")
@@ -1081,15 +1196,22 @@ def test_a_checkpoint_names_the_script_that_wrote_it_and_the_other_script_refuse
         for f in ["ckpt.pt", "epoch001.pt"]:
             assert torch.load(tmp_path / d / f, weights_only=True)["script"] == script
     m, t = tmp_path / "m", tmp_path / "t"
-    expect_error(f"{t / 'ckpt.pt'} was written by translate.py, not mnist.py", run_mnist, both_data, t, "--sample", "4")
-    expect_error("was written by translate.py, not mnist.py", run_mnist, both_data, t, "--resume", "--epochs", "2")
-    expect_error("was written by mnist.py, not translate.py", run_translate, both_data, m, "--sample", "4")
-    expect_error("was written by mnist.py, not translate.py", run_translate, both_data, m, "--resume", "--epochs", "2")
+    expect_error(f"{t / 'ckpt.pt'} was written by translate.py, not mnist.py",
+                 run_mnist, both_data, t, "--sample", "4")
+    expect_error("was written by translate.py, not mnist.py",
+                 run_mnist, both_data, t, "--resume", "--epochs", "2")
+    expect_error("was written by mnist.py, not translate.py",
+                 run_translate, both_data, m, "--sample", "4")
+    expect_error("was written by mnist.py, not translate.py",
+                 run_translate, both_data, m, "--resume", "--epochs", "2")
     # evaluate.py: a run folder of the other kind, for a sweep, --path and --curve
-    ev = lambda *a: evaluate.main([*a, "--data", str(both_data), "--device", "cpu", "--classifier", str(tmp_path / "c.pt")])
+    ev = lambda *a: evaluate.main([*a, "--data", str(both_data), "--device", "cpu",
+                                   "--classifier", str(tmp_path / "c.pt")])
     for extra in [[], ["--path"], ["--curve"]]:
-        expect_error("was written by translate.py, not mnist.py: add --translation for translate.py's runs", ev, str(t), *extra)
-        expect_error("was written by mnist.py, not translate.py: --translation is for translate.py's runs", ev, str(m),
+        expect_error("was written by translate.py, not mnist.py: "
+                     "add --translation for translate.py's runs", ev, str(t), *extra)
+        expect_error("was written by mnist.py, not translate.py: "
+                     "--translation is for translate.py's runs", ev, str(m),
                      "--translation", *extra)
     assert not (tmp_path / "c.pt").exists()  # each told before a classifier was trained
 
@@ -1099,11 +1221,13 @@ def test_resume_with_nothing_left_to_do_is_one_line(both_data, tmp_path):
     before = (tmp_path / "m" / "ckpt.pt").read_bytes()
     for run, d in [(run_mnist, "m"), (run_translate, "t")]:
         for epochs in ["1", "2"]:
-            expect_error(f"holds 2 epochs already: nothing to do for --epochs {epochs}; ask for more than 2",
+            expect_error(f"holds 2 epochs already: nothing to do for --epochs {epochs}; "
+                         "ask for more than 2",
                          run, both_data, tmp_path / d, "--resume", "--epochs", epochs)
     assert (tmp_path / "m" / "ckpt.pt").read_bytes() == before
 
-def test_a_kill_while_a_checkpoint_is_written_leaves_the_last_one_whole(mnist_data, tmp_path, monkeypatch):
+def test_a_kill_while_a_checkpoint_is_written_leaves_the_last_one_whole(mnist_data, tmp_path,
+                                                                        monkeypatch):
     run_mnist(mnist_data, tmp_path / "a", "--epochs", "2")  # never interrupted
     real_save, calls = torch.save, {"n": 0}
     def dying_save(obj, f, *a, **k):
@@ -1134,7 +1258,8 @@ def test_guess_x1_is_the_end_of_a_single_path():
     for schedule in SCHEDULES:
         for t in [0.0, 0.1, 0.5, 0.9]:
             a, b, da, db = schedule(torch.tensor(t, dtype=torch.float64))
-            guess = evaluate.guess_x1(schedule, torch.tensor(t, dtype=torch.float64), a * x0 + b * x1, da * x0 + db * x1)
+            guess = evaluate.guess_x1(schedule, torch.tensor(t, dtype=torch.float64),
+                                      a * x0 + b * x1, da * x0 + db * x1)
             torch.testing.assert_close(guess, x1)
 
 def test_evaluate_path_of_a_translation_starts_from_the_garments(evaluated, tmp_path):
@@ -1150,22 +1275,26 @@ def test_evaluate_refuses_what_it_would_ignore_and_images_that_are_not_finite(tm
     x = torch.rand(5, 1, 28, 28)
     x[2, 0, 3, 4] = float("nan")
     torch.save(x, s)
-    ev = lambda *a: evaluate.main([*a, "--data", str(tmp_path), "--classifier", str(tmp_path / "c.pt")])
+    ev = lambda *a: evaluate.main([*a, "--data", str(tmp_path), "--classifier",
+                                   str(tmp_path / "c.pt")])
     expect_error(f"{s}: 1 values are not finite (NaN or infinite)", ev, str(s))
     torch.save(torch.rand(5, 1, 28, 28), s)
-    for flags in [["--curve"], ["--path"], ["--raw"], ["--curve", "--also", "x"], ["--nfe", "4"], ["--grids", "edm"],
-                  ["--seeds", "3"], ["--dtype", "float32"]]:
+    for flags in [["--curve"], ["--path"], ["--raw"], ["--curve", "--also", "x"], ["--nfe", "4"],
+                  ["--grids", "edm"], ["--seeds", "3"], ["--dtype", "float32"]]:
         expect_error(f"{flags[0]} is for a run folder; {s} is not one", ev, str(s), *flags)
-    expect_error("--also draws more runs in --curve's picture: add --curve", ev, str(tmp_path), "--also", "x")
+    expect_error("--also draws more runs in --curve's picture: add --curve", ev, str(tmp_path),
+                 "--also", "x")
     assert not (tmp_path / "c.pt").exists()
 
 # mnist.py's and translate.py's settings: the same flags, types and choices; the defaults
 # differ only here, each for its reason
 DIFFERENCES = {  # dest: (mnist.py's default, translate.py's, why)
     "epochs": (20, 100, "the handout: a translation needs about 100 epochs"),
-    "batch_size": (32, 64, "32 measured on mnist.py (README, 'What was tried'); translate.py's runs were made at 64"),
+    "batch_size": (32, 64, "32 measured on mnist.py (README, 'What was tried'); "
+                           "translate.py's runs were made at 64"),
     "t_dist": ("logit-normal", "uniform", "measured on each (README, sections 3 and 4)"),
-    "pairing": ("random", "ot", "OT: FID 78.6 against 95.0 for translate.py; for noise it ends level (README)"),
+    "pairing": ("random", "ot", "OT: FID 78.6 against 95.0 for translate.py; "
+                                "for noise it ends level (README)"),
 }
 
 def test_mnist_and_translate_take_the_same_settings_but_for_the_listed_defaults():
@@ -1184,9 +1313,18 @@ def test_mnist_and_translate_take_the_same_settings_but_for_the_listed_defaults(
 
 def test_every_flag_the_readme_names_exists():
     import evaluate, gaussian, mnist, moons, translate
-    known = {o for p in (evaluate.parser, gaussian.parser, mnist.parser, moons.parser, translate.parser)
+    known = {o for p in (evaluate.parser, gaussian.parser, mnist.parser, moons.parser,
+                         translate.parser)
              for a in p._actions for o in a.option_strings}
     with open(os.path.join(HERE, "README.md")) as f:
-        lines = [l for l in f if not re.search(r"commit [0-9a-f]{7}", l)]  # a removed flag cites its commit
+        lines = [l for l in f
+                 if not re.search(r"commit [0-9a-f]{7}", l)]  # a removed flag cites its commit
     named = {m for l in lines for m in re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", l)}
     assert named and named <= known, named - known
+
+def test_no_line_of_the_code_is_longer_than_100_characters():
+    for name in ["common.py", "moons.py", "gaussian.py", "mnist.py", "translate.py", "evaluate.py",
+                 "test_fm.py"]:
+        with open(os.path.join(HERE, name)) as f:
+            long = [i for i, line in enumerate(f, 1) if len(line.rstrip("\n")) > 100]
+        assert not long, (name, long)

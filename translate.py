@@ -23,17 +23,16 @@ import argparse
 import copy
 import math
 import os
-import shlex
 import sys
 import time
 
 import torch
 
-from common import (GRIDS, SCHEDULES, SOLVERS, T_DISTS, UNet, atomic_save, autocast, check_script,
-                    decay, die, fm_loss, generate, get_schedule, load_checkpoint, load_images,
-                    load_model, make_dir, nfe, ot_pairing, pick_device, pick_dtype, plan,
-                    positive_float, positive_int, progress, restore, save_flow, save_grid,
-                    time_grid, to_unit, update_ema)
+from common import (GRIDS, SCHEDULES, SOLVERS, T_DISTS, UNet, atomic_save, autocast, check_loss,
+                    check_weights, decay, die, fm_loss, generate, get_schedule, interrupted,
+                    load_images, load_model, make_dir, nfe, ot_pairing, pick_device, pick_dtype,
+                    plan, positive_float, positive_int, progress, restore_state, resume, save_flow,
+                    save_grid, time_grid, to_unit, update_ema)
 
 # -----------------------------------------------------------------------------
 # settings: mnist.py's; test_fm.py lists the defaults in which the two differ, and why
@@ -122,8 +121,9 @@ def main(argv=None):
         t0 = time.time()
         x, path = generate(model, x0, n_steps, device, dtype, solver, ts, keep=64)
         dt = time.time() - t0
-        print(f"{len(x)} images, {solver}, {n_steps} steps on the {grid} grid ({nfe(solver, n_steps)} network "
-              f"evaluations each): {dt:.1f} s ({len(x) / dt:.1f} img/s)")
+        print(f"{len(x)} images, {solver}, {n_steps} steps on the {grid} grid "
+              f"({nfe(solver, n_steps)} network evaluations each): "
+              f"{dt:.1f} s ({len(x) / dt:.1f} img/s)")
         atomic_save(x, os.path.join(args.out, "samples.pt"))  # (N, 1, 28, 28) in [0, 1]
         save_pairs(x0[:128], x[:128], os.path.join(args.out, "samples.png"))
         save_flow(path, ts, args.out)  # the first 64 on their way from t = 0 to 1
@@ -135,16 +135,7 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     model, ckpt = UNet(), None
     if args.resume:
-        ckpt = load_checkpoint(ckpt_path)
-        check_script(ckpt, ckpt_path, "translate.py")
-        if isinstance(ckpt, dict) and "config" in ckpt and "optimizer" not in ckpt:
-            die(f"{ckpt_path} holds weights only, no optimiser state: it can --sample, not --resume")
-        restore(model, ckpt.get("model") if isinstance(ckpt, dict) else None, ckpt_path)
-        if not isinstance(ckpt.get("config"), dict):
-            die(f"{ckpt_path} has no training settings to resume from")
-        # the checkpoint's settings define the model and its training; these come from the command line
-        given = {k: getattr(args, k) for k in ("epochs", "out", "data", "device", "dtype", "resume")}
-        args = argparse.Namespace(**{**vars(args), **OLDER, **ckpt["config"], **given})
+        ckpt, args = resume(ckpt_path, args, "translate.py", OLDER, model)
     elif os.path.exists(ckpt_path):
         die(f"{ckpt_path} exists: add --resume to continue that run, or choose another --out")
     make_dir(args.out)
@@ -154,7 +145,7 @@ def main(argv=None):
     x1_all = load_images("MNIST", args.data)[: args.limit].to(device)
     x0_all = load_images("FashionMNIST", args.data)[: args.limit].to(device)
     N = len(x1_all)
-    fixed = load_images("FashionMNIST", args.data, train=False)[:16]  # the same garments every epoch
+    fixed = load_images("FashionMNIST", args.data, train=False)[:16]  # the same, every epoch
     schedule = get_schedule(args.schedule)
 
     # -------------------------------------------------------------------------
@@ -162,24 +153,14 @@ def main(argv=None):
     model = model.to(device, memory_format=torch.channels_last)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     ema = copy.deepcopy(model).requires_grad_(False) if args.ema else None
-    start = 0
-    if ckpt:
-        if ema is not None and "ema" in ckpt:  # (a checkpoint without one starts it from its weights)
-            ema.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["optimizer"])
-        torch.set_rng_state(ckpt["rng"])
-        if device.type == "cuda" and ckpt["cuda_rng"]:
-            torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
-        start = ckpt["epoch"]
-        if start >= args.epochs:
-            die(f"{ckpt_path} holds {start} epochs already: nothing to do for --epochs {args.epochs}; "
-                f"ask for more than {start}")
-        print(f"resuming {ckpt_path} after epoch {start}")
+    start = restore_state(ckpt, opt, ema, device) if ckpt else 0  # epochs done
     print(f"device {device}, dtype {str(dtype).removeprefix('torch.')}, schedule {args.schedule}, "
-          f"seed {args.seed}, {N} training images, {sum(p.numel() for p in model.parameters())} parameters")
-    solver, n_steps, grid = plan(args.nfe, args.schedule, args.solver, args.steps, args.grid)  # for the pictures
-    ts = time_grid(grid, n_steps, args.schedule)
-    print(f"pictures: {solver}, {n_steps} steps on the {grid} grid ({nfe(solver, n_steps)} network evaluations)")
+          f"seed {args.seed}, {N} training images, {sum(p.numel() for p in model.parameters())} "
+          f"parameters")
+    solver, n_steps, grid = plan(args.nfe, args.schedule, args.solver, args.steps, args.grid)
+    ts = time_grid(grid, n_steps, args.schedule)  # the sampler of the pictures
+    print(f"pictures: {solver}, {n_steps} steps on the {grid} grid "
+          f"({nfe(solver, n_steps)} network evaluations)")
 
     # -------------------------------------------------------------------------
     # the training loop: mnist.py's, with a garment in place of the noise
@@ -190,17 +171,16 @@ def main(argv=None):
             t0, total = time.time(), 0.0
             for step, idx in enumerate(torch.randperm(N).split(args.batch_size), 1):
                 x1 = x1_all[idx.to(device)]   # (B, 1, 28, 28), digits
-                # x0: a garment drawn independently of the digit x1 (random pairing); with --pairing
-                # ot the batch's garments are then re-paired with its digits at the least total distance
+                # x0: a garment drawn independently of the digit x1 (random pairing); with
+                # --pairing ot the batch's garments are then re-paired with its digits at the
+                # least total distance
                 x0 = x0_all[torch.randint(len(x0_all), (len(x1),)).to(device)]
                 if args.pairing == "ot":
                     x0 = x0[ot_pairing(x0, x1)]
                 with autocast(device, dtype):
                     loss = fm_loss(model, x0, x1, schedule, args.t_dist, args.t_mean)
                 total += loss.item() * len(idx)
-                if not math.isfinite(total):  # stop before a step can spoil the weights
-                    die(f"the loss is {loss.item()} at step {step} of epoch {epoch + 1}: the run diverged; "
-                        f"try a smaller --lr than {args.lr:g} (the last checkpoint is left as it was)")
+                check_loss(total, loss, step, epoch + 1, args.lr)  # before it can spoil the weights
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if args.clip:
@@ -209,37 +189,32 @@ def main(argv=None):
                     opt.param_groups[0]["lr"] = args.lr * min(1, (n + 1) / args.warmup)
                 opt.step()
                 n += 1
-                if ema is not None:  # the decay warms up as (1 + n) / (10 + n): early weights fade fast
+                if ema is not None:  # the decay warms up as (1 + n) / (10 + n): early weights fade
                     update_ema(ema, model, min(args.ema, (1 + n) / (10 + n)))
                 progress(epoch + 1, args.epochs, step, batches, step * args.batch_size, total, t0)
             dt = time.time() - t0
-            print(f"epoch {epoch + 1:3d}/{args.epochs} | loss {total / N:.4f} | {N / dt:5.0f} img/s | {dt:6.1f} s", flush=True)
+            print(f"epoch {epoch + 1:3d}/{args.epochs} | loss {total / N:.4f} | "
+                  f"{N / dt:5.0f} img/s | {dt:6.1f} s", flush=True)
 
-            # outputs: the fixed garments and their translations, then the checkpoint (atomic,
-            # never with non-finite weights) and the sampling weights alone
+            # outputs: the fixed garments and their translations, then the checkpoint (never
+            # with non-finite weights) and the sampling weights alone
             sampler = ema if ema is not None else model
-            if not all(p.isfinite().all() for p in [*model.parameters(), *sampler.parameters()]):
-                die(f"the weights are no longer finite after epoch {epoch + 1}: the run diverged; "
-                    f"try a smaller --lr than {args.lr:g} (the last checkpoint is left as it was)")
+            check_weights([model, sampler], epoch + 1, args.lr)
             x = generate(sampler, fixed, n_steps, device, dtype, solver, ts)
             save_pairs(fixed, x, os.path.join(args.out, f"epoch{epoch + 1:03d}.png"))
             atomic_save({
-                "script": "translate.py", "model": model.state_dict(), "optimizer": opt.state_dict(),
-                "config": vars(args),
+                "script": "translate.py", "model": model.state_dict(),
+                "optimizer": opt.state_dict(), "config": vars(args),
                 **({"ema": ema.state_dict()} if ema is not None else {}),
                 "epoch": epoch + 1, "rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else [],
             }, ckpt_path)
             saved = epoch + 1
-            atomic_save({"script": "translate.py", "ema" if ema is not None else "model": sampler.state_dict(),
-                         "config": vars(args), "epoch": epoch + 1}, os.path.join(args.out, f"epoch{epoch + 1:03d}.pt"))
-    except KeyboardInterrupt:  # Ctrl-C: one line on where the run stands and how to go on, exit status 130
-        print("\r\033[K" if sys.stdout.isatty() else "", end="", flush=True)  # (the progress line)
-        again = f"python translate.py --out {shlex.quote(args.out)} --data {shlex.quote(args.data)} --resume --epochs {args.epochs}"
-        again += "".join(f" --{k} {getattr(args, k)}" for k in ("device", "dtype") if getattr(args, k) != "auto")
-        print(f"translate.py: interrupted in epoch {epoch + 1}; " + (f"{ckpt_path} holds epoch {saved}; continue with: "
-              f"{again}" if saved else "no checkpoint was written yet"), file=sys.stderr)
-        raise SystemExit(130)
+            atomic_save({"script": "translate.py", "ema" if ema is not None else "model":
+                         sampler.state_dict(), "config": vars(args), "epoch": epoch + 1},
+                        os.path.join(args.out, f"epoch{epoch + 1:03d}.pt"))
+    except KeyboardInterrupt:  # Ctrl-C: one line, where the run stands and how to go on; exit 130
+        interrupted("translate.py", args, epoch + 1, saved, ckpt_path)
 
 if __name__ == "__main__":
     try:
