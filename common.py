@@ -1,10 +1,12 @@
 """
-What the nanoFM scripts share. The maths first, in the order a reader meets it: the
-schedules, the flow matching loss and the moving average of the weights, the samplers and
-their time grids, the two networks (an MLP for 2D, the handout's U-Net for images). Then
-small helpers, grouped by what they serve: the command line, the data, files and
-checkpoints, a training run's plumbing (resume, divergence, Ctrl-C, memory), pictures,
-progress. Equation numbers refer to the handout (see README.md).
+What the nanoFM scripts share. First the maths of the handout, in the order a reader meets
+it: the schedules, the flow matching loss (and the moving average of the weights), Euler's
+sampler, the two networks (an MLP for 2D, the handout's U-Net for images). Then what goes
+beyond the handout: more solvers, time grids, the sampler for a budget of network
+evaluations, optimal transport pairing. Then the plumbing, grouped by what it serves: the
+command line, the data, files and checkpoints, a training run's plumbing (resume,
+divergence, Ctrl-C, memory), pictures, progress. Equation numbers refer to the handout (see
+README.md).
 """
 import argparse
 import contextlib
@@ -47,7 +49,7 @@ def get_schedule(name):
     return SCHEDULES[name]
 
 # -----------------------------------------------------------------------------
-# training: the loss, the pairing of a batch, the moving average of the weights
+# training: the loss, and the moving average of the weights that sampling uses
 
 T_DISTS = ("uniform", "logit-normal")  # the distributions of t that fm_loss knows
 
@@ -69,39 +71,6 @@ def fm_loss(model, x0, x1, schedule, t_dist="uniform", t_mean=0.0):
     # under bf16 autocast the network answers in bf16; the error is taken in x0's precision
     return (model(xt, t).to(target.dtype) - target).pow(2).mean()
 
-def ot_pairing(x0, x1):
-    """Minibatch optimal transport (Tong et al. 2023): the order of x0 (B, ...) that pairs it
-    with x1 (B, ...) at the least total squared distance, found exactly by the Hungarian
-    method with potentials (Kuhn 1955, in Jonker and Volgenant's form), O(B^3).
-    x0[ot_pairing(x0, x1)] is x0 reordered: the pairs keep both marginals, only who meets
-    whom changes."""
-    import numpy as np
-    cost = torch.cdist(x0.flatten(1).float(), x1.flatten(1).float()).pow(2)
-    cost = cost.cpu().double().numpy()
-    n = len(cost)
-    a = np.zeros((n + 1, n + 1))
-    a[1:, 1:] = cost                        # 1-based: row/column 0 is the method's dummy
-    u, v = np.zeros(n + 1), np.zeros(n + 1)  # the dual potentials of rows and columns
-    p = np.zeros(n + 1, dtype=np.int64)     # p[j]: the row matched to column j
-    way = np.zeros(n + 1, dtype=np.int64)
-    for i in range(1, n + 1):               # add row i, then repair along a shortest path
-        p[0], j0 = i, 0
-        minv, used = np.full(n + 1, np.inf), np.zeros(n + 1, dtype=bool)
-        while p[j0] != 0:  # (p[0] = i: at least once)
-            used[j0] = True
-            reduced = a[p[j0]] - u[p[j0]] - v
-            better = ~used & (reduced < minv)
-            minv[better], way[better] = reduced[better], j0
-            j1 = int(np.where(used, np.inf, minv).argmin())
-            delta = minv[j1]
-            u[p[used]] += delta
-            v[used] -= delta
-            minv[~used] -= delta
-            j0 = j1
-        while j0:
-            p[j0], j0 = p[way[j0]], way[j0]
-    return torch.as_tensor(p[1:] - 1, device=x0.device)  # for column j (x1[j]) the row of x0
-
 @torch.no_grad()
 def update_ema(ema, model, decay):
     """ema <- decay * ema + (1 - decay) * model, tensor by tensor (the U-Net has no buffers)."""
@@ -109,12 +78,99 @@ def update_ema(ema, model, decay):
         e.lerp_(p, 1 - decay)
 
 # -----------------------------------------------------------------------------
-# the samplers integrate dx/dt = model(x, t) from t = 0 to t = 1 over a grid of times
-# 0 = t_0 < t_1 < ... < t_steps = 1. One step of each solver, from (x, t) to t_next:
+# sampling with Euler's method (Eq. 7): integrate dx/dt = model(x, t) from t = 0 to t = 1
+# over a grid of times 0 = t_0 < t_1 < ... < t_steps = 1, one step at a time
 
 def euler_step(model, x, t, t_next):
     """x_{i+1} = x_i + h f_{t_i}(x_i), h = t_{i+1} - t_i: one network evaluation, error O(h)."""
     return x + (t_next - t) * model(x, t.expand(x.shape[0]))
+
+@torch.no_grad()
+def sample(model, x0, steps, solver="euler", trajectory=False, ts=None):
+    """Carry x0 (B, ...) from t = 0 to t = 1 in `steps` steps of `solver` over the times ts
+    (default: the uniform grid t_i = i / steps). Returns the final points, or with
+    trajectory=True all steps+1 states (steps+1, B, ...)."""
+    if not (isinstance(steps, int) and steps > 0):
+        raise ValueError(f"the number of steps must be a positive integer, got {steps!r}")
+    if solver not in SOLVERS:
+        raise ValueError(f"unknown solver {solver!r}; known solvers: {', '.join(SOLVERS)}")
+    ts = (time_grid("uniform", steps) if ts is None else ts).to(x0.device, x0.dtype)
+    x, xs = x0, [x0]
+    for i in range(steps):
+        last_euler = solver == "heun-euler" and i == steps - 1
+        x = (euler_step if last_euler else SOLVERS[solver])(model, x, ts[i], ts[i + 1])
+        if trajectory:
+            xs.append(x)
+    return torch.stack(xs) if trajectory else x
+
+def euler(model, x0, steps, trajectory=False):
+    """The Euler sampler of Eq. 7, written exactly (README, "Where we differ from the
+    handout")."""
+    return sample(model, x0, steps, "euler", trajectory)
+
+# -----------------------------------------------------------------------------
+# networks. Every model is called as model(xt, t) with t of shape (B,).
+
+class MLP(nn.Module):
+    """The MLP of section 2: d + 1 inputs (the point and the time, last), three hidden
+    layers of n_hidden with ReLU, d outputs. The handout also puts a ReLU on the output; we
+    don't: a velocity has negative components too, and a ReLU there could never move a
+    point left or down."""
+    def __init__(self, d=2, n_hidden=128):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(d + 1, n_hidden), nn.ReLU(),
+            nn.Linear(n_hidden, n_hidden), nn.ReLU(),
+            nn.Linear(n_hidden, n_hidden), nn.ReLU(),
+            nn.Linear(n_hidden, d),
+        )
+
+    def forward(self, x, t):
+        return self.net(torch.cat([x, t[:, None].to(x.dtype)], dim=1))  # (B, d+1) -> (B, d)
+
+class DoubleConv(nn.Module):
+    """conv 3x3, ReLU, conv 3x3, ReLU; padding keeps the height and width."""
+    def __init__(self, c_in, c_out):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(c_in, c_out, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(c_out, c_out, 3, padding=1), nn.ReLU(),
+        )
+
+    def forward(self, x):
+        return self.net(x)
+
+class UNet(nn.Module):
+    """The U-Net of section 3, for 28x28 images, exactly as the handout gives it.
+    The time enters as a constant extra input channel (the "time map")."""
+    def __init__(self, c_in=1, c_out=1):
+        super().__init__()
+        self.enc1 = DoubleConv(c_in + 1, 32)
+        self.enc2 = DoubleConv(32, 64)
+        self.mid = DoubleConv(64, 64)
+        self.up2 = nn.ConvTranspose2d(64, 64, 2, stride=2)
+        self.dec2 = DoubleConv(64, 32)
+        self.up1 = nn.ConvTranspose2d(32, 32, 2, stride=2)
+        self.dec1 = DoubleConv(32, 32)
+        self.out = nn.Conv2d(32, c_out, 1)
+
+    def forward(self, x, t):
+        B, _, H, W = x.shape
+        tmap = t.to(x.dtype).view(B, 1, 1, 1).expand(B, 1, H, W)
+        e1 = self.enc1(torch.cat([x, tmap], dim=1))  # (B, 32, 28, 28)
+        e2 = self.enc2(F.max_pool2d(e1, 2))           # (B, 64, 14, 14)
+        m = self.mid(F.max_pool2d(e2, 2))             # (B, 64, 7, 7)
+        d2 = self.dec2(self.up2(m) + e2)              # (B, 32, 14, 14), additive skip
+        d1 = self.dec1(self.up1(d2) + e1)             # (B, 32, 28, 28), additive skip
+        return self.out(d1)                           # (B, c_out, 28, 28)
+
+# =============================================================================
+# beyond the handout: better solvers and time grids, the sampler for a budget of network
+# evaluations, optimal transport pairing
+# =============================================================================
+
+# -----------------------------------------------------------------------------
+# solvers: one step of each, from (x, t) to t_next
 
 def heun_step(model, x, t, t_next):
     """Heun's method (the explicit trapezoid rule): an Euler step to a trial point, then
@@ -182,29 +238,6 @@ def plan(budget, schedule, solver=None, steps=None, grid=None):
     return solver, steps or steps_within(solver, budget), grid
 
 @torch.no_grad()
-def sample(model, x0, steps, solver="euler", trajectory=False, ts=None):
-    """Carry x0 (B, ...) from t = 0 to t = 1 in `steps` steps of `solver` over the times ts
-    (default: the uniform grid t_i = i / steps). Returns the final points, or with
-    trajectory=True all steps+1 states (steps+1, B, ...)."""
-    if not (isinstance(steps, int) and steps > 0):
-        raise ValueError(f"the number of steps must be a positive integer, got {steps!r}")
-    if solver not in SOLVERS:
-        raise ValueError(f"unknown solver {solver!r}; known solvers: {', '.join(SOLVERS)}")
-    ts = (time_grid("uniform", steps) if ts is None else ts).to(x0.device, x0.dtype)
-    x, xs = x0, [x0]
-    for i in range(steps):
-        last_euler = solver == "heun-euler" and i == steps - 1
-        x = (euler_step if last_euler else SOLVERS[solver])(model, x, ts[i], ts[i + 1])
-        if trajectory:
-            xs.append(x)
-    return torch.stack(xs) if trajectory else x
-
-def euler(model, x0, steps, trajectory=False):
-    """The Euler sampler of Eq. 7, written exactly (README, "Where we differ from the
-    handout")."""
-    return sample(model, x0, steps, "euler", trajectory)
-
-@torch.no_grad()
 def generate(model, x0, steps, device, dtype, solver="euler", ts=None, keep=0):
     """Carry x0 (N, 1, 28, 28) to t = 1 in chunks of 256: (N, 1, 28, 28) in [0, 1] on the
     CPU. With keep=K, also the way there of the first K images, (steps + 1, K, 1, 28, 28)
@@ -220,60 +253,40 @@ def generate(model, x0, steps, device, dtype, solver="euler", ts=None, keep=0):
     return (torch.cat(xs), path) if keep else torch.cat(xs)
 
 # -----------------------------------------------------------------------------
-# networks. Every model is called as model(xt, t) with t of shape (B,).
+# the pairing of a batch
 
-class MLP(nn.Module):
-    """The MLP of section 2: d + 1 inputs (the point and the time, last), three hidden
-    layers of n_hidden with ReLU, d outputs. The handout also puts a ReLU on the output; we
-    don't: a velocity has negative components too, and a ReLU there could never move a
-    point left or down."""
-    def __init__(self, d=2, n_hidden=128):
-        super().__init__()
-        self.net = nn.Sequential(
-            nn.Linear(d + 1, n_hidden), nn.ReLU(),
-            nn.Linear(n_hidden, n_hidden), nn.ReLU(),
-            nn.Linear(n_hidden, n_hidden), nn.ReLU(),
-            nn.Linear(n_hidden, d),
-        )
-
-    def forward(self, x, t):
-        return self.net(torch.cat([x, t[:, None].to(x.dtype)], dim=1))  # (B, d+1) -> (B, d)
-
-class DoubleConv(nn.Module):
-    """conv 3x3, ReLU, conv 3x3, ReLU; padding keeps the height and width."""
-    def __init__(self, c_in, c_out):
-        super().__init__()
-        self.net = nn.Sequential(
-            nn.Conv2d(c_in, c_out, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(c_out, c_out, 3, padding=1), nn.ReLU(),
-        )
-
-    def forward(self, x):
-        return self.net(x)
-
-class UNet(nn.Module):
-    """The U-Net of section 3, for 28x28 images, exactly as the handout gives it.
-    The time enters as a constant extra input channel (the "time map")."""
-    def __init__(self, c_in=1, c_out=1):
-        super().__init__()
-        self.enc1 = DoubleConv(c_in + 1, 32)
-        self.enc2 = DoubleConv(32, 64)
-        self.mid = DoubleConv(64, 64)
-        self.up2 = nn.ConvTranspose2d(64, 64, 2, stride=2)
-        self.dec2 = DoubleConv(64, 32)
-        self.up1 = nn.ConvTranspose2d(32, 32, 2, stride=2)
-        self.dec1 = DoubleConv(32, 32)
-        self.out = nn.Conv2d(32, c_out, 1)
-
-    def forward(self, x, t):
-        B, _, H, W = x.shape
-        tmap = t.to(x.dtype).view(B, 1, 1, 1).expand(B, 1, H, W)
-        e1 = self.enc1(torch.cat([x, tmap], dim=1))  # (B, 32, 28, 28)
-        e2 = self.enc2(F.max_pool2d(e1, 2))           # (B, 64, 14, 14)
-        m = self.mid(F.max_pool2d(e2, 2))             # (B, 64, 7, 7)
-        d2 = self.dec2(self.up2(m) + e2)              # (B, 32, 14, 14), additive skip
-        d1 = self.dec1(self.up1(d2) + e1)             # (B, 32, 28, 28), additive skip
-        return self.out(d1)                           # (B, c_out, 28, 28)
+def ot_pairing(x0, x1):
+    """Minibatch optimal transport (Tong et al. 2023): the order of x0 (B, ...) that pairs it
+    with x1 (B, ...) at the least total squared distance, found exactly by the Hungarian
+    method with potentials (Kuhn 1955, in Jonker and Volgenant's form), O(B^3).
+    x0[ot_pairing(x0, x1)] is x0 reordered: the pairs keep both marginals, only who meets
+    whom changes."""
+    import numpy as np
+    cost = torch.cdist(x0.flatten(1).float(), x1.flatten(1).float()).pow(2)
+    cost = cost.cpu().double().numpy()
+    n = len(cost)
+    a = np.zeros((n + 1, n + 1))
+    a[1:, 1:] = cost                        # 1-based: row/column 0 is the method's dummy
+    u, v = np.zeros(n + 1), np.zeros(n + 1)  # the dual potentials of rows and columns
+    p = np.zeros(n + 1, dtype=np.int64)     # p[j]: the row matched to column j
+    way = np.zeros(n + 1, dtype=np.int64)
+    for i in range(1, n + 1):               # add row i, then repair along a shortest path
+        p[0], j0 = i, 0
+        minv, used = np.full(n + 1, np.inf), np.zeros(n + 1, dtype=bool)
+        while p[j0] != 0:  # (p[0] = i: at least once)
+            used[j0] = True
+            reduced = a[p[j0]] - u[p[j0]] - v
+            better = ~used & (reduced < minv)
+            minv[better], way[better] = reduced[better], j0
+            j1 = int(np.where(used, np.inf, minv).argmin())
+            delta = minv[j1]
+            u[p[used]] += delta
+            v[used] -= delta
+            minv[~used] -= delta
+            j0 = j1
+        while j0:
+            p[j0], j0 = p[way[j0]], way[j0]
+    return torch.as_tensor(p[1:] - 1, device=x0.device)  # for column j (x1[j]) the row of x0
 
 # =============================================================================
 # helpers: the plumbing the scripts share, kept out of their way

@@ -23,8 +23,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
 
-from common import (MLP, SCHEDULES, die, euler, fm_loss, get_schedule, make_dir, pick_device,
-                    positive_float, positive_int)
+from common import (MLP, SCHEDULES, atomic_write, die, euler, fm_loss, get_schedule, make_dir,
+                    pick_device, positive_float, positive_int)
 
 # -----------------------------------------------------------------------------
 # settings; the defaults are the recommended run
@@ -102,7 +102,8 @@ def main(argv=None):
     for i in range(0, args.steps + 1, max(1, args.steps // 10)):
         print(f"{results[names[0]]['t'][i]:5.2f} | " + " | ".join(
             f"{results[n]['var'][i]:15.4f} {results[n]['theory'][i]:7.4f}" for n in names))
-    with open(os.path.join(args.out, "variance.csv"), "w", newline="") as f:
+    csv_path = os.path.join(args.out, "variance.csv")
+    with atomic_write(csv_path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["schedule", "t", "var_measured", "var_theory"])
         w.writerows(rows)
@@ -115,7 +116,8 @@ def main(argv=None):
     ax.set_title(f"N(0, I) -> N((1, 1), I), Euler with {args.steps} steps")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(os.path.join(args.out, "variance.png"), dpi=100)
+    with atomic_write(os.path.join(args.out, "variance.png")) as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
     print(f"wrote {args.out}/variance.csv and {args.out}/variance.png")
     return results
@@ -123,6 +125,6 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except KeyboardInterrupt:  # Ctrl-C: one line and exit status 130 (no file is ever half-written)
+    except KeyboardInterrupt:  # Ctrl-C: one line, exit status 130 (files: common.atomic_write)
         print(f"{os.path.basename(__file__)}: interrupted", file=sys.stderr)
         raise SystemExit(130)

@@ -19,8 +19,8 @@ import matplotlib.pyplot as plt
 from matplotlib.animation import FuncAnimation, PillowWriter
 import torch
 
-from common import (MLP, SCHEDULES, die, euler, fm_loss, get_schedule, make_dir, pick_device,
-                    positive_float, positive_int)
+from common import (MLP, SCHEDULES, atomic_write, die, euler, fm_loss, get_schedule, make_dir,
+                    pick_device, positive_float, positive_int)
 
 # -----------------------------------------------------------------------------
 # settings; the defaults are the recommended run
@@ -121,7 +121,8 @@ def plot(model, traj, data, losses, args, device):
     axes[1, 3].set_title(f"training loss ({args.schedule} schedule)")
     axes[1, 3].set_xlabel("iteration")
     fig.tight_layout()
-    fig.savefig(os.path.join(args.out, "moons.png"), dpi=80)
+    with atomic_write(os.path.join(args.out, "moons.png")) as tmp:
+        fig.savefig(tmp, dpi=80)
     plt.close(fig)
 
     if args.gif:  # the points flowing from the Gaussian to the moons, 40 frames
@@ -132,13 +133,14 @@ def plot(model, traj, data, losses, args, device):
         def draw(i):
             dots.set_offsets(traj[i].numpy())
             ax.set_title(f"t = {i / args.steps:.2f}")
-        FuncAnimation(fig, draw, frames=frames + [args.steps] * 10).save(
-            os.path.join(args.out, "moons.gif"), writer=PillowWriter(fps=12), dpi=60)
+        with atomic_write(os.path.join(args.out, "moons.gif")) as tmp:
+            FuncAnimation(fig, draw, frames=frames + [args.steps] * 10).save(
+                tmp, writer=PillowWriter(fps=12), dpi=60)
         plt.close(fig)
 
 if __name__ == "__main__":
     try:
         main()
-    except KeyboardInterrupt:  # Ctrl-C: one line and exit status 130 (no file is ever half-written)
+    except KeyboardInterrupt:  # Ctrl-C: one line, exit status 130 (files: common.atomic_write)
         print(f"{os.path.basename(__file__)}: interrupted", file=sys.stderr)
         raise SystemExit(130)

@@ -1328,3 +1328,47 @@ def test_no_line_of_the_code_is_longer_than_100_characters():
         with open(os.path.join(HERE, name)) as f:
             long = [i for i, line in enumerate(f, 1) if len(line.rstrip("\n")) > 100]
         assert not long, (name, long)
+
+@pytest.mark.parametrize("script", ["mnist", "translate"])
+def test_handout_sets_the_handouts_recipe_and_a_setting_given_wins(both_data, tmp_path, script):
+    import importlib
+    module = importlib.import_module(script)
+    run = {"mnist": run_mnist, "translate": run_translate}[script]
+    expected = {"t_dist": "uniform", "batch_size": 128, "ema": 0.0, "solver": "euler", "steps": 100,
+                "grid": "uniform", **({"pairing": "random"} if script == "translate" else {})}
+    assert module.HANDOUT == expected
+    # the same run as the explicit flags, but for --batch-size 16, given besides --handout
+    run(both_data, tmp_path / "a", "--epochs", "1", "--handout", "--steps", "2")
+    run(both_data, tmp_path / "b", "--epochs", "1", "--t-dist", "uniform", "--ema", "0", "--solver",
+        "euler", "--steps", "2", "--grid", "uniform", "--pairing", "random")
+    a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in "ab")
+    assert {k: a["config"][k] for k in expected} == {**expected, "batch_size": 16, "steps": 2}
+    assert "ema" not in a and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    # without a setting given, HANDOUT's own (batches of 128: one short batch of 48 here)
+    module.main(["--data", str(both_data), "--out", str(tmp_path / "c"), "--device", "cpu",
+                 "--epochs", "1", "--handout"])
+    c = torch.load(tmp_path / "c" / "ckpt.pt", weights_only=True)
+    assert {k: c["config"][k] for k in expected} == expected and c["config"]["handout"] is True
+
+def readme_snippets():
+    """The python blocks of the README's section 0, as written there."""
+    with open(os.path.join(HERE, "README.md")) as f:
+        text = f.read()
+    section = text[text.index("## 0. "):text.index("## 1. ")]
+    return re.findall(r"```python\n(.*?)```", section, re.S)
+
+@pytest.mark.parametrize("shape", [(64, 2), (8, 1, 28, 28)])
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_the_readme_snippets_are_fm_loss_and_euler(shape, schedule):
+    loss_block, euler_block = readme_snippets()
+    torch.manual_seed(0)
+    model = MLP() if len(shape) == 2 else UNet()
+    x0, x1 = torch.randn(shape), torch.randn(shape)
+    names = {"torch": torch, "model": model, "x0": x0, "x1": x1, "schedule": schedule, "steps": 5}
+    torch.manual_seed(1)
+    exec(loss_block, names)  # as written in the README
+    torch.manual_seed(1)
+    assert names["loss"].item() == fm_loss(model, x0, x1, schedule).item()
+    with torch.no_grad():
+        exec(euler_block, names)
+    torch.testing.assert_close(names["x"], euler(model, x0, 5), rtol=0, atol=0)

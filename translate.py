@@ -87,6 +87,13 @@ add("--sample", type=positive_int, default=None, metavar="N", help="no training:
     "first N Fashion-MNIST test images with OUT/ckpt.pt into OUT/samples.pt and .png")
 add("--raw", action="store_true",
     help="with --sample: the trained weights, not their moving average")
+# --handout: the handout's t ~ U(0, 1), no moving average and Euler sampling, with the batch
+# size and Euler steps its text leaves open (our choices: README)
+HANDOUT = {"t_dist": "uniform", "batch_size": 128, "ema": 0.0, "solver": "euler", "steps": 100,
+           "grid": "uniform", "pairing": "random"}
+add("--handout", action="store_true", help="the handout's recipe as we run it: "
+    + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in HANDOUT.items())
+    + "; a setting given besides it wins")
 
 # settings newer than some checkpoints: what a checkpoint saved before them trained with
 OLDER = {"t_dist": "uniform", "t_mean": 0.0, "warmup": None, "clip": None, "pairing": "random"}
@@ -100,35 +107,40 @@ def save_pairs(x0, x, path, width=16):
         rows += [src, pad, res, pad]
     save_grid(torch.cat(rows), path, nrow=width)
 
+def draw(args, ckpt_path, device, dtype):
+    """--sample N, no training: the first N Fashion-MNIST test images translated with the
+    weights of OUT/ckpt.pt: OUT/samples.pt (N, 1, 28, 28) in [0, 1], samples.png (sources
+    above their translations), flow.png and flow.gif."""
+    model, config = load_model(ckpt_path, device, args.raw, script="translate.py")
+    schedule = config.get("schedule", "cosine")  # the one the weights were trained for
+    solver, n_steps, grid = plan(args.nfe, schedule, args.solver, args.steps, args.grid)
+    ts = time_grid(grid, n_steps, schedule)
+    x0 = load_images("FashionMNIST", args.data, train=False)
+    if args.sample > len(x0):
+        die(f"--sample {args.sample}: Fashion-MNIST has only {len(x0)} test images")
+    x0 = x0[: args.sample]
+    t0 = time.time()
+    x, path = generate(model, x0, n_steps, device, dtype, solver, ts, keep=64)
+    dt = time.time() - t0
+    print(f"{len(x)} images, {solver}, {n_steps} steps on the {grid} grid "
+          f"({nfe(solver, n_steps)} network evaluations each): "
+          f"{dt:.1f} s ({len(x) / dt:.1f} img/s)")
+    atomic_save(x, os.path.join(args.out, "samples.pt"))  # (N, 1, 28, 28) in [0, 1]
+    save_pairs(x0[:128], x[:128], os.path.join(args.out, "samples.png"))
+    save_flow(path, ts, args.out)  # the first 64 on their way from t = 0 to 1
+    print(f"wrote {args.out}/samples.pt, samples.png, flow.png and flow.gif")
+
 def main(argv=None):
     args = parser.parse_args(argv)
+    if args.handout:  # HANDOUT's settings become the defaults
+        args = parser.parse_args(argv, argparse.Namespace(**HANDOUT))
     args.out = args.out or f"out/translate-{args.schedule}"
     ckpt_path = os.path.join(args.out, "ckpt.pt")
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
 
-    # -------------------------------------------------------------------------
-    # --sample: no training, translate the first N Fashion-MNIST test images
-    if args.sample:
-        model, config = load_model(ckpt_path, device, args.raw, script="translate.py")
-        schedule = config.get("schedule", "cosine")  # the one the weights were trained for
-        solver, n_steps, grid = plan(args.nfe, schedule, args.solver, args.steps, args.grid)
-        ts = time_grid(grid, n_steps, schedule)
-        x0 = load_images("FashionMNIST", args.data, train=False)
-        if args.sample > len(x0):
-            die(f"--sample {args.sample}: Fashion-MNIST has only {len(x0)} test images")
-        x0 = x0[: args.sample]
-        t0 = time.time()
-        x, path = generate(model, x0, n_steps, device, dtype, solver, ts, keep=64)
-        dt = time.time() - t0
-        print(f"{len(x)} images, {solver}, {n_steps} steps on the {grid} grid "
-              f"({nfe(solver, n_steps)} network evaluations each): "
-              f"{dt:.1f} s ({len(x) / dt:.1f} img/s)")
-        atomic_save(x, os.path.join(args.out, "samples.pt"))  # (N, 1, 28, 28) in [0, 1]
-        save_pairs(x0[:128], x[:128], os.path.join(args.out, "samples.png"))
-        save_flow(path, ts, args.out)  # the first 64 on their way from t = 0 to 1
-        print(f"wrote {args.out}/samples.pt, samples.png, flow.png and flow.gif")
-        return
+    if args.sample:  # no training: draw from a trained run
+        return draw(args, ckpt_path, device, dtype)
 
     # -------------------------------------------------------------------------
     # set-up: a fresh U-Net, or with --resume the one in OUT/ckpt.pt and its settings
