@@ -324,10 +324,12 @@ def pick_device(name="auto"):
         device = torch.device(name)
     except RuntimeError:
         die(f"unknown device {name!r}; use auto, cpu, cuda or mps")
-    if (device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count()) or \
-       (device.type == "mps" and not torch.backends.mps.is_available()):
-        die(f"device {name!r} is not available on this machine "
-            f"({torch.cuda.device_count()} CUDA devices)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        n = torch.cuda.device_count()
+        die(f"device {name!r} is not available on this machine ({n} CUDA "
+            f"device{'' if n == 1 else 's'})")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        die(f"device {name!r} is not available on this machine (no Apple GPU)")
     return device
 
 def pick_dtype(name, device):
@@ -590,7 +592,7 @@ def progress(epoch, epochs, step, steps, images, loss_sum, t0):
         return
     dt = time.time() - t0
     left = (steps - step) * dt / step
-    clock = lambda s: time.strftime("%H:%M:%S", time.gmtime(s))
+    clock = lambda s: f"{int(s) // 3600:02d}:{int(s) // 60 % 60:02d}:{int(s) % 60:02d}"
     line = (f"  step {step}/{steps} of epoch {epoch}/{epochs} | loss {loss_sum / images:.4f} | "
             f"{images / dt:.0f} img/s | {clock(left)} left in the epoch, "
             f"{clock(left + (epochs - epoch) * steps * dt / step)} in the run")

@@ -16,7 +16,8 @@ convolutional classifier trained on the MNIST training set, kept with its test a
 the statistics of the MNIST test set in weights/classifier.pt: retrained, its weights (and
 every FID) differ a little from one CPU to another (README, section 5), so the one every
 number in the README comes from is kept. --classifier PATH of a file that does not exist
-trains a new one there. The last line of the output holds the figures as name=value pairs:
+trains a new one there. Scoring a samples.pt, real or noise, the last line of the output
+holds the figures as name=value pairs:
     n       the number of images scored
     fid     the Frechet distance between Gaussians fitted to the classifier's 128 features
             (the layer before the logits) of these images and of the 10,000 MNIST test
@@ -56,14 +57,15 @@ add("--n", type=positive_int, default=None,
     help="score the first N images (default: all of samples.pt; 1000 otherwise)")
 add("--translation", action="store_true", help="translate.py's samples.pt or run: image i comes "
     "from Fashion-MNIST test image i")
-# run folder only (RUN_ONLY): what to sample, and how
+# run folder only (RUN_ONLY, but --device: a samples.pt is scored where it is): what to sample
 add("--nfe", type=positive_int, nargs="+", default=[4, 6, 8, 10, 16, 20, 50, 100], help="run "
     "folder: the budgets of network evaluations to try (each solver takes as many steps as fit)")
 add("--grids", nargs="+", choices=list(GRIDS), default=list(GRIDS),
     help="run folder: the time grids to try (default: all)")
 add("--seeds", type=int, nargs="+", default=[0, 1], help="run folder: the sets of noise images to "
     "sample from (those of mnist.py --sample --seed S)")
-add("--raw", action="store_true", help="run folder: the trained weights, not their average")
+add("--raw", action="store_true", help="run folder: the trained weights, not their average "
+    "(not with --curve: the epochs' files hold only the average)")
 add("--path", action="store_true", help="run folder: how the flow moves instead: along 100 Euler "
     "steps, the pixels' scale, how fast the velocity changes, when the digit is decided")
 add("--curve", action="store_true", help="run folder: quality against epochs instead: score the "
@@ -71,13 +73,13 @@ add("--curve", action="store_true", help="run folder: quality against epochs ins
 add("--also", nargs="+", metavar="RUN", help="with --curve: more runs, drawn in the same curve.png")
 add("--device", default="auto", help="where to sample a run folder (auto, cpu, cuda, mps)")
 add("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="run folder: sample "
-    "in this precision (auto: bf16 autocast only where the hardware has it)")
+    "in this precision (auto: as for mnist.py; --path always samples in float32)")
 # the classifier
 add("--data", default="data", help="torchvision's data folder (as for mnist.py)")
 add("--classifier", default="weights/classifier.pt", help="the classifier's file; trained and "
     "written there if it does not exist (default: %(default)s)")
 add("--epochs", type=positive_int, default=2, help="the classifier's training epochs")
-add("--seed", type=int, default=0, help="seeds the classifier and the reference images")
+add("--seed", type=int, default=0, help="seeds the classifier's training and the 'noise' images")
 RUN_ONLY = ("nfe", "grids", "seeds", "raw", "path", "curve", "also", "dtype")
 
 class Classifier(nn.Module):
@@ -174,6 +176,8 @@ def images_to_score(args):
     if args.samples == "noise":
         g = torch.Generator().manual_seed(args.seed)
         return torch.rand(args.n or 1000, 1, 28, 28, generator=g) * 2 - 1
+    if not os.path.exists(args.samples):
+        die(f"no file or run folder {args.samples}")
     x = load_checkpoint(args.samples)
     if not (isinstance(x, torch.Tensor) and x.dim() == 4 and x.shape[1:] == (1, 28, 28)
             and x.is_floating_point()):
@@ -284,7 +288,8 @@ def guess_x1(schedule, t, x, v):
 @torch.no_grad()
 def along_the_path(args, model, schedule, device):
     """Carry the starting points of --seeds' first set (the garments with --translation)
-    with 100 Euler steps in float32 and print, every tenth of the way: the root mean square
+    with 100 Euler steps in float32 and print, every tenth of the way and at 0.95 and 0.99:
+    the root mean square
     of the pixels of x_t; how fast the velocity changes, |dv/dt| (the norm over an image's
     784 pixels, averaged over the images); and "decided", the share of images whose x_1 as
     the model guesses it from x_t (guess_x1) the classifier reads as the digit the image ends
@@ -444,6 +449,8 @@ def main(argv=None):
         die("--translation needs translate.py's samples.pt or run folder")
     if args.also and not args.curve:
         die("--also draws more runs in --curve's picture: add --curve")
+    if args.raw and args.curve:
+        die("--raw and --curve: the epochs' files (epochNNN.pt) hold only the moving average")
     if os.path.isdir(args.samples):
         device = pick_device(args.device)
         if args.curve:

@@ -28,7 +28,7 @@ from common import (GRIDS, SCHEDULES, SOLVERS, T_DISTS, UNet, atomic_save, autoc
                     restore_state, resume, save_flow, save_grid, time_grid, update_ema)
 
 # -----------------------------------------------------------------------------
-# settings; the defaults are the recommended run (README, "Results"). translate.py has the
+# settings; the defaults are the recommended run (README, appendix A). translate.py has the
 # same settings; test_fm.py lists the defaults in which the two differ, and why.
 parser = argparse.ArgumentParser(description="Flow matching on MNIST: noise -> digits.")
 parser.error = die  # argparse's errors in one line, without its usage block
@@ -72,7 +72,8 @@ add("--out", default=None, help="output folder (default: out/mnist-SCHEDULE)")
 add("--device", default="auto",
     help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps (default: %(default)s)")
 add("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-    help="auto: bf16 autocast only where the hardware has it (default: %(default)s)")
+    help="auto: bf16 autocast on a CPU with native bf16 (AVX512-BF16 or AMX), float32 "
+    "elsewhere, GPUs included (README, appendix E) (default: %(default)s)")
 add("--resume", action="store_true",
     help="continue OUT/ckpt.pt: its settings, the --epochs given here")
 add("--sample", type=positive_int, default=None, metavar="N",

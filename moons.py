@@ -107,7 +107,7 @@ def plot(model, traj, data, losses, args, device):
     axes[1, 0].set_title("data: X_1 ~ mu_1")
     axes[1, 1].scatter(*traj[-1].T, s=2, color="tab:blue")
     axes[1, 1].set_title(f"generated: Euler, {args.steps} steps")
-    for k in range(300):
+    for k in range(min(300, traj.shape[1])):
         axes[1, 2].plot(*traj[:, k].T, lw=0.5, alpha=0.5, color="tab:gray")
     axes[1, 2].scatter(*traj[0, :300].T, s=4, color="tab:orange", label="t = 0", zorder=3)
     axes[1, 2].scatter(*traj[-1, :300].T, s=4, color="tab:blue", label="t = 1", zorder=3)

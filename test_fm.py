@@ -595,6 +595,12 @@ def test_progress_inside_an_epoch_at_least_every_tenth(mnist_data, tmp_path, cap
                   [l for l in lines if l.startswith("  step ")][0])
     assert m and math.isfinite(float(m.group(1)))
 
+def test_progress_counts_hours_past_a_day(capsys):
+    import time
+    common.progress(1, 10, 1, 10, 64, 32.0, time.time() - 1000)  # 1000 s a step, 9 and 99 left
+    line = capsys.readouterr().out
+    assert "02:30:00 left in the epoch, 27:30:00 in the run" in line, line
+
 def test_progress_in_a_long_epoch_prints_every_tenth_into_a_file(capsys):
     import time
     for step in range(1, 1001):
@@ -1163,8 +1169,8 @@ def test_evaluate_bad_input_is_a_clear_error(tmp_path):
         [*args, "--data", str(data), "--classifier", str(tmp / "cls" / "classifier.pt"),
          "--device", "cpu"])
     s = tmp_path / "samples.pt"
-    expect_error("no checkpoint at", run_evaluate, eval_data, tmp_path,
-                 str(tmp_path / "missing.pt"))
+    expect_error(f"no file or run folder {tmp_path / 'missing.pt'}", run_evaluate, eval_data,
+                 tmp_path, str(tmp_path / "missing.pt"))
     expect_error("no checkpoint at", run_evaluate, eval_data, tmp_path,
                  str(tmp_path))  # a folder, no run
     expect_error("holds no epochNNN.pt", run_evaluate, eval_data, tmp_path, str(tmp_path),
@@ -1284,6 +1290,8 @@ def test_evaluate_refuses_what_it_would_ignore_and_images_that_are_not_finite(tm
         expect_error(f"{flags[0]} is for a run folder; {s} is not one", ev, str(s), *flags)
     expect_error("--also draws more runs in --curve's picture: add --curve", ev, str(tmp_path),
                  "--also", "x")
+    expect_error("--raw and --curve: the epochs' files (epochNNN.pt) hold only the moving average",
+                 ev, str(tmp_path), "--curve", "--raw")
     assert not (tmp_path / "c.pt").exists()
 
 # mnist.py's and translate.py's settings: the same flags, types and choices; the defaults

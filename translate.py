@@ -3,11 +3,11 @@ Image-to-image translation with flow matching (handout section 3.1): Fashion-MNI
 
 mnist.py's run (the same U-Net, optimiser, settings and loop); only x0 changes: instead of
 Gaussian noise, the flow starts from a Fashion-MNIST garment and carries it to an MNIST
-digit. Some defaults differ, each by measurement (README, section 4): 100 epochs (the
-handout's "about 100"), batches of 64, t ~ U(0, 1), and each batch's garments re-paired
-with its digits by optimal transport (--pairing random: drawn independently, as the
-handout does, so that nothing in the training tells the flow which digit a garment should
-become).
+digit. Some defaults differ, each for the reason test_fm.py's DIFFERENCES gives: 100
+epochs (the handout's "about 100"), batches of 64, t ~ U(0, 1) (measured), and each batch's
+garments re-paired with its digits by optimal transport (measured; --pairing random draws
+them independently, as the handout does, so that nothing in the training tells the flow
+which digit a garment should become).
 
     python translate.py                                   # 100 epochs, OUT = out/translate-cosine
     python translate.py --limit 2000 --epochs 2           # a quick look
@@ -47,7 +47,8 @@ add("--epochs", type=positive_int, default=100,
 add("--batch-size", type=positive_int, default=64,
     help="images per optimiser step (default: %(default)s)")
 add("--lr", type=positive_float, default=1e-3, help="Adam's learning rate (default: %(default)s)")
-# uniform, not mnist.py's logit-normal: after 10 epochs FID 95 against 153 (README, section 4)
+# uniform: after 10 epochs FID 95 against 153 with logit-normal t of mean 0, both paired at
+# random (README, section 4)
 add("--t-dist", default="uniform", choices=list(T_DISTS),
     help="the distribution of t in training (the handout's: uniform) (default: %(default)s)")
 add("--t-mean", type=float, default=-0.5, help="logit-normal t: the mean of the normal (< 0: more "
@@ -63,8 +64,8 @@ add("--pairing", default="ot", choices=["random", "ot"], help="which garment mee
 add("--ema", type=decay, default=0.999, metavar="DECAY",
     help="moving average of the weights, used for sampling (0: none) (default: %(default)s)")
 add("--nfe", type=positive_int, default=20, help="sample with at most this many network "
-    "evaluations an image, by the solver, grid and steps that measured best for it "
-    "(default: %(default)s)")
+    "evaluations an image, by the solver, grid and steps that measured best for it on "
+    "mnist.py's models (README, appendix D) (default: %(default)s)")
 add("--solver", default=None, choices=list(SOLVERS), help="instead of --nfe's choice: euler "
     "(1 network evaluation a step), heun or midpoint (2), heun-euler (2, the last step 1)")
 add("--steps", type=positive_int, default=None,
@@ -80,15 +81,16 @@ add("--out", default=None, help="output folder (default: out/translate-SCHEDULE)
 add("--device", default="auto",
     help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps (default: %(default)s)")
 add("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-    help="auto: bf16 autocast only where the hardware has it (default: %(default)s)")
+    help="auto: bf16 autocast on a CPU with native bf16 (AVX512-BF16 or AMX), float32 "
+    "elsewhere, GPUs included (README, appendix E) (default: %(default)s)")
 add("--resume", action="store_true",
     help="continue OUT/ckpt.pt: its settings, the --epochs given here")
 add("--sample", type=positive_int, default=None, metavar="N", help="no training: translate the "
     "first N Fashion-MNIST test images with OUT/ckpt.pt into OUT/samples.pt and .png")
 add("--raw", action="store_true",
     help="with --sample: the trained weights, not their moving average")
-# --handout: the handout's t ~ U(0, 1), no moving average and Euler sampling, with the batch
-# size and Euler steps its text leaves open (our choices: README)
+# --handout: the handout's t ~ U(0, 1), no moving average, Euler sampling and random pairing,
+# with the batch size and Euler steps its text leaves open (our choices: README)
 HANDOUT = {"t_dist": "uniform", "batch_size": 128, "ema": 0.0, "solver": "euler", "steps": 100,
            "grid": "uniform", "pairing": "random"}
 add("--handout", action="store_true", help="the handout's recipe as we run it: "
