@@ -141,11 +141,15 @@ class DoubleConv(nn.Module):
         return self.net(x)
 
 class UNet(nn.Module):
-    """The U-Net of section 3, for 28x28 images, exactly as the handout gives it.
-    The time enters as a constant extra input channel (the "time map")."""
-    def __init__(self, c_in=1, c_out=1):
+    """The U-Net of section 3, for 28x28 images, as the handout lists it (the 3x3 kernels of
+    DoubleConv, padded to keep the sizes it lists, are our reading of its "already defined"
+    code). The time enters as a constant extra input channel (the "time map"). With
+    n_classes > 0 (mnist.py --conditional) a label y enters the same way, as n_classes
+    constant one-hot channels; y = n_classes is "no label", all of them 0."""
+    def __init__(self, c_in=1, c_out=1, n_classes=0):
         super().__init__()
-        self.enc1 = DoubleConv(c_in + 1, 32)
+        self.n_classes = n_classes
+        self.enc1 = DoubleConv(c_in + 1 + n_classes, 32)
         self.enc2 = DoubleConv(32, 64)
         self.mid = DoubleConv(64, 64)
         self.up2 = nn.ConvTranspose2d(64, 64, 2, stride=2)
@@ -154,10 +158,13 @@ class UNet(nn.Module):
         self.dec1 = DoubleConv(32, 32)
         self.out = nn.Conv2d(32, c_out, 1)
 
-    def forward(self, x, t):
+    def forward(self, x, t, y=None):
         B, _, H, W = x.shape
-        tmap = t.to(x.dtype).view(B, 1, 1, 1).expand(B, 1, H, W)
-        e1 = self.enc1(torch.cat([x, tmap], dim=1))  # (B, 32, 28, 28)
+        maps = [x, t.to(x.dtype).view(B, 1, 1, 1).expand(B, 1, H, W)]  # the image, the time map
+        if self.n_classes:  # and the label's: (B, n_classes, H, W), 1 in channel y
+            onehot = F.one_hot(y, self.n_classes + 1)[:, :self.n_classes].to(x.dtype)
+            maps.append(onehot.view(B, -1, 1, 1).expand(B, self.n_classes, H, W))
+        e1 = self.enc1(torch.cat(maps, dim=1))        # (B, 32, 28, 28)
         e2 = self.enc2(F.max_pool2d(e1, 2))           # (B, 64, 14, 14)
         m = self.mid(F.max_pool2d(e2, 2))             # (B, 64, 7, 7)
         d2 = self.dec2(self.up2(m) + e2)              # (B, 32, 14, 14), additive skip
@@ -203,7 +210,7 @@ def steps_within(solver, budget):
 
 # Time grids: steps + 1 times from exactly 0 to exactly 1. "uniform": t_i = i / steps.
 # "early": t_i = (i / steps)^1.5, shorter steps in the first half, where the noise becomes a
-# digit (README, "Sampling"). "edm": Karras et al. (2022): the noise-to-signal ratio
+# digit (README, appendix D). "edm": Karras et al. (2022): the noise-to-signal ratio
 # sigma = alpha_t / beta_t (linear: (1 - t) / t, cosine: cot(pi t / 2)) evenly spaced in
 # sigma^(1/7) from EDM's sigma_max = 80 to its sigma_min = 0.002 in steps - 1 steps, then
 # one step to sigma = 0 (t = 1); short steps at both ends. The first time is 0, not
@@ -226,7 +233,7 @@ def time_grid(name, steps, schedule="cosine"):
 # The sampler within a budget of network evaluations, per schedule: rows (the smallest
 # budget, solver, grid); --nfe K takes the last row that fits K. Each row's solver and grid
 # measured best at its budgets on the two noise sets, but for linear at 100, where heun-euler
-# on the uniform grid measured 25.2 and on the early grid TODO-MEASURE (README, "Sampling").
+# on the uniform grid measured 25.2 and on the early grid TODO-MEASURE (README, appendix D).
 BEST = {"cosine": [(1, "euler", "early"), (6, "heun-euler", "early")],
         "linear": [(1, "euler", "early"), (2, "midpoint", "early"), (50, "heun-euler", "early")]}
 
@@ -238,19 +245,46 @@ def plan(budget, schedule, solver=None, steps=None, grid=None):
     return solver, steps or steps_within(solver, budget), grid
 
 @torch.no_grad()
-def generate(model, x0, steps, device, dtype, solver="euler", ts=None, keep=0):
+def generate(model, x0, steps, device, dtype, solver="euler", ts=None, keep=0, y=None, w=1.0):
     """Carry x0 (N, 1, 28, 28) to t = 1 in chunks of 256: (N, 1, 28, 28) in [0, 1] on the
     CPU. With keep=K, also the way there of the first K images, (steps + 1, K, 1, 28, 28)
-    in [0, 1]."""
+    in [0, 1]. With labels y (N,), a conditional model's field, guided by w (guided)."""
     xs, path = [], None
+    ys = y.split(256) if y is not None else [None] * len(x0.split(256))
     with autocast(device, dtype):
-        for i, chunk in enumerate(x0.split(256)):
+        for i, (chunk, yc) in enumerate(zip(x0.split(256), ys)):
             first = keep > 0 and i == 0
-            x = sample(model, chunk.to(device), steps, solver, trajectory=first, ts=ts)
+            field = model if yc is None else guided(model, yc.to(device), w)
+            x = sample(field, chunk.to(device), steps, solver, trajectory=first, ts=ts)
             if keep and i == 0:  # the states on the way, from the same network evaluations
                 path, x = to_unit(x[:, :keep]).cpu(), x[-1]
             xs.append(to_unit(x).cpu())
     return (torch.cat(xs), path) if keep else torch.cat(xs)
+
+# -----------------------------------------------------------------------------
+# classifier-free guidance (Ho and Salimans 2022): one network, trained with the label
+# dropped now and then, gives the conditional field v_c and the unconditional v_u
+
+NO_LABEL = 10  # the label a conditional U-Net reads as "no label"
+GUIDANCE = 1.0  # the default W of --guidance
+
+def guided(model, y, w):
+    """The field v_u + w (v_c - v_u) for labels y (B,): w = 1 is the conditional field, w = 0
+    the unconditional one (one network evaluation a step each); any other w takes both, in
+    one batch of 2B: two network evaluations (README, section 3)."""
+    null = torch.full_like(y, NO_LABEL)
+    if w == 1:
+        return lambda x, t: model(x, t, y)
+    if w == 0:
+        return lambda x, t: model(x, t, null)
+    def field(x, t):
+        v_u, v_c = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([null, y])).chunk(2)
+        return v_u + w * (v_c - v_u)
+    return field
+
+def evaluations_per_step(w):
+    """Network evaluations a solver's evaluation costs with guidance w (guided)."""
+    return 1 if w in (0, 1) else 2
 
 # -----------------------------------------------------------------------------
 # the pairing of a batch
@@ -307,6 +341,16 @@ def positive_int(s):  # counts: epochs, steps, ...
 
 def positive_float(s):  # a learning rate
     if not float(s) > 0:
+        raise ValueError(s)
+    return float(s)
+
+def non_negative_float(s):  # a guidance weight
+    if not float(s) >= 0:
+        raise ValueError(s)
+    return float(s)
+
+def probability(s):  # 0 <= p <= 1
+    if not 0 <= float(s) <= 1:
         raise ValueError(s)
     return float(s)
 
@@ -467,29 +511,36 @@ def load_model(path, device, raw=False, script=None, hint=""):
     weights = None
     if isinstance(ckpt, dict):
         weights = ckpt.get("ema" if "ema" in ckpt and not raw else "model")
-    model = restore(UNet(), weights, path).to(device, memory_format=torch.channels_last)
-    return model, ckpt.get("config") or {}
+    config = (ckpt.get("config") if isinstance(ckpt, dict) else None) or {}
+    unet = UNet(n_classes=10 if config.get("conditional") else 0)
+    model = restore(unet, weights, path).to(device, memory_format=torch.channels_last)
+    return model, config
 
 # -----------------------------------------------------------------------------
 # a training run's plumbing: resume exactly, stop on divergence, Ctrl-C, memory
 
-def resume(path, args, script, older, model):
-    """--resume: load path's weights into model; returns the checkpoint and the run's
-    settings: the checkpoint's (with `older` for settings it predates), but --epochs, --out,
-    --data, --device and --dtype as given now. What cannot be resumed is one line."""
+def resume(path, args, script, older):
+    """--resume: returns the checkpoint at path, the run's settings and its U-Net with the
+    trained weights. The settings are the checkpoint's (with `older` for settings it
+    predates), but --epochs, --out, --data, --device, --dtype and --guidance as given now.
+    What cannot be resumed is one line."""
     ckpt = load_checkpoint(path)
     check_script(ckpt, path, script)
     if isinstance(ckpt, dict) and "config" in ckpt and "optimizer" not in ckpt:
         die(f"{path} holds weights only, no optimiser state: it can --sample, not --resume")
-    restore(model, ckpt.get("model") if isinstance(ckpt, dict) else None, path)
-    if not isinstance(ckpt.get("config"), dict):
+    config = ckpt.get("config") if isinstance(ckpt, dict) else None
+    conditional = isinstance(config, dict) and config.get("conditional")
+    model = restore(UNet(n_classes=10 if conditional else 0),
+                    ckpt.get("model") if isinstance(ckpt, dict) else None, path)
+    if not isinstance(config, dict):
         die(f"{path} has no training settings to resume from")
     if ckpt.get("epoch", 0) >= args.epochs:
         die(f"{path} holds {ckpt.get('epoch', 0)} epochs already: nothing to do for --epochs "
             f"{args.epochs}; ask for more than {ckpt.get('epoch', 0)}")
-    given = {k: getattr(args, k) for k in ("epochs", "out", "data", "device", "dtype", "resume")}
+    given = {k: getattr(args, k) for k in ("epochs", "out", "data", "device", "dtype", "resume",
+                                           "guidance")}
     print(f"resuming {path} after epoch {ckpt['epoch']}")
-    return ckpt, argparse.Namespace(**{**vars(args), **older, **ckpt["config"], **given})
+    return ckpt, argparse.Namespace(**{**vars(args), **older, **config, **given}), model
 
 def restore_state(ckpt, opt, ema, device):
     """The rest of a resumed run's state, so that it goes on exactly: the optimiser's

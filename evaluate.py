@@ -41,8 +41,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import (GRIDS, SOLVERS, atomic_save, atomic_write, check_script, die, fixed_noise,
-                    generate, get_schedule, load_checkpoint, load_images, load_model, nfe,
-                    pick_device, pick_dtype, plan, positive_int, steps_within, time_grid)
+                    evaluations_per_step, generate, get_schedule, load_checkpoint, load_images,
+                    load_model, nfe, non_negative_float, pick_device, pick_dtype, plan,
+                    positive_int, steps_within, time_grid)
 
 GARMENTS = ["T-shirt", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
             "Boot"]
@@ -64,6 +65,10 @@ add("--grids", nargs="+", choices=list(GRIDS), default=list(GRIDS),
     help="run folder: the time grids to try (default: all)")
 add("--seeds", type=int, nargs="+", default=[0, 1], help="run folder: the sets of noise images to "
     "sample from (those of mnist.py --sample --seed S)")
+add("--guidance", type=non_negative_float, nargs="+", metavar="W", help="conditional run folder: "
+    "quality against classifier-free guidance instead: 1000 class-balanced digits for each W, "
+    "at most 20 network evaluations an image, FID against the share read as asked "
+    "(guidance.csv, guidance.png)")
 add("--raw", action="store_true", help="run folder: the trained weights, not their average "
     "(not with --curve: the epochs' files hold only the average)")
 add("--path", action="store_true", help="run folder: how the flow moves instead: along 100 Euler "
@@ -80,7 +85,7 @@ add("--classifier", default="weights/classifier.pt", help="the classifier's file
     "written there if it does not exist (default: %(default)s)")
 add("--epochs", type=positive_int, default=2, help="the classifier's training epochs")
 add("--seed", type=int, default=0, help="seeds the classifier's training and the 'noise' images")
-RUN_ONLY = ("nfe", "grids", "seeds", "raw", "path", "curve", "also", "dtype")
+RUN_ONLY = ("nfe", "grids", "seeds", "raw", "path", "curve", "also", "dtype", "guidance")
 
 class Classifier(nn.Module):
     """Two conv layers and two linear ones; features() is the 128-d layer FID compares."""
@@ -193,6 +198,19 @@ def images_to_score(args):
         die(f"--n {args.n}: {args.samples} holds only {len(x)} images")
     return x[: args.n].float() * 2 - 1
 
+def labels_beside(args, n):
+    """A conditional model's samples.pt has the labels it asked for beside it
+    (samples-labels.pt, (N,)); the first n of them, or None."""
+    if args.samples in ("real", "noise"):
+        return None
+    path = os.path.splitext(args.samples)[0] + "-labels.pt"
+    if not os.path.exists(path):
+        return None
+    y = load_checkpoint(path)
+    if not (isinstance(y, torch.Tensor) and y.dim() == 1 and len(y) >= n):
+        die(f"{path} does not hold the labels of {args.samples}: expected (N,) with N >= {n}")
+    return y[:n].long()
+
 def translation_table(args, pred, x):
     """Rows: the garment class of each source image; columns: the digit it became, in %. Also
     how far a translation x (N, 1, 28, 28) in [-1, 1] lies from its own garment: the mean
@@ -232,9 +250,17 @@ def score(classifier, cache, x):
             "confidence": confidence.mean().item(), "coverage": coverage(pred), "pred": pred,
             "counts": torch.bincount(pred, minlength=10), "accuracy": cache["accuracy"]}
 
+def asked(pred, labels):
+    """The share of images the classifier reads as the digit asked for (labels (N,)), and
+    per digit asked (10,), NaN for a digit never asked."""
+    hit = (pred == labels).double()
+    nan = torch.tensor(float("nan"), dtype=torch.float64)
+    per = torch.stack([hit[labels == d].mean() if (labels == d).any() else nan for d in range(10)])
+    return hit.mean().item(), per
+
 def line(r):
     return (f"n={r['n']} fid={r['fid']:.3f} confidence={r['confidence']:.4f} "
-            f"coverage={r['coverage']:.4f}")
+            f"coverage={r['coverage']:.4f}" + (f" asked={r['asked']:.4f}" if "asked" in r else ""))
 
 def starting_points(args, n, seed):
     """Where sampling starts: the first n Fashion-MNIST test images with --translation (seed
@@ -276,6 +302,53 @@ def sweep(args, model, config, device, classifier, cache):
     write_csv(rows, name + ".csv")
     plot_sweep(rows, name + ".png", f"{run}{' (raw weights)' if args.raw else ''}, n = {n}")
     print(f"wrote {name}.csv and {name}.png")
+    return rows
+
+def guidance_sweep(args, model, config, device, classifier, cache):
+    """A conditional run's quality against the guidance W: for each W of --guidance and
+    noise set of --seeds, n digits asked for in turn (0, 1, ..., 9, 0, ...), at most 20
+    network evaluations an image with guidance's two counted (mnist.py --sample's sampler),
+    scored for FID and the share read as asked. RUN/guidance.csv and guidance.png."""
+    if not config.get("conditional"):
+        die(f"--guidance: {args.samples} is not a conditional run (mnist.py --conditional)")
+    n, schedule, dtype, rows = args.n or 1000, config.get("schedule", "cosine"), \
+        pick_dtype(args.dtype, device), []
+    y = torch.arange(n) % 10
+    for w in args.guidance:
+        per = evaluations_per_step(w)
+        solver, steps, grid = plan(20 // per, schedule)
+        ts = time_grid(grid, steps, schedule)
+        for seed in [None] if args.translation else args.seeds:
+            x = generate(model, starting_points(args, n, seed), steps, device, dtype, solver, ts,
+                         y=y, w=w)
+            r = score(classifier, cache, x * 2 - 1)
+            rows.append({"guidance": w, "seed": seed, "n": n, "nfe": nfe(solver, steps) * per,
+                         "fid": round(r["fid"], 3), "asked": round(asked(r["pred"], y)[0], 4),
+                         "confidence": round(r["confidence"], 4),
+                         "coverage": round(r["coverage"], 4)})
+            print(" ".join(f"{k}={v}" for k, v in rows[-1].items()), flush=True)
+    path = os.path.join(args.samples, "guidance")
+    write_csv(rows, path + ".csv")
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ws = list(dict.fromkeys(r["guidance"] for r in rows))
+    mean = lambda k, w: sum(r[k] for r in rows if r["guidance"] == w) / sum(
+        r["guidance"] == w for r in rows)
+    ax.plot([100 * mean("asked", w) for w in ws], [mean("fid", w) for w in ws], "o-")
+    for w in ws:
+        ax.annotate(f"W = {w:g}", (100 * mean("asked", w), mean("fid", w)), fontsize=8,
+                    xytext=(4, 4), textcoords="offset points")
+    ax.set_xlabel("read as the digit asked (%)")
+    ax.set_ylabel("FID (mean over the noise sets)")
+    ax.grid(alpha=0.3)
+    ax.set_title(f"{args.samples}, n = {n}", fontsize=10)
+    fig.tight_layout()
+    with atomic_write(path + ".png") as tmp:
+        fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    print(f"wrote {path}.csv and {path}.png")
     return rows
 
 def guess_x1(schedule, t, x, v):
@@ -371,6 +444,8 @@ def curve(args, device):
         for f in files[run]:
             model, config = load_model(f, device, False, SCRIPT[args.translation],
                                        HINT[args.translation])
+            if config.get("conditional"):
+                die(f"{f}: --curve does not score conditional runs yet; use --guidance W...")
             schedule = config.get("schedule", "cosine")
             solver, steps, grid = plan(10, schedule)
             ts = time_grid(grid, steps, schedule)
@@ -461,13 +536,23 @@ def main(argv=None):
         schedule = config.get("schedule", "cosine")
         if args.path:
             return along_the_path(args, model, get_schedule(schedule), device)
+        if args.guidance:
+            return guidance_sweep(args, model, config, device, *load_classifier(args))
+        if config.get("conditional"):
+            die(f"{args.samples} is a conditional run: score it with --guidance W..., or draw "
+                f"with mnist.py --sample and score samples.pt (its labels are beside it)")
         return sweep(args, model, config, device, *load_classifier(args))
     given = [k for k in RUN_ONLY if getattr(args, k) != parser.get_default(k)]
     if given:
         die(f"--{given[0]} is for a run folder; {args.samples} is not one")
     x = images_to_score(args)  # before the classifier: a wrong path is told at once
+    labels = labels_beside(args, len(x))
     r = score(*load_classifier(args), x)
     print("predicted digits  " + " ".join(f"{d}:{c}" for d, c in enumerate(r["counts"].tolist())))
+    if labels is not None:  # a conditional model's samples: were they the digits asked for?
+        r["asked"], per = asked(r["pred"], labels)
+        print("read as the digit asked, per digit (%)  " +
+              " ".join(f"{d}:{100 * p:.1f}" for d, p in enumerate(per.tolist())))
     if args.translation:
         r["table"], r["distance"] = translation_table(args, r["pred"], x)
     print(f"{line(r)} accuracy={r['accuracy']:.4f}")

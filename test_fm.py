@@ -688,7 +688,7 @@ def test_a_checkpoint_older_than_a_setting_resumes_with_what_it_trained_with(bot
     module, run = importlib.import_module(script), {"mnist": run_mnist,
                                                     "translate": run_translate}[script]
     assert module.OLDER == {"t_dist": "uniform", "t_mean": 0.0, "warmup": None, "clip": None,
-                            "pairing": "random"}
+                            "pairing": "random", "conditional": False, "label_drop": 0.1}
     flags = ["--t-dist", "uniform", "--t-mean", "0",
              "--pairing", "random"]  # (no warm-up, no clipping)
     run(both_data, tmp_path / "straight", "--epochs", "2", *flags)
@@ -1380,3 +1380,114 @@ def test_the_readme_snippets_are_fm_loss_and_euler(shape, schedule):
     with torch.no_grad():
         exec(euler_block, names)
     torch.testing.assert_close(names["x"], euler(model, x0, 5), rtol=0, atol=0)
+
+def test_the_lines_of_mnist_py_the_readme_names_are_the_training_loop():
+    with open(os.path.join(HERE, "README.md")) as f:
+        first, last = map(int, re.search(r"`mnist.py` lines\s+(\d+)-(\d+)", f.read()).groups())
+    with open(os.path.join(HERE, "mnist.py")) as f:
+        lines = f.read().splitlines()[first - 1:last]
+    assert lines[0].strip().startswith("for epoch in range(") and lines[-1].strip() == "opt.step()"
+    for part in ["for step, idx in", "x0 = torch.randn_like(x1)", "fm_loss(", "loss.backward()"]:
+        assert any(part in line for line in lines), part
+
+
+# -----------------------------------------------------------------------------
+# asking for a digit: the conditional U-Net and classifier-free guidance
+
+def test_the_conditional_unet_reads_the_label_as_ten_one_hot_maps():
+    torch.manual_seed(0)
+    plain, cond = UNet(), UNet(n_classes=10)
+    assert sum(p.numel() for p in cond.parameters()) == 205_953 + 10 * 32 * 9  # 10 more inputs
+    x, t = torch.randn(11, 1, 28, 28), torch.rand(11)
+    y = torch.arange(11)  # 0..9, and 10: "no label"
+    assert cond(x, t, y).shape == (11, 1, 28, 28)
+    # "no label" is all ten maps at 0: the same as a U-Net whose label weights are cut out
+    with torch.no_grad():
+        plain.load_state_dict({k: (v[:, :2] if k == "enc1.net.0.weight" else v)
+                               for k, v in cond.state_dict().items()})
+    torch.testing.assert_close(cond(x, t, torch.full((11,), common.NO_LABEL)), plain(x, t))
+
+def test_guidance_mixes_the_two_fields_and_0_and_1_are_them_exactly():
+    torch.manual_seed(0)
+    model = UNet(n_classes=10).double()
+    x, t = torch.randn(4, 1, 28, 28, dtype=torch.float64), torch.rand(4, dtype=torch.float64)
+    y = torch.tensor([3, 1, 4, 1])
+    v_c, v_u = model(x, t, y), model(x, t, torch.full_like(y, common.NO_LABEL))
+    assert torch.equal(common.guided(model, y, 1)(x, t), v_c)
+    assert torch.equal(common.guided(model, y, 0)(x, t), v_u)
+    torch.testing.assert_close(common.guided(model, y, 2.5)(x, t), v_u + 2.5 * (v_c - v_u))
+    assert [common.evaluations_per_step(w) for w in (0, 1, 2.5)] == [1, 1, 2]
+
+def test_conditional_training_drops_the_label_at_the_rate_asked(mnist_data, tmp_path, monkeypatch):
+    import mnist
+    seen = []
+    real_forward = UNet.forward
+    def spy(self, x, t, y=None):
+        if self.training and torch.is_grad_enabled():
+            seen.append(y.clone())
+        return real_forward(self, x, t, y)
+    monkeypatch.setattr(UNet, "forward", spy)
+    for drop, share in [("0", 0.0), ("1", 1.0), ("0.5", 0.5)]:
+        seen.clear()
+        run_mnist(mnist_data, tmp_path / drop, "--epochs", "4", "--conditional", "--label-drop",
+                  drop, "--ema", "0")
+        y = torch.cat(seen)
+        assert len(y) == 4 * 48
+        assert (y == common.NO_LABEL).double().mean().item() == pytest.approx(share, abs=0.12)
+        if drop == "0":  # each epoch sees every digit once, with its own class
+            labels = common.load_images("MNIST", str(mnist_data), labels=True)[1]
+            assert sorted(torch.cat(seen[:3]).tolist()) == sorted(labels.tolist())
+
+def test_conditional_sampling_asks_for_each_digit_in_turn_and_writes_the_labels(mnist_data,
+                                                                                tmp_path, capsys):
+    out = tmp_path / "c"
+    run_mnist(mnist_data, out, "--epochs", "1", "--conditional")
+    ckpt = torch.load(out / "epoch001.pt", weights_only=True)
+    assert ckpt["config"]["conditional"] is True
+    capsys.readouterr()
+    run_mnist(mnist_data, out, "--sample", "12", "--guidance", "2", "--nfe", "6")
+    printed = capsys.readouterr().out
+    assert "(6 network evaluations each, two a solver evaluation: guidance 2)" in printed, printed
+    assert torch.load(out / "samples-labels.pt", weights_only=True).tolist() == [*range(10), 0, 1]
+    run_mnist(mnist_data, out, "--sample", "5", "--digit", "7")
+    assert torch.load(out / "samples-labels.pt", weights_only=True).tolist() == [7] * 5
+    from PIL import Image
+    assert Image.open(out / "guidance.png").size == (30 * 8 + 2, 30 * 5 + 2)  # a row per W
+    # bad input, one line each
+    expect_error("argument --digit: invalid choice: 12", run_mnist, mnist_data, out, "--sample",
+                 "4", "--digit", "12")
+    expect_error("argument --guidance: invalid non_negative_float value: '-1'", run_mnist,
+                 mnist_data, out, "--sample", "4", "--guidance", "-1")
+    run_mnist(mnist_data, tmp_path / "u", "--epochs", "1")
+    expect_error("--digit: ", run_mnist, mnist_data, tmp_path / "u", "--sample", "4", "--digit",
+                 "3")
+    expect_error("is not a conditional model (mnist.py --conditional trains one)", run_mnist,
+                 mnist_data, tmp_path / "u", "--sample", "4", "--guidance", "2")
+
+def test_evaluate_reads_the_labels_asked_and_sweeps_the_guidance(evaluated, tmp_path, capsys):
+    run, data = evaluated[:2]
+    out = tmp_path / "c"
+    run_mnist(data, out, "--epochs", "1", "--limit", "48", "--conditional")
+    # a samples.pt with its labels beside it: the share read as the digit asked
+    run_mnist(data, out, "--sample", "20")
+    labels = torch.load(out / "samples-labels.pt", weights_only=True)
+    r = run(str(out / "samples.pt"))
+    hits = (r["pred"] == labels).double()
+    assert r["asked"] == pytest.approx(hits.mean().item())
+    per = re.search(r"read as the digit asked, per digit \(%\)  (.*)", capsys.readouterr().out)
+    assert [float(p.split(":")[1]) for p in per.group(1).split()] == pytest.approx(
+        [100 * hits[labels == d].mean().item() for d in range(10)], abs=0.05)
+    # the real test digits, their own labels beside them: all read as asked
+    images, classes = common.load_images("MNIST", str(data), train=False, labels=True)
+    torch.save(common.to_unit(images), tmp_path / "real.pt")
+    torch.save(classes, tmp_path / "real-labels.pt")
+    assert run(str(tmp_path / "real.pt"))["asked"] == 1.0
+    # --guidance: each W from the same noise, within 20 network evaluations with guidance's two
+    rows = run(str(out), "--guidance", "0", "1", "2", "--n", "20", "--seeds", "0")
+    assert [(r["guidance"], r["nfe"]) for r in rows] == [(0, 19), (1, 19), (2, 18)]
+    assert (out / "guidance.png").stat().st_size > 10_000
+    with open(out / "guidance.csv") as f:
+        assert [float(r["fid"]) for r in csv.DictReader(f)] == [r["fid"] for r in rows]
+    expect_error("is a conditional run: score it with --guidance", run, str(out))
+    run_mnist(data, tmp_path / "u", "--epochs", "1", "--limit", "48")
+    expect_error("is not a conditional run", run, str(tmp_path / "u"), "--guidance", "2")

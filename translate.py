@@ -28,11 +28,12 @@ import time
 
 import torch
 
-from common import (GRIDS, SCHEDULES, SOLVERS, T_DISTS, UNet, atomic_save, autocast, check_loss,
-                    check_weights, decay, die, fm_loss, generate, get_schedule, interrupted,
-                    load_images, load_model, make_dir, nfe, ot_pairing, pick_device, pick_dtype,
-                    plan, positive_float, positive_int, progress, restore_state, resume, save_flow,
-                    save_grid, time_grid, to_unit, update_ema)
+from common import (GRIDS, GUIDANCE, NO_LABEL, SCHEDULES, SOLVERS, T_DISTS, UNet, atomic_save,
+                    autocast, check_loss, check_weights, decay, die, evaluations_per_step,
+                    fm_loss, generate, get_schedule, interrupted, load_images, load_model,
+                    make_dir, nfe, non_negative_float, ot_pairing, pick_device, pick_dtype, plan,
+                    positive_float, positive_int, probability, progress, restore_state, resume,
+                    save_flow, save_grid, time_grid, to_unit, update_ema)
 
 # -----------------------------------------------------------------------------
 # settings: mnist.py's; test_fm.py lists the defaults in which the two differ, and why
@@ -61,6 +62,11 @@ add("--clip", type=positive_float, default=None,
 add("--pairing", default="ot", choices=["random", "ot"], help="which garment meets which "
     "digit: drawn independently, or re-paired in each batch by optimal transport "
     "(default: %(default)s)")
+add("--conditional", action="store_true", help="learn each digit's class too (the label: ten "
+    "one-hot maps beside the time map), replaced by 'no label' with probability --label-drop, "
+    "so that one network learns both fields classifier-free guidance mixes (README, section 3)")
+add("--label-drop", type=probability, default=0.1, metavar="P",
+    help="--conditional: how often a label is dropped in training (default: %(default)s)")
 add("--ema", type=decay, default=0.999, metavar="DECAY",
     help="moving average of the weights, used for sampling (0: none) (default: %(default)s)")
 add("--nfe", type=positive_int, default=20, help="sample with at most this many network "
@@ -89,6 +95,11 @@ add("--sample", type=positive_int, default=None, metavar="N", help="no training:
     "first N Fashion-MNIST test images with OUT/ckpt.pt into OUT/samples.pt and .png")
 add("--raw", action="store_true",
     help="with --sample: the trained weights, not their moving average")
+add("--digit", type=int, choices=range(10), default=None, metavar="D", help="with --sample, a "
+    "conditional model: turn each garment into this digit (default: 0, 1, ..., 9 in turn)")
+add("--guidance", type=non_negative_float, default=None, metavar="W", help="a conditional "
+    "model's field: v_u + W (v_c - v_u); 1 is the conditional field, 0 the unconditional one, "
+    f"another W costs two network evaluations a step (default: {GUIDANCE})")
 # --handout: the handout's t ~ U(0, 1), no moving average, Euler sampling and random pairing,
 # with the batch size and Euler steps its text leaves open (our choices: README)
 HANDOUT = {"t_dist": "uniform", "batch_size": 128, "ema": 0.0, "solver": "euler", "steps": 100,
@@ -98,7 +109,8 @@ add("--handout", action="store_true", help="the handout's recipe as we run it: "
     + "; a setting given besides it wins")
 
 # settings newer than some checkpoints: what a checkpoint saved before them trained with
-OLDER = {"t_dist": "uniform", "t_mean": 0.0, "warmup": None, "clip": None, "pairing": "random"}
+OLDER = {"t_dist": "uniform", "t_mean": 0.0, "warmup": None, "clip": None, "pairing": "random",
+         "conditional": False, "label_drop": 0.1}
 
 def save_pairs(x0, x, path, width=16):
     """A PNG with rows of `width`: sources (x0, in [-1, 1]) above their results (x, in [0, 1])."""
@@ -112,25 +124,54 @@ def save_pairs(x0, x, path, width=16):
 def draw(args, ckpt_path, device, dtype):
     """--sample N, no training: the first N Fashion-MNIST test images translated with the
     weights of OUT/ckpt.pt: OUT/samples.pt (N, 1, 28, 28) in [0, 1], samples.png (sources
-    above their translations), flow.png and flow.gif."""
+    above their translations), flow.png and flow.gif. A conditional model turns each garment
+    into --digit, or 0, 1, ..., 9 in turn, guided by --guidance; the labels asked for go into
+    OUT/samples-labels.pt (N,)."""
     model, config = load_model(ckpt_path, device, args.raw, script="translate.py")
     schedule = config.get("schedule", "cosine")  # the one the weights were trained for
-    solver, n_steps, grid = plan(args.nfe, schedule, args.solver, args.steps, args.grid)
+    y, w, per = labels_and_guidance(args, config, args.sample, ckpt_path)
+    solver, n_steps, grid = plan(max(1, args.nfe // per), schedule, args.solver, args.steps,
+                                 args.grid)
     ts = time_grid(grid, n_steps, schedule)
     x0 = load_images("FashionMNIST", args.data, train=False)
     if args.sample > len(x0):
         die(f"--sample {args.sample}: Fashion-MNIST has only {len(x0)} test images")
     x0 = x0[: args.sample]
     t0 = time.time()
-    x, path = generate(model, x0, n_steps, device, dtype, solver, ts, keep=64)
+    x, path = generate(model, x0, n_steps, device, dtype, solver, ts, keep=64, y=y, w=w)
     dt = time.time() - t0
     print(f"{len(x)} images, {solver}, {n_steps} steps on the {grid} grid "
-          f"({nfe(solver, n_steps)} network evaluations each): "
+          f"({nfe(solver, n_steps) * per} network evaluations each"
+          f"{', two a solver evaluation: guidance ' + format(w, 'g') if per == 2 else ''}): "
           f"{dt:.1f} s ({len(x) / dt:.1f} img/s)")
     atomic_save(x, os.path.join(args.out, "samples.pt"))  # (N, 1, 28, 28) in [0, 1]
     save_pairs(x0[:128], x[:128], os.path.join(args.out, "samples.png"))
     save_flow(path, ts, args.out)  # the first 64 on their way from t = 0 to 1
     print(f"wrote {args.out}/samples.pt, samples.png, flow.png and flow.gif")
+    if y is not None:
+        atomic_save(y, os.path.join(args.out, "samples-labels.pt"))  # the digits asked for
+        print(f"wrote {args.out}/samples-labels.pt")
+    if args.digit is not None:  # the same 8 garments under several W, a row each
+        first8 = load_images("FashionMNIST", args.data, train=False)[:8]
+        strip = [generate(model, first8, n_steps, device, dtype, solver, ts, y=y[:1].repeat(8),
+                          w=v) for v in STRIP]
+        save_grid(torch.cat(strip), os.path.join(args.out, "guidance.png"), nrow=8)
+        print(f"wrote {args.out}/guidance.png (rows: guidance {', '.join(map(str, STRIP))})")
+
+STRIP = (0, 1, 2, 3, 5)  # the guidance of guidance.png's rows
+
+def labels_and_guidance(args, config, n, path):
+    """For a conditional model: the n digits to ask for (--digit, or 0, 1, ..., 9 in turn),
+    the guidance W and the network evaluations a solver evaluation takes. An unconditional
+    model: None, 1, 1; --digit or --guidance there is one line."""
+    if not config.get("conditional"):
+        if args.digit is not None or args.guidance is not None:
+            die(f"--{'digit' if args.digit is not None else 'guidance'}: {path} is not a "
+                f"conditional model (translate.py --conditional trains one)")
+        return None, 1.0, 1
+    w = GUIDANCE if args.guidance is None else args.guidance
+    y = torch.full((n,), args.digit) if args.digit is not None else torch.arange(n) % 10
+    return y, w, evaluations_per_step(w)
 
 def main(argv=None):
     args = parser.parse_args(argv)
@@ -143,23 +184,32 @@ def main(argv=None):
 
     if args.sample:  # no training: draw from a trained run
         return draw(args, ckpt_path, device, dtype)
+    if args.digit is not None:
+        die("--digit is for --sample; a conditional run's pictures ask for every digit")
+    if args.guidance is not None and not (args.conditional or args.resume):
+        die("--guidance is for a conditional model: add --conditional")
 
     # -------------------------------------------------------------------------
     # set-up: a fresh U-Net, or with --resume the one in OUT/ckpt.pt and its settings
     torch.manual_seed(args.seed)
-    model, ckpt = UNet(), None
+    model, ckpt = UNet(n_classes=10 if args.conditional else 0), None
     if args.resume:
-        ckpt, args = resume(ckpt_path, args, "translate.py", OLDER, model)
+        ckpt, args, model = resume(ckpt_path, args, "translate.py", OLDER)
     elif os.path.exists(ckpt_path):
         die(f"{ckpt_path} exists: add --resume to continue that run, or choose another --out")
     make_dir(args.out)
 
     # -------------------------------------------------------------------------
-    # data: x1 ~ mu_1 the digits, x0 ~ mu_0 the garments, each (N, 1, 28, 28) in [-1, 1]
-    x1_all = load_images("MNIST", args.data)[: args.limit].to(device)
+    # data: x1 ~ mu_1 the digits and their classes (N,), x0 ~ mu_0 the garments, each
+    # (N, 1, 28, 28) in [-1, 1]
+    x1_all, y_all = (a[: args.limit].to(device) for a in load_images("MNIST", args.data,
+                                                                      labels=True))
     x0_all = load_images("FashionMNIST", args.data)[: args.limit].to(device)
     N = len(x1_all)
     fixed = load_images("FashionMNIST", args.data, train=False)[:16]  # the same, every epoch
+    fixed_y = torch.arange(16) % 10 if args.conditional else None  # conditional: 0, 1, ..., 9, 0
+    w = GUIDANCE if args.guidance is None else args.guidance
+    per = evaluations_per_step(w) if args.conditional else 1  # evaluations a solver step takes
     schedule = get_schedule(args.schedule)
 
     # -------------------------------------------------------------------------
@@ -171,10 +221,11 @@ def main(argv=None):
     print(f"device {device}, dtype {str(dtype).removeprefix('torch.')}, schedule {args.schedule}, "
           f"seed {args.seed}, {N} training images, {sum(p.numel() for p in model.parameters())} "
           f"parameters")
-    solver, n_steps, grid = plan(args.nfe, args.schedule, args.solver, args.steps, args.grid)
+    solver, n_steps, grid = plan(max(1, args.nfe // per), args.schedule, args.solver, args.steps,
+                                 args.grid)
     ts = time_grid(grid, n_steps, args.schedule)  # the sampler of the pictures
     print(f"pictures: {solver}, {n_steps} steps on the {grid} grid "
-          f"({nfe(solver, n_steps)} network evaluations)")
+          f"({nfe(solver, n_steps) * per} network evaluations)")
 
     # -------------------------------------------------------------------------
     # the training loop: mnist.py's, with a garment in place of the noise
@@ -191,8 +242,14 @@ def main(argv=None):
                 x0 = x0_all[torch.randint(len(x0_all), (len(x1),)).to(device)]
                 if args.pairing == "ot":
                     x0 = x0[ot_pairing(x0, x1)]
+                net = model
+                if args.conditional:  # the digits' classes, each "no label" with p = --label-drop
+                    y = y_all[idx.to(device)]
+                    drop = torch.rand(len(y), device=device) < args.label_drop
+                    y = torch.where(drop, NO_LABEL, y)
+                    net = lambda xt, t: model(xt, t, y)
                 with autocast(device, dtype):
-                    loss = fm_loss(model, x0, x1, schedule, args.t_dist, args.t_mean)
+                    loss = fm_loss(net, x0, x1, schedule, args.t_dist, args.t_mean)
                 total += loss.item() * len(idx)
                 check_loss(total, loss, step, epoch + 1, args.lr)  # before it can spoil the weights
                 opt.zero_grad(set_to_none=True)
@@ -214,7 +271,7 @@ def main(argv=None):
             # with non-finite weights) and the sampling weights alone
             sampler = ema if ema is not None else model
             check_weights([model, sampler], epoch + 1, args.lr)
-            x = generate(sampler, fixed, n_steps, device, dtype, solver, ts)
+            x = generate(sampler, fixed, n_steps, device, dtype, solver, ts, y=fixed_y, w=w)
             save_pairs(fixed, x, os.path.join(args.out, f"epoch{epoch + 1:03d}.png"))
             atomic_save({
                 "script": "translate.py", "model": model.state_dict(),
