@@ -55,7 +55,7 @@ add("--pairing", default="random", choices=["random", "ot"], help="which noise i
     "(default: %(default)s)")
 add("--conditional", action="store_true", help="learn each digit's class too (the label: ten "
     "one-hot maps beside the time map), replaced by 'no label' with probability --label-drop, "
-    "so that one network learns both fields classifier-free guidance mixes (README, section 3)")
+    "so that one network learns both fields classifier-free guidance mixes (README, section 6)")
 add("--label-drop", type=probability, default=0.1, metavar="P",
     help="--conditional: how often a label is dropped in training (default: %(default)s)")
 add("--ema", type=decay, default=0.999, metavar="DECAY",
@@ -135,10 +135,10 @@ def draw(args, ckpt_path, device, dtype):
         first8 = fixed_noise(8, args.seed)
         strip = [generate(model, first8, n_steps, device, dtype, solver, ts, y=y[:1].repeat(8),
                           w=v) for v in STRIP]
-        save_grid(torch.cat(strip), os.path.join(args.out, "guidance.png"), nrow=8)
-        print(f"wrote {args.out}/guidance.png (rows: guidance {', '.join(map(str, STRIP))})")
+        save_grid(torch.cat(strip), os.path.join(args.out, "strip.png"), nrow=8)
+        print(f"wrote {args.out}/strip.png (rows: guidance {', '.join(map(str, STRIP))})")
 
-STRIP = (0, 1, 2, 3, 5)  # the guidance of guidance.png's rows
+STRIP = (0, 1, 1.5, 2, 3)  # the guidance of strip.png's rows
 
 def labels_and_guidance(args, config, n, path):
     """For a conditional model: the n labels to ask for (--digit, or 0, 1, ..., 9 in turn),
@@ -194,7 +194,7 @@ def main(argv=None):
 
     # -------------------------------------------------------------------------
     # model, optimiser and the moving average of the weights. channels_last is the layout
-    # the fast conv kernels want (README, "How fast").
+    # the fast conv kernels want.
     model = model.to(device, memory_format=torch.channels_last)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     ema = copy.deepcopy(model).requires_grad_(False) if args.ema else None

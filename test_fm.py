@@ -195,7 +195,7 @@ def test_where_the_solvers_evaluate_and_how_often(solver, times):
     assert len(seen) == common.nfe(solver, 4)
 
 @pytest.mark.parametrize("schedule,expected", [
-    # the README's table "Sampling": (budget, solver, steps, grid), written out
+    # the README's appendix D: (budget, solver, steps, grid), written out
     ("cosine", [(1, "euler", 1, "early"), (4, "euler", 4, "early"), (5, "euler", 5, "early"),
                 (6, "heun-euler", 3, "early"), (10, "heun-euler", 5, "early"),
                 (20, "heun-euler", 10, "early"), (100, "heun-euler", 50, "early")]),
@@ -1300,7 +1300,7 @@ DIFFERENCES = {  # dest: (mnist.py's default, translate.py's, why)
     "epochs": (20, 100, "the handout: a translation needs about 100 epochs"),
     "batch_size": (32, 64, "32 measured on mnist.py (README, 'What was tried'); "
                            "translate.py's runs were made at 64"),
-    "t_dist": ("logit-normal", "uniform", "measured on each (README, sections 3 and 4)"),
+    "t_dist": ("logit-normal", "uniform", "measured on each (README, appendix A and section 4)"),
     "pairing": ("random", "ot", "OT: FID 78.6 against 95.0 for translate.py; "
                                 "for noise it ends level (README)"),
 }
@@ -1452,7 +1452,7 @@ def test_conditional_sampling_asks_for_each_digit_in_turn_and_writes_the_labels(
     run_mnist(mnist_data, out, "--sample", "5", "--digit", "7")
     assert torch.load(out / "samples-labels.pt", weights_only=True).tolist() == [7] * 5
     from PIL import Image
-    assert Image.open(out / "guidance.png").size == (30 * 8 + 2, 30 * 5 + 2)  # a row per W
+    assert Image.open(out / "strip.png").size == (30 * 8 + 2, 30 * 5 + 2)  # a row per W
     # bad input, one line each
     expect_error("argument --digit: invalid choice: 12", run_mnist, mnist_data, out, "--sample",
                  "4", "--digit", "12")
