@@ -249,10 +249,10 @@ def generate(model, x0, steps, device, dtype, solver="euler", ts=None, keep=0, y
     """Carry x0 (N, 1, 28, 28) to t = 1 in chunks of 256: (N, 1, 28, 28) in [0, 1] on the
     CPU. With keep=K, also the way there of the first K images, (steps + 1, K, 1, 28, 28)
     in [0, 1]. With labels y (N,), a conditional model's field, guided by w (guided)."""
-    xs, path = [], None
-    ys = y.split(256) if y is not None else [None] * len(x0.split(256))
+    xs, path, chunks = [], None, x0.split(256)
+    ys = y.split(256) if y is not None else [None] * len(chunks)
     with autocast(device, dtype):
-        for i, (chunk, yc) in enumerate(zip(x0.split(256), ys)):
+        for i, (chunk, yc) in enumerate(zip(chunks, ys)):
             first = keep > 0 and i == 0
             field = model if yc is None else guided(model, yc.to(device), w)
             x = sample(field, chunk.to(device), steps, solver, trajectory=first, ts=ts)
@@ -285,6 +285,28 @@ def guided(model, y, w):
 def evaluations_per_step(w):
     """Network evaluations a solver's evaluation costs with guidance w (guided)."""
     return 1 if w in (0, 1) else 2
+
+STRIP = (0, 1, 1.5, 2, 3)  # the guidance of the rows of --sample --digit's strip.png
+
+def make_unet(conditional=False):
+    """The handout's U-Net; a conditional one reads the ten digits' labels too."""
+    return UNet(n_classes=NO_LABEL if conditional else 0)
+
+def guidance(args, conditional, path, script):
+    """The W to sample a model with (--guidance, or GUIDANCE) and the network evaluations a
+    solver's evaluation then takes. An unconditional model: 1 and 1; --digit or --guidance
+    given for it (path) is one line."""
+    if not conditional:
+        if args.digit is not None or args.guidance is not None:
+            die(f"--{'digit' if args.digit is not None else 'guidance'}: {path} is not a "
+                f"conditional model ({script} --conditional trains one)")
+        return 1.0, 1
+    w = GUIDANCE if args.guidance is None else args.guidance
+    return w, evaluations_per_step(w)
+
+def labels_to_ask(args, n):
+    """The n digits a conditional model is asked for: --digit, or 0, 1, ..., 9 in turn."""
+    return torch.full((n,), args.digit) if args.digit is not None else torch.arange(n) % 10
 
 # -----------------------------------------------------------------------------
 # the pairing of a batch
@@ -512,8 +534,8 @@ def load_model(path, device, raw=False, script=None, hint=""):
     if isinstance(ckpt, dict):
         weights = ckpt.get("ema" if "ema" in ckpt and not raw else "model")
     config = (ckpt.get("config") if isinstance(ckpt, dict) else None) or {}
-    unet = UNet(n_classes=10 if config.get("conditional") else 0)
-    model = restore(unet, weights, path).to(device, memory_format=torch.channels_last)
+    model = restore(make_unet(config.get("conditional")), weights, path)
+    model = model.to(device, memory_format=torch.channels_last)
     return model, config
 
 # -----------------------------------------------------------------------------
@@ -530,8 +552,8 @@ def resume(path, args, script, older):
         die(f"{path} holds weights only, no optimiser state: it can --sample, not --resume")
     config = ckpt.get("config") if isinstance(ckpt, dict) else None
     conditional = isinstance(config, dict) and config.get("conditional")
-    model = restore(UNet(n_classes=10 if conditional else 0),
-                    ckpt.get("model") if isinstance(ckpt, dict) else None, path)
+    model = restore(make_unet(conditional), ckpt.get("model") if isinstance(ckpt, dict) else None,
+                    path)
     if not isinstance(config, dict):
         die(f"{path} has no training settings to resume from")
     if ckpt.get("epoch", 0) >= args.epochs:

@@ -262,12 +262,29 @@ def line(r):
     return (f"n={r['n']} fid={r['fid']:.3f} confidence={r['confidence']:.4f} "
             f"coverage={r['coverage']:.4f}" + (f" asked={r['asked']:.4f}" if "asked" in r else ""))
 
-def starting_points(args, n, seed):
-    """Where sampling starts: the first n Fashion-MNIST test images with --translation (seed
-    None), else the noise of mnist.py --sample n --seed S (so the same samples)."""
+def starting_points(args, n, seeds=None):
+    """Where sampling starts, by noise set: with --translation the first n Fashion-MNIST test
+    images (one set, None), else the noise of mnist.py --sample n --seed S for each S of
+    seeds (default --seeds), so the same samples."""
     if args.translation:
-        return load_images("FashionMNIST", args.data, train=False)[:n]
-    return fixed_noise(n, seed)
+        return {None: load_images("FashionMNIST", args.data, train=False)[:n]}
+    return {seed: fixed_noise(n, seed) for seed in seeds or args.seeds}
+
+def mean_over(rows, field, **where):
+    """The mean of a field over the rows that match where: over the noise sets, as a rule."""
+    values = [r[field] for r in rows if all(r[k] == v for k, v in where.items())]
+    return sum(values) / len(values)
+
+def pyplot():
+    import matplotlib
+    matplotlib.use("Agg")  # no screen needed
+    import matplotlib.pyplot as plt
+    return plt
+
+def save_figure(fig, path):
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, dpi=100)
+    pyplot().close(fig)
 
 def write_csv(rows, path):
     with atomic_write(path) as tmp, open(tmp, "w", newline="") as f:
@@ -283,8 +300,7 @@ def sweep(args, model, config, device, classifier, cache):
     name = os.path.join(run, "nfe-raw" if args.raw else "nfe")
     dtype, schedule = pick_dtype(args.dtype, device), config.get("schedule", "cosine")
     rows = []
-    for seed in [None] if args.translation else args.seeds:
-        x0 = starting_points(args, n, seed)
+    for seed, x0 in starting_points(args, n).items():
         for grid in args.grids:
             for solver in SOLVERS:
                 for k in args.nfe:
@@ -313,14 +329,13 @@ def guidance_sweep(args, model, config, device, classifier, cache):
         die(f"--guidance: {args.samples} is not a conditional run (mnist.py --conditional)")
     n, schedule, dtype, rows = args.n or 1000, config.get("schedule", "cosine"), \
         pick_dtype(args.dtype, device), []
-    y = torch.arange(n) % 10
+    y, starts = torch.arange(n) % 10, starting_points(args, n)
     for w in args.guidance:
         per = evaluations_per_step(w)
         solver, steps, grid = plan(20 // per, schedule)
         ts = time_grid(grid, steps, schedule)
-        for seed in [None] if args.translation else args.seeds:
-            x = generate(model, starting_points(args, n, seed), steps, device, dtype, solver, ts,
-                         y=y, w=w)
+        for seed, x0 in starts.items():
+            x = generate(model, x0, steps, device, dtype, solver, ts, y=y, w=w)
             r = score(classifier, cache, x * 2 - 1)
             rows.append({"guidance": w, "seed": seed, "n": n, "nfe": nfe(solver, steps) * per,
                          "fid": round(r["fid"], 3), "asked": round(asked(r["pred"], y)[0], 4),
@@ -329,25 +344,19 @@ def guidance_sweep(args, model, config, device, classifier, cache):
             print(" ".join(f"{k}={v}" for k, v in rows[-1].items()), flush=True)
     path = os.path.join(args.samples, "guidance")
     write_csv(rows, path + ".csv")
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    ws = list(dict.fromkeys(r["guidance"] for r in rows))
-    mean = lambda k, w: sum(r[k] for r in rows if r["guidance"] == w) / sum(
-        r["guidance"] == w for r in rows)
-    ax.plot([100 * mean("asked", w) for w in ws], [mean("fid", w) for w in ws], "o-")
-    for w in ws:
-        ax.annotate(f"W = {w:g}", (100 * mean("asked", w), mean("fid", w)), fontsize=8,
-                    xytext=(4, 4), textcoords="offset points")
+    fig, ax = pyplot().subplots(figsize=(5, 3.5))
+    ws = list(dict.fromkeys(args.guidance))
+    xs = [100 * mean_over(rows, "asked", guidance=w) for w in ws]
+    ys = [mean_over(rows, "fid", guidance=w) for w in ws]
+    ax.plot(xs, ys, "o-")
+    for w, point in zip(ws, zip(xs, ys)):
+        ax.annotate(f"W = {w:g}", point, fontsize=8, xytext=(4, 4), textcoords="offset points")
     ax.set_xlabel("read as the digit asked (%)")
     ax.set_ylabel("FID (mean over the noise sets)")
     ax.grid(alpha=0.3)
     ax.set_title(f"{args.samples}, n = {n}", fontsize=10)
     fig.tight_layout()
-    with atomic_write(path + ".png") as tmp:
-        fig.savefig(tmp, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path + ".png")
     print(f"wrote {path}.csv and {path}.png")
     return rows
 
@@ -362,15 +371,15 @@ def guess_x1(schedule, t, x, v):
 def along_the_path(args, model, schedule, device):
     """Carry the starting points of --seeds' first set (the garments with --translation)
     with 100 Euler steps in float32 and print, every tenth of the way and at 0.95 and 0.99:
-    the root mean square
-    of the pixels of x_t; how fast the velocity changes, |dv/dt| (the norm over an image's
-    784 pixels, averaged over the images); and "decided", the share of images whose x_1 as
-    the model guesses it from x_t (guess_x1) the classifier reads as the digit the image ends
-    as. At t = 1 there is nothing left to guess: that row has no "decided"."""
+    the root mean square of the pixels of x_t; how fast the velocity changes, |dv/dt| (the
+    norm over an image's 784 pixels, averaged over the images); and "decided", the share of
+    images whose x_1 as the model guesses it from x_t (guess_x1) the classifier reads as the
+    digit the image ends as. At t = 1 there is nothing left to guess: that row has no "decided"."""
     classifier, _ = load_classifier(args)
     n, steps = args.n or 1000, 100
     ts = torch.linspace(0, 1, steps + 1, device=device)
-    x, v_prev, rows = starting_points(args, n, args.seeds[0]).to(device), None, []
+    (x,) = starting_points(args, n, args.seeds[:1]).values()  # one set
+    x, v_prev, rows = x.to(device), None, []
     for i in range(steps):
         v = model(x, ts[i].expand(n)).float()
         guess = classifier(guess_x1(schedule, ts[i], x, v).clamp(-1, 1).cpu()).argmax(1)
@@ -433,8 +442,7 @@ def curve(args, device):
                      HINT[args.translation])  # before the classifier: a wrong run is told at once
     classifier, cache = load_classifier(args)
     n, dtype, curves = args.n or 1000, pick_dtype(args.dtype, device), {}
-    seeds = [None] if args.translation else args.seeds  # the same starting points every epoch
-    starts = {seed: starting_points(args, n, seed) for seed in seeds}
+    starts = starting_points(args, n)  # the same every epoch
     for run in runs:
         rows = curves[run] = []
         path = os.path.join(run, "curve.csv")
@@ -449,7 +457,7 @@ def curve(args, device):
             schedule = config.get("schedule", "cosine")
             solver, steps, grid = plan(10, schedule)
             ts = time_grid(grid, steps, schedule)
-            for seed in seeds:
+            for seed in starts:
                 row = {"epoch": int(os.path.basename(f)[5:8]), "seed": seed, "n": n,
                        "sampler": f"{solver}-{steps}-{grid}", "dtype": str(dtype)[6:]}
                 old = scored.get(curve_key(row))
@@ -463,15 +471,10 @@ def curve(args, device):
                 rows.append(row)
                 print(f"{run} " + " ".join(f"{k}={v}" for k, v in row.items()), flush=True)
         write_csv(rows, path)
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    fig, ax = pyplot().subplots(figsize=(5.5, 3.5))
     for run, rows in curves.items():
         epochs = sorted({r["epoch"] for r in rows})
-        mean = [sum(r["fid"] for r in rows if r["epoch"] == e) / sum(r["epoch"] == e for r in rows)
-                for e in epochs]
-        ax.plot(epochs, mean, "o-", ms=3, label=run)
+        ax.plot(epochs, [mean_over(rows, "fid", epoch=e) for e in epochs], "o-", ms=3, label=run)
     ax.set_yscale("log")
     ax.set_xlabel("epoch")
     ax.set_ylabel("FID (mean over the noise sets)")
@@ -479,26 +482,20 @@ def curve(args, device):
     ax.legend(fontsize=8)
     ax.set_title(f"n = {n}, the weights of each epoch", fontsize=10)
     fig.tight_layout()
-    with atomic_write(os.path.join(args.samples, "curve.png")) as tmp:
-        fig.savefig(tmp, dpi=100)
-    plt.close(fig)
+    save_figure(fig, os.path.join(args.samples, "curve.png"))
     print(f"wrote curve.csv in {', '.join(runs)} and {os.path.join(args.samples, 'curve.png')}")
     return curves[args.samples]
 
 def plot_sweep(rows, path, title):
     """FID and confidence against the network evaluations, a line per solver and grid (the mean
     over the noise sets)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = pyplot().subplots(1, 2, figsize=(11, 4))
     for ax, key in zip(axes, ["fid", "confidence"]):
         for grid, style in zip(GRIDS, ["o-", "s--", "^:"]):
             for solver, color in zip(SOLVERS, ["tab:blue", "tab:orange", "tab:green", "tab:red"]):
                 mine = [r for r in rows if r["solver"] == solver and r["grid"] == grid]
                 ks = sorted({r["nfe"] for r in mine})
-                ys = [sum(r[key] for r in mine if r["nfe"] == k) / sum(r["nfe"] == k for r in mine)
-                      for k in ks]
+                ys = [mean_over(mine, key, nfe=k) for k in ks]
                 ax.plot(ks, ys, style, color=color, label=f"{solver}, {grid} grid", ms=4)
         ax.set_xscale("log")
         ax.set_xlabel("network evaluations per image")
@@ -509,9 +506,7 @@ def plot_sweep(rows, path, title):
     axes[0].legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    with atomic_write(path) as tmp:
-        fig.savefig(tmp, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 # the script that writes the runs of each kind, and what to say to someone who mixed them
 SCRIPT = {False: "mnist.py", True: "translate.py"}
@@ -533,14 +528,14 @@ def main(argv=None):
         ckpt = os.path.join(args.samples, "ckpt.pt")  # no run: told at once
         model, config = load_model(ckpt, device, args.raw, SCRIPT[args.translation],
                                    HINT[args.translation])
-        schedule = config.get("schedule", "cosine")
-        if args.path:
-            return along_the_path(args, model, get_schedule(schedule), device)
         if args.guidance:
             return guidance_sweep(args, model, config, device, *load_classifier(args))
         if config.get("conditional"):
             die(f"{args.samples} is a conditional run: score it with --guidance W..., or draw "
                 f"with mnist.py --sample and score samples.pt (its labels are beside it)")
+        if args.path:
+            return along_the_path(args, model, get_schedule(config.get("schedule", "cosine")),
+                                  device)
         return sweep(args, model, config, device, *load_classifier(args))
     given = [k for k in RUN_ONLY if getattr(args, k) != parser.get_default(k)]
     if given:

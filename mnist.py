@@ -21,10 +21,10 @@ import time
 
 import torch
 
-from common import (GRIDS, GUIDANCE, NO_LABEL, SCHEDULES, SOLVERS, T_DISTS, UNet, atomic_save,
-                    autocast, check_loss, check_memory, check_weights, decay, die,
-                    evaluations_per_step, fixed_noise, fm_loss, generate, get_schedule,
-                    interrupted, load_images, load_model, make_dir, nfe, non_negative_float,
+from common import (GRIDS, GUIDANCE, NO_LABEL, SCHEDULES, SOLVERS, STRIP, T_DISTS, atomic_save,
+                    autocast, check_loss, check_memory, check_weights, decay, die, fixed_noise,
+                    fm_loss, generate, get_schedule, guidance, interrupted, labels_to_ask,
+                    load_images, load_model, make_dir, make_unet, nfe, non_negative_float,
                     ot_pairing, pick_device, pick_dtype, plan, positive_float, positive_int,
                     probability, progress, restore_state, resume, save_flow, save_grid,
                     time_grid, update_ema)
@@ -111,7 +111,8 @@ def draw(args, ckpt_path, device, dtype):
     --guidance; the labels asked for go into OUT/samples-labels.pt (N,)."""
     model, config = load_model(ckpt_path, device, args.raw, script="mnist.py")
     schedule = config.get("schedule", "cosine")  # the one the weights were trained for
-    y, w, per = labels_and_guidance(args, config, args.sample, ckpt_path)
+    w, per = guidance(args, config.get("conditional"), ckpt_path, "mnist.py")
+    y = labels_to_ask(args, args.sample) if config.get("conditional") else None
     solver, n_steps, grid = plan(max(1, args.nfe // per), schedule, args.solver, args.steps,
                                  args.grid)
     ts = time_grid(grid, n_steps, schedule)
@@ -138,21 +139,6 @@ def draw(args, ckpt_path, device, dtype):
         save_grid(torch.cat(strip), os.path.join(args.out, "strip.png"), nrow=8)
         print(f"wrote {args.out}/strip.png (rows: guidance {', '.join(map(str, STRIP))})")
 
-STRIP = (0, 1, 1.5, 2, 3)  # the guidance of strip.png's rows
-
-def labels_and_guidance(args, config, n, path):
-    """For a conditional model: the n labels to ask for (--digit, or 0, 1, ..., 9 in turn),
-    the guidance W and the network evaluations a solver evaluation takes. An unconditional
-    model: None, 1, 1; --digit or --guidance there is one line."""
-    if not config.get("conditional"):
-        if args.digit is not None or args.guidance is not None:
-            die(f"--{'digit' if args.digit is not None else 'guidance'}: {path} is not a "
-                f"conditional model (mnist.py --conditional trains one)")
-        return None, 1.0, 1
-    w = GUIDANCE if args.guidance is None else args.guidance
-    y = torch.full((n,), args.digit) if args.digit is not None else torch.arange(n) % 10
-    return y, w, evaluations_per_step(w)
-
 def main(argv=None):
     args = parser.parse_args(argv)
     if args.handout:  # HANDOUT's settings become the defaults
@@ -172,7 +158,7 @@ def main(argv=None):
     # -------------------------------------------------------------------------
     # set-up: a fresh U-Net, or with --resume the one in OUT/ckpt.pt and its settings
     torch.manual_seed(args.seed)
-    model, ckpt = UNet(n_classes=10 if args.conditional else 0), None
+    model, ckpt = make_unet(args.conditional), None
     if args.resume:
         ckpt, args, model = resume(ckpt_path, args, "mnist.py", OLDER)
     elif os.path.exists(ckpt_path):
@@ -188,8 +174,7 @@ def main(argv=None):
     # the same noise every epoch, so the grids can be compared (conditional: 8 of each digit)
     fixed = fixed_noise(80 if args.conditional else 64, args.seed)
     fixed_y = torch.arange(10).repeat_interleave(8) if args.conditional else None
-    w = GUIDANCE if args.guidance is None else args.guidance
-    per = evaluations_per_step(w) if args.conditional else 1  # evaluations a solver step takes
+    w, per = guidance(args, args.conditional, ckpt_path, "mnist.py")  # for the pictures
     schedule = get_schedule(args.schedule)
 
     # -------------------------------------------------------------------------

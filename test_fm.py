@@ -1463,6 +1463,8 @@ def test_conditional_sampling_asks_for_each_digit_in_turn_and_writes_the_labels(
                  "3")
     expect_error("is not a conditional model (mnist.py --conditional trains one)", run_mnist,
                  mnist_data, tmp_path / "u", "--sample", "4", "--guidance", "2")
+    expect_error("--guidance: ", run_mnist, mnist_data, tmp_path / "u", "--resume", "--epochs", "2",
+                 "--guidance", "2")  # resuming an unconditional run: refused, not ignored
 
 def test_evaluate_reads_the_labels_asked_and_sweeps_the_guidance(evaluated, tmp_path, capsys):
     run, data = evaluated[:2]
@@ -1489,5 +1491,6 @@ def test_evaluate_reads_the_labels_asked_and_sweeps_the_guidance(evaluated, tmp_
     with open(out / "guidance.csv") as f:
         assert [float(r["fid"]) for r in csv.DictReader(f)] == [r["fid"] for r in rows]
     expect_error("is a conditional run: score it with --guidance", run, str(out))
+    expect_error("is a conditional run: score it with --guidance", run, str(out), "--path")
     run_mnist(data, tmp_path / "u", "--epochs", "1", "--limit", "48")
     expect_error("is not a conditional run", run, str(tmp_path / "u"), "--guidance", "2")

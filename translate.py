@@ -28,12 +28,12 @@ import time
 
 import torch
 
-from common import (GRIDS, GUIDANCE, NO_LABEL, SCHEDULES, SOLVERS, T_DISTS, UNet, atomic_save,
-                    autocast, check_loss, check_weights, decay, die, evaluations_per_step,
-                    fm_loss, generate, get_schedule, interrupted, load_images, load_model,
-                    make_dir, nfe, non_negative_float, ot_pairing, pick_device, pick_dtype, plan,
-                    positive_float, positive_int, probability, progress, restore_state, resume,
-                    save_flow, save_grid, time_grid, to_unit, update_ema)
+from common import (GRIDS, GUIDANCE, NO_LABEL, SCHEDULES, SOLVERS, STRIP, T_DISTS, atomic_save,
+                    autocast, check_loss, check_weights, decay, die, fm_loss, generate,
+                    get_schedule, guidance, interrupted, labels_to_ask, load_images, load_model,
+                    make_dir, make_unet, nfe, non_negative_float, ot_pairing, pick_device,
+                    pick_dtype, plan, positive_float, positive_int, probability, progress,
+                    restore_state, resume, save_flow, save_grid, time_grid, to_unit, update_ema)
 
 # -----------------------------------------------------------------------------
 # settings: mnist.py's; test_fm.py lists the defaults in which the two differ, and why
@@ -129,7 +129,8 @@ def draw(args, ckpt_path, device, dtype):
     OUT/samples-labels.pt (N,)."""
     model, config = load_model(ckpt_path, device, args.raw, script="translate.py")
     schedule = config.get("schedule", "cosine")  # the one the weights were trained for
-    y, w, per = labels_and_guidance(args, config, args.sample, ckpt_path)
+    w, per = guidance(args, config.get("conditional"), ckpt_path, "translate.py")
+    y = labels_to_ask(args, args.sample) if config.get("conditional") else None
     solver, n_steps, grid = plan(max(1, args.nfe // per), schedule, args.solver, args.steps,
                                  args.grid)
     ts = time_grid(grid, n_steps, schedule)
@@ -158,21 +159,6 @@ def draw(args, ckpt_path, device, dtype):
         save_grid(torch.cat(strip), os.path.join(args.out, "strip.png"), nrow=8)
         print(f"wrote {args.out}/strip.png (rows: guidance {', '.join(map(str, STRIP))})")
 
-STRIP = (0, 1, 1.5, 2, 3)  # the guidance of strip.png's rows
-
-def labels_and_guidance(args, config, n, path):
-    """For a conditional model: the n digits to ask for (--digit, or 0, 1, ..., 9 in turn),
-    the guidance W and the network evaluations a solver evaluation takes. An unconditional
-    model: None, 1, 1; --digit or --guidance there is one line."""
-    if not config.get("conditional"):
-        if args.digit is not None or args.guidance is not None:
-            die(f"--{'digit' if args.digit is not None else 'guidance'}: {path} is not a "
-                f"conditional model (translate.py --conditional trains one)")
-        return None, 1.0, 1
-    w = GUIDANCE if args.guidance is None else args.guidance
-    y = torch.full((n,), args.digit) if args.digit is not None else torch.arange(n) % 10
-    return y, w, evaluations_per_step(w)
-
 def main(argv=None):
     args = parser.parse_args(argv)
     if args.handout:  # HANDOUT's settings become the defaults
@@ -192,7 +178,7 @@ def main(argv=None):
     # -------------------------------------------------------------------------
     # set-up: a fresh U-Net, or with --resume the one in OUT/ckpt.pt and its settings
     torch.manual_seed(args.seed)
-    model, ckpt = UNet(n_classes=10 if args.conditional else 0), None
+    model, ckpt = make_unet(args.conditional), None
     if args.resume:
         ckpt, args, model = resume(ckpt_path, args, "translate.py", OLDER)
     elif os.path.exists(ckpt_path):
@@ -208,8 +194,7 @@ def main(argv=None):
     N = len(x1_all)
     fixed = load_images("FashionMNIST", args.data, train=False)[:16]  # the same, every epoch
     fixed_y = torch.arange(16) % 10 if args.conditional else None  # conditional: 0, 1, ..., 9, 0
-    w = GUIDANCE if args.guidance is None else args.guidance
-    per = evaluations_per_step(w) if args.conditional else 1  # evaluations a solver step takes
+    w, per = guidance(args, args.conditional, ckpt_path, "translate.py")  # for the pictures
     schedule = get_schedule(args.schedule)
 
     # -------------------------------------------------------------------------
