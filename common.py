@@ -145,7 +145,9 @@ class UNet(nn.Module):
     DoubleConv, padded to keep the sizes it lists, are our reading of its "already defined"
     code). The time enters as a constant extra input channel (the "time map"). With
     n_classes > 0 (mnist.py --conditional) a label y enters the same way, as n_classes
-    constant one-hot channels; y = n_classes is "no label", all of them 0."""
+    constant one-hot channels, and again at the input of each later block, as a learned
+    number per channel and class added to every pixel (README, section 6); y = n_classes is
+    "no label": all of them 0."""
     def __init__(self, c_in=1, c_out=1, n_classes=0):
         super().__init__()
         self.n_classes = n_classes
@@ -157,6 +159,11 @@ class UNet(nn.Module):
         self.up1 = nn.ConvTranspose2d(32, 32, 2, stride=2)
         self.dec1 = DoubleConv(32, 32)
         self.out = nn.Conv2d(32, c_out, 1)
+        if n_classes:  # (n_classes + 1, channels) for enc2, mid, dec2, dec1; start at 0
+            self.label = nn.ModuleList(nn.Embedding(n_classes + 1, c, padding_idx=n_classes)
+                                       for c in (32, 64, 64, 32))
+            for table in self.label:
+                nn.init.zeros_(table.weight)
 
     def forward(self, x, t, y=None):
         B, _, H, W = x.shape
@@ -164,11 +171,13 @@ class UNet(nn.Module):
         if self.n_classes:  # and the label's: (B, n_classes, H, W), 1 in channel y
             onehot = F.one_hot(y, self.n_classes + 1)[:, :self.n_classes].to(x.dtype)
             maps.append(onehot.view(B, -1, 1, 1).expand(B, self.n_classes, H, W))
+        shift = [table(y).to(x.dtype).view(B, -1, 1, 1) for table in self.label] \
+            if self.n_classes else [0, 0, 0, 0]       # the label at each later block
         e1 = self.enc1(torch.cat(maps, dim=1))        # (B, 32, 28, 28)
-        e2 = self.enc2(F.max_pool2d(e1, 2))           # (B, 64, 14, 14)
-        m = self.mid(F.max_pool2d(e2, 2))             # (B, 64, 7, 7)
-        d2 = self.dec2(self.up2(m) + e2)              # (B, 32, 14, 14), additive skip
-        d1 = self.dec1(self.up1(d2) + e1)             # (B, 32, 28, 28), additive skip
+        e2 = self.enc2(F.max_pool2d(e1, 2) + shift[0])  # (B, 64, 14, 14)
+        m = self.mid(F.max_pool2d(e2, 2) + shift[1])  # (B, 64, 7, 7)
+        d2 = self.dec2(self.up2(m) + e2 + shift[2])   # (B, 32, 14, 14), additive skip
+        d1 = self.dec1(self.up1(d2) + e1 + shift[3])  # (B, 32, 28, 28), additive skip
         return self.out(d1)                           # (B, c_out, 28, 28)
 
 # =============================================================================

@@ -1394,18 +1394,45 @@ def test_the_lines_of_mnist_py_the_readme_names_are_the_training_loop():
 # -----------------------------------------------------------------------------
 # asking for a digit: the conditional U-Net and classifier-free guidance
 
-def test_the_conditional_unet_reads_the_label_as_ten_one_hot_maps():
+def test_the_conditional_unet_reads_the_label_as_maps_and_at_each_later_block():
     torch.manual_seed(0)
     plain, cond = UNet(), UNet(n_classes=10)
-    assert sum(p.numel() for p in cond.parameters()) == 205_953 + 10 * 32 * 9  # 10 more inputs
+    # 10 more inputs to the first 3x3 convolution, and (10 + 1) x channels for 4 blocks
+    assert sum(p.numel() for p in cond.parameters()) == 205_953 + 10 * 32 * 9 + 11 * 192
+    assert all(torch.equal(table.weight, torch.zeros(11, c))
+               for table, c in zip(cond.label, (32, 64, 64, 32)))  # they start at 0
+    with torch.no_grad():  # as after training
+        for table in cond.label:
+            table.weight[:10].normal_()
     x, t = torch.randn(11, 1, 28, 28), torch.rand(11)
     y = torch.arange(11)  # 0..9, and 10: "no label"
     assert cond(x, t, y).shape == (11, 1, 28, 28)
-    # "no label" is all ten maps at 0: the same as a U-Net whose label weights are cut out
+    # "no label" is all ten maps and the vectors at 0: a U-Net whose label weights are cut out
+    assert torch.equal(cond.label[0](torch.tensor([10])), torch.zeros(1, 32))
     with torch.no_grad():
         plain.load_state_dict({k: (v[:, :2] if k == "enc1.net.0.weight" else v)
-                               for k, v in cond.state_dict().items()})
+                               for k, v in cond.state_dict().items() if "label" not in k})
     torch.testing.assert_close(cond(x, t, torch.full((11,), common.NO_LABEL)), plain(x, t))
+    # and the later blocks read the label: with the label maps' weights at 0, y still counts
+    with torch.no_grad():
+        cond.enc1.net[0].weight[:, 2:] = 0
+    x, t = x[:1].expand(2, -1, -1, -1), t[:1].expand(2)
+    v = cond(x, t, torch.tensor([3, 7]))
+    assert not torch.allclose(v[0], v[1])
+
+def test_the_unconditional_unet_is_the_handouts_layer_for_layer():
+    # without --conditional nothing of the label is there: the same tensors as ever, in the
+    # same order (so the same initial weights for a seed), and the handout's forward pass
+    torch.manual_seed(0)
+    model = UNet()
+    blocks = ["enc1", "enc2", "mid", "up2", "dec2", "up1", "dec1", "out"]
+    assert [k.split(".")[0] for k in model.state_dict()] == \
+        [b for b in blocks for _ in range(2 if b in ("up2", "up1", "out") else 4)]
+    x, t = torch.randn(3, 1, 28, 28), torch.rand(3)
+    e1 = model.enc1(torch.cat([x, t.view(3, 1, 1, 1).expand(3, 1, 28, 28)], 1))
+    e2 = model.enc2(F.max_pool2d(e1, 2))
+    d2 = model.dec2(model.up2(model.mid(F.max_pool2d(e2, 2))) + e2)
+    assert torch.equal(model(x, t), model.out(model.dec1(model.up1(d2) + e1)))
 
 def test_guidance_mixes_the_two_fields_and_0_and_1_are_them_exactly():
     torch.manual_seed(0)
