@@ -40,10 +40,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (GRIDS, SOLVERS, atomic_save, atomic_write, check_script, die, fixed_noise,
-                    evaluations_per_step, generate, get_schedule, load_checkpoint, load_images,
-                    load_model, nfe, non_negative_float, pick_device, pick_dtype, plan,
-                    positive_int, steps_within, time_grid)
+from common import (GRIDS, GUIDANCE_SHAPE, GUIDED_NFE, SHAPES, SOLVERS, atomic_save, atomic_write,
+                    check_script, die, evaluations_per_step, fixed_noise, generate, get_schedule,
+                    load_checkpoint, load_images, load_model, nfe, non_negative_float,
+                    pick_device, pick_dtype, plan, positive_int, steps_within, time_grid)
 
 GARMENTS = ["T-shirt", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
             "Boot"]
@@ -66,9 +66,12 @@ add("--grids", nargs="+", choices=list(GRIDS), default=list(GRIDS),
 add("--seeds", type=int, nargs="+", default=[0, 1], help="run folder: the sets of noise images to "
     "sample from (those of mnist.py --sample --seed S)")
 add("--guidance", type=non_negative_float, nargs="+", metavar="W", help="conditional run folder: "
-    "quality against classifier-free guidance instead: 1000 class-balanced digits for each W, "
-    "at most 20 network evaluations an image, FID against the share read as asked "
+    "quality against classifier-free guidance instead: 1000 class-balanced digits for each W and "
+    "shape, with mnist.py --sample's sampler, FID against the share read as asked "
     "(guidance.csv, guidance.png)")
+add("--guidance-shape", nargs="+", choices=SHAPES, default=[GUIDANCE_SHAPE], metavar="SHAPE",
+    help="with --guidance: the shapes of W(t) to try, ramp or constant (mnist.py --guidance-shape)"
+    " (default: %(default)s)")
 add("--raw", action="store_true", help="run folder: the trained weights, not their average "
     "(not with --curve: the epochs' files hold only the average)")
 add("--path", action="store_true", help="run folder: how the flow moves instead: along 100 Euler "
@@ -85,7 +88,8 @@ add("--classifier", default="weights/classifier.pt", help="the classifier's file
     "written there if it does not exist (default: %(default)s)")
 add("--epochs", type=positive_int, default=2, help="the classifier's training epochs")
 add("--seed", type=int, default=0, help="seeds the classifier's training and the 'noise' images")
-RUN_ONLY = ("nfe", "grids", "seeds", "raw", "path", "curve", "also", "dtype", "guidance")
+RUN_ONLY = ("nfe", "grids", "seeds", "raw", "path", "curve", "also", "dtype", "guidance",
+            "guidance_shape")
 
 class Classifier(nn.Module):
     """Two conv layers and two linear ones; features() is the 128-d layer FID compares."""
@@ -321,40 +325,45 @@ def sweep(args, model, config, device, classifier, cache):
     return rows
 
 def guidance_sweep(args, model, config, device, classifier, cache):
-    """A conditional run's quality against the guidance W: for each W of --guidance and
-    noise set of --seeds, n digits asked for in turn (0, 1, ..., 9, 0, ...), at most 20
-    network evaluations an image with guidance's two counted (mnist.py --sample's sampler),
-    scored for FID and the share read as asked. RUN/guidance.csv and guidance.png."""
+    """A conditional run's quality against the guidance W: for each shape of
+    --guidance-shape, W of --guidance and noise set of --seeds, n digits asked for in turn
+    (0, 1, ..., 9, 0, ...), drawn with mnist.py --sample's sampler (GUIDED_NFE network
+    evaluations an image with guidance's two counted, 20 without), scored for FID and the
+    share read as asked. RUN/guidance.csv and guidance.png, a curve per shape."""
     if not config.get("conditional"):
         die(f"--guidance: {args.samples} is not a conditional run (mnist.py --conditional)")
     n, schedule, dtype, rows = args.n or 1000, config.get("schedule", "cosine"), \
         pick_dtype(args.dtype, device), []
     y, starts = torch.arange(n) % 10, starting_points(args, n)
-    for w in args.guidance:
-        per = evaluations_per_step(w)
-        solver, steps, grid = plan(20 // per, schedule)
-        ts = time_grid(grid, steps, schedule)
-        for seed, x0 in starts.items():
-            x = generate(model, x0, steps, device, dtype, solver, ts, y=y, w=w)
-            r = score(classifier, cache, x * 2 - 1)
-            rows.append({"guidance": w, "seed": seed, "n": n, "nfe": nfe(solver, steps) * per,
-                         "fid": round(r["fid"], 3), "asked": round(asked(r["pred"], y)[0], 4),
-                         "confidence": round(r["confidence"], 4),
-                         "coverage": round(r["coverage"], 4)})
-            print(" ".join(f"{k}={v}" for k, v in rows[-1].items()), flush=True)
+    for shape in args.guidance_shape:
+        for w in args.guidance:
+            per = evaluations_per_step(w, shape)
+            solver, steps, grid = plan((GUIDED_NFE if per == 2 else 20) // per, schedule)
+            ts = time_grid(grid, steps, schedule)
+            for seed, x0 in starts.items():
+                x = generate(model, x0, steps, device, dtype, solver, ts, y=y, w=w, shape=shape)
+                r = score(classifier, cache, x * 2 - 1)
+                rows.append({"shape": shape, "guidance": w, "seed": seed, "n": n,
+                             "nfe": nfe(solver, steps) * per, "fid": round(r["fid"], 3),
+                             "asked": round(asked(r["pred"], y)[0], 4),
+                             "confidence": round(r["confidence"], 4),
+                             "coverage": round(r["coverage"], 4)})
+                print(" ".join(f"{k}={v}" for k, v in rows[-1].items()), flush=True)
     path = os.path.join(args.samples, "guidance")
     write_csv(rows, path + ".csv")
     fig, ax = pyplot().subplots(figsize=(5, 3.5))
     ws = list(dict.fromkeys(args.guidance))
-    xs = [100 * mean_over(rows, "asked", guidance=w) for w in ws]
-    ys = [mean_over(rows, "fid", guidance=w) for w in ws]
-    ax.plot(xs, ys, "o-")
-    for w, point in zip(ws, zip(xs, ys)):
-        ax.annotate(f"W = {w:g}", point, fontsize=8, xytext=(4, 4), textcoords="offset points")
+    for shape in dict.fromkeys(args.guidance_shape):
+        xs = [100 * mean_over(rows, "asked", shape=shape, guidance=w) for w in ws]
+        ys = [mean_over(rows, "fid", shape=shape, guidance=w) for w in ws]
+        ax.plot(xs, ys, "o-", label=f"W(t) = {'1 + (W - 1) t' if shape == 'ramp' else 'W'}")
+        for w, point in zip(ws, zip(xs, ys)):
+            ax.annotate(f"{w:g}", point, fontsize=8, xytext=(4, 4), textcoords="offset points")
     ax.set_xlabel("read as the digit asked (%)")
     ax.set_ylabel("FID (mean over the noise sets)")
     ax.grid(alpha=0.3)
-    ax.set_title(f"{args.samples}, n = {n}", fontsize=10)
+    ax.legend(fontsize=8)
+    ax.set_title(f"{args.samples}, n = {n}, labels: W", fontsize=10)
     fig.tight_layout()
     save_figure(fig, path + ".png")
     print(f"wrote {path}.csv and {path}.png")
@@ -519,6 +528,8 @@ def main(argv=None):
         die("--translation needs translate.py's samples.pt or run folder")
     if args.also and not args.curve:
         die("--also draws more runs in --curve's picture: add --curve")
+    if args.guidance_shape != parser.get_default("guidance_shape") and not args.guidance:
+        die("--guidance-shape is for the sweep over --guidance W...: add --guidance")
     if args.raw and args.curve:
         die("--raw and --curve: the epochs' files (epochNNN.pt) hold only the moving average")
     if os.path.isdir(args.samples):

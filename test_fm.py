@@ -1440,10 +1440,25 @@ def test_guidance_mixes_the_two_fields_and_0_and_1_are_them_exactly():
     x, t = torch.randn(4, 1, 28, 28, dtype=torch.float64), torch.rand(4, dtype=torch.float64)
     y = torch.tensor([3, 1, 4, 1])
     v_c, v_u = model(x, t, y), model(x, t, torch.full_like(y, common.NO_LABEL))
-    assert torch.equal(common.guided(model, y, 1)(x, t), v_c)
-    assert torch.equal(common.guided(model, y, 0)(x, t), v_u)
-    torch.testing.assert_close(common.guided(model, y, 2.5)(x, t), v_u + 2.5 * (v_c - v_u))
-    assert [common.evaluations_per_step(w) for w in (0, 1, 2.5)] == [1, 1, 2]
+    for shape in ("constant", "ramp"):  # W = 1: the conditional field, either shape
+        assert torch.equal(common.guided(model, y, 1, shape)(x, t), v_c)
+    assert torch.equal(common.guided(model, y, 0, "constant")(x, t), v_u)
+    torch.testing.assert_close(common.guided(model, y, 2.5, "constant")(x, t),
+                               v_u + 2.5 * (v_c - v_u))
+    # the ramp W(t) = 1 + (W - 1) t, the default
+    w_t = (1 + 3 * t).view(4, 1, 1, 1)
+    torch.testing.assert_close(common.guided(model, y, 4)(x, t), v_u + w_t * (v_c - v_u))
+    ends = torch.tensor([0.0, 1.0, 0.0, 1.0], dtype=torch.float64)  # the conditional field, W
+    v_c, v_u = model(x, ends, y), model(x, ends, torch.full_like(y, common.NO_LABEL))
+    torch.testing.assert_close(common.guided(model, y, 4)(x, ends),
+                               torch.stack([v_c[0], v_u[1] + 4 * (v_c[1] - v_u[1]), v_c[2],
+                                            v_u[3] + 4 * (v_c[3] - v_u[3])]))
+    torch.testing.assert_close(common.guided(model, y, 0)(x, ends), torch.stack(
+        [v_c[0], v_u[1], v_c[2], v_u[3]]))  # ramp to 0: from the conditional field to v_u
+    assert [common.evaluations_per_step(w, "constant") for w in (0, 1, 2.5)] == [1, 1, 2]
+    assert [common.evaluations_per_step(w, "ramp") for w in (0, 1, 2.5)] == [2, 1, 2]
+    with pytest.raises(ValueError, match="unknown guidance shape 'cosine'; known: ramp, constant"):
+        common.guided(model, y, 2, "cosine")
 
 def test_conditional_training_drops_the_label_at_the_rate_asked(mnist_data, tmp_path, monkeypatch):
     import mnist
@@ -1467,6 +1482,7 @@ def test_conditional_training_drops_the_label_at_the_rate_asked(mnist_data, tmp_
 
 def test_conditional_sampling_asks_for_each_digit_in_turn_and_writes_the_labels(mnist_data,
                                                                                 tmp_path, capsys):
+    import mnist
     out = tmp_path / "c"
     run_mnist(mnist_data, out, "--epochs", "1", "--conditional")
     ckpt = torch.load(out / "epoch001.pt", weights_only=True)
@@ -1474,12 +1490,23 @@ def test_conditional_sampling_asks_for_each_digit_in_turn_and_writes_the_labels(
     capsys.readouterr()
     run_mnist(mnist_data, out, "--sample", "12", "--guidance", "2", "--nfe", "6")
     printed = capsys.readouterr().out
-    assert "(6 network evaluations each, two a solver evaluation: guidance 2)" in printed, printed
+    assert "(6 network evaluations each, two a solver evaluation: guidance 2, ramp)" in printed
     assert torch.load(out / "samples-labels.pt", weights_only=True).tolist() == [*range(10), 0, 1]
     run_mnist(mnist_data, out, "--sample", "5", "--digit", "7")
     assert torch.load(out / "samples-labels.pt", weights_only=True).tolist() == [7] * 5
     from PIL import Image
     assert Image.open(out / "strip.png").size == (30 * 8 + 2, 30 * 5 + 2)  # a row per W
+    assert "rows: guidance 1, 2, 4, 6, 8, ramp" in capsys.readouterr().out
+    # the default budget: GUIDED_NFE when guided (10 steps of heun-euler, two evaluations
+    # each but the last step's one), 20 when W = 1 takes one a step
+    for flags, expect in [([], "heun-euler, 10 steps on the early grid (38 network evaluations "
+                           "each, two a solver evaluation: guidance 4, ramp)"),
+                          (["--guidance-shape", "constant", "--guidance", "0"],
+                           "heun-euler, 10 steps on the early grid (19 network evaluations each)"),
+                          (["--guidance", "1"], "(19 network evaluations each)")]:
+        mnist.main(["--data", str(mnist_data), "--out", str(out), "--device", "cpu", "--sample",
+                    "3", *flags])  # run_mnist would give --nfe
+        assert expect in capsys.readouterr().out
     # bad input, one line each
     expect_error("argument --digit: invalid choice: 12", run_mnist, mnist_data, out, "--sample",
                  "4", "--digit", "12")
@@ -1492,6 +1519,12 @@ def test_conditional_sampling_asks_for_each_digit_in_turn_and_writes_the_labels(
                  mnist_data, tmp_path / "u", "--sample", "4", "--guidance", "2")
     expect_error("--guidance: ", run_mnist, mnist_data, tmp_path / "u", "--resume", "--epochs", "2",
                  "--guidance", "2")  # resuming an unconditional run: refused, not ignored
+    expect_error("--guidance-shape: ", run_mnist, mnist_data, tmp_path / "u", "--sample", "4",
+                 "--guidance-shape", "constant")
+    expect_error("--guidance-shape is for a conditional model: add --conditional", run_mnist,
+                 mnist_data, tmp_path / "v", "--epochs", "1", "--guidance-shape", "constant")
+    expect_error("argument --guidance-shape: invalid choice: 'cosine'", run_mnist, mnist_data,
+                 out, "--sample", "4", "--guidance-shape", "cosine")
 
 def test_evaluate_reads_the_labels_asked_and_sweeps_the_guidance(evaluated, tmp_path, capsys):
     run, data = evaluated[:2]
@@ -1511,9 +1544,13 @@ def test_evaluate_reads_the_labels_asked_and_sweeps_the_guidance(evaluated, tmp_
     torch.save(common.to_unit(images), tmp_path / "real.pt")
     torch.save(classes, tmp_path / "real-labels.pt")
     assert run(str(tmp_path / "real.pt"))["asked"] == 1.0
-    # --guidance: each W from the same noise, within 20 network evaluations with guidance's two
-    rows = run(str(out), "--guidance", "0", "1", "2", "--n", "20", "--seeds", "0")
-    assert [(r["guidance"], r["nfe"]) for r in rows] == [(0, 19), (1, 19), (2, 18)]
+    # --guidance: each W and shape from the same noise, with mnist.py --sample's sampler
+    rows = run(str(out), "--guidance", "0", "1", "2", "--guidance-shape", "ramp", "constant",
+               "--n", "20", "--seeds", "0")
+    assert [(r["shape"], r["guidance"], r["nfe"]) for r in rows] == [
+        ("ramp", 0, 38), ("ramp", 1, 19), ("ramp", 2, 38),
+        ("constant", 0, 19), ("constant", 1, 19), ("constant", 2, 38)]
+    assert rows[1]["fid"] == rows[4]["fid"]  # W = 1: the conditional field, either shape
     assert (out / "guidance.png").stat().st_size > 10_000
     with open(out / "guidance.csv") as f:
         assert [float(r["fid"]) for r in csv.DictReader(f)] == [r["fid"] for r in rows]
@@ -1521,3 +1558,5 @@ def test_evaluate_reads_the_labels_asked_and_sweeps_the_guidance(evaluated, tmp_
     expect_error("is a conditional run: score it with --guidance", run, str(out), "--path")
     run_mnist(data, tmp_path / "u", "--epochs", "1", "--limit", "48")
     expect_error("is not a conditional run", run, str(tmp_path / "u"), "--guidance", "2")
+    expect_error("--guidance-shape is for the sweep over --guidance W...: add --guidance", run,
+                 str(out), "--guidance-shape", "constant")

@@ -28,12 +28,13 @@ import time
 
 import torch
 
-from common import (GRIDS, GUIDANCE, NO_LABEL, SCHEDULES, SOLVERS, STRIP, T_DISTS, atomic_save,
-                    autocast, check_loss, check_weights, decay, die, fm_loss, generate,
-                    get_schedule, guidance, interrupted, labels_to_ask, load_images, load_model,
-                    make_dir, make_unet, nfe, non_negative_float, ot_pairing, pick_device,
-                    pick_dtype, plan, positive_float, positive_int, probability, progress,
-                    restore_state, resume, save_flow, save_grid, time_grid, to_unit, update_ema)
+from common import (GRIDS, GUIDANCE, GUIDANCE_SHAPE, GUIDED_NFE, NO_LABEL, SCHEDULES, SHAPES,
+                    SOLVERS, STRIP, T_DISTS, atomic_save, autocast, check_loss, check_weights,
+                    decay, die, fm_loss, generate, get_schedule, guidance, interrupted,
+                    labels_to_ask, load_images, load_model, make_dir, make_unet, nfe,
+                    non_negative_float, ot_pairing, pick_device, pick_dtype, plan, positive_float,
+                    positive_int, probability, progress, restore_state, resume, save_flow,
+                    save_grid, time_grid, to_unit, update_ema)
 
 # -----------------------------------------------------------------------------
 # settings: mnist.py's; test_fm.py lists the defaults in which the two differ, and why
@@ -63,15 +64,17 @@ add("--pairing", default="ot", choices=["random", "ot"], help="which garment mee
     "digit: drawn independently, or re-paired in each batch by optimal transport "
     "(default: %(default)s)")
 add("--conditional", action="store_true", help="learn each digit's class too (the label: ten "
-    "one-hot maps beside the time map), replaced by 'no label' with probability --label-drop, "
-    "so that one network learns both fields classifier-free guidance mixes (README, section 6)")
+    "one-hot maps beside the time map, and a learned shift at each later block), replaced by "
+    "'no label' with probability --label-drop, so that one network learns both fields "
+    "classifier-free guidance mixes (README, section 6)")
 add("--label-drop", type=probability, default=0.1, metavar="P",
     help="--conditional: how often a label is dropped in training (default: %(default)s)")
 add("--ema", type=decay, default=0.999, metavar="DECAY",
     help="moving average of the weights, used for sampling (0: none) (default: %(default)s)")
-add("--nfe", type=positive_int, default=20, help="sample with at most this many network "
+add("--nfe", type=positive_int, default=None, help="sample with at most this many network "
     "evaluations an image, by the solver, grid and steps that measured best for it on "
-    "mnist.py's models (README, appendix D) (default: %(default)s)")
+    f"mnist.py's models (README, appendix D) (default: 20; {GUIDED_NFE} for a guided "
+    "conditional model, whose steps take two)")
 add("--solver", default=None, choices=list(SOLVERS), help="instead of --nfe's choice: euler "
     "(1 network evaluation a step), heun or midpoint (2), heun-euler (2, the last step 1)")
 add("--steps", type=positive_int, default=None,
@@ -98,8 +101,11 @@ add("--raw", action="store_true",
 add("--digit", type=int, choices=range(10), default=None, metavar="D", help="with --sample, a "
     "conditional model: turn each garment into this digit (default: 0, 1, ..., 9 in turn)")
 add("--guidance", type=non_negative_float, default=None, metavar="W", help="a conditional "
-    "model's field: v_u + W (v_c - v_u); 1 is the conditional field, 0 the unconditional one, "
-    f"another W costs two network evaluations a step (default: {GUIDANCE})")
+    "model's field: v_u + W(t) (v_c - v_u); W = 1 is the conditional field, and another W "
+    f"costs two network evaluations a step (default: {GUIDANCE:g})")
+add("--guidance-shape", default=None, choices=SHAPES, help="W(t) = 1 + (W - 1) t (ramp: "
+    "no guidance at the noise, W at the data) or W (constant; W = 0: the unconditional field) "
+    f"(default: {GUIDANCE_SHAPE})")
 # --handout: the handout's t ~ U(0, 1), no moving average, Euler sampling and random pairing,
 # with the batch size and Euler steps its text leaves open (our choices: README)
 HANDOUT = {"t_dist": "uniform", "batch_size": 128, "ema": 0.0, "solver": "euler", "steps": 100,
@@ -125,13 +131,13 @@ def draw(args, ckpt_path, device, dtype):
     """--sample N, no training: the first N Fashion-MNIST test images translated with the
     weights of OUT/ckpt.pt: OUT/samples.pt (N, 1, 28, 28) in [0, 1], samples.png (sources
     above their translations), flow.png and flow.gif. A conditional model turns each garment
-    into --digit, or 0, 1, ..., 9 in turn, guided by --guidance; the labels asked for go into
-    OUT/samples-labels.pt (N,)."""
+    into --digit, or 0, 1, ..., 9 in turn, guided by --guidance and --guidance-shape; the
+    labels asked for go into OUT/samples-labels.pt (N,)."""
     model, config = load_model(ckpt_path, device, args.raw, script="translate.py")
     schedule = config.get("schedule", "cosine")  # the one the weights were trained for
-    w, per = guidance(args, config.get("conditional"), ckpt_path, "translate.py")
+    w, shape, per, budget = guidance(args, config.get("conditional"), ckpt_path, "translate.py")
     y = labels_to_ask(args, args.sample) if config.get("conditional") else None
-    solver, n_steps, grid = plan(max(1, args.nfe // per), schedule, args.solver, args.steps,
+    solver, n_steps, grid = plan(max(1, budget // per), schedule, args.solver, args.steps,
                                  args.grid)
     ts = time_grid(grid, n_steps, schedule)
     x0 = load_images("FashionMNIST", args.data, train=False)
@@ -139,11 +145,12 @@ def draw(args, ckpt_path, device, dtype):
         die(f"--sample {args.sample}: Fashion-MNIST has only {len(x0)} test images")
     x0 = x0[: args.sample]
     t0 = time.time()
-    x, path = generate(model, x0, n_steps, device, dtype, solver, ts, keep=64, y=y, w=w)
+    x, path = generate(model, x0, n_steps, device, dtype, solver, ts, keep=64, y=y, w=w,
+                       shape=shape)
     dt = time.time() - t0
     print(f"{len(x)} images, {solver}, {n_steps} steps on the {grid} grid "
           f"({nfe(solver, n_steps) * per} network evaluations each"
-          f"{', two a solver evaluation: guidance ' + format(w, 'g') if per == 2 else ''}): "
+          f"{f', two a solver evaluation: guidance {w:g}, {shape}' if per == 2 else ''}): "
           f"{dt:.1f} s ({len(x) / dt:.1f} img/s)")
     atomic_save(x, os.path.join(args.out, "samples.pt"))  # (N, 1, 28, 28) in [0, 1]
     save_pairs(x0[:128], x[:128], os.path.join(args.out, "samples.png"))
@@ -155,9 +162,10 @@ def draw(args, ckpt_path, device, dtype):
     if args.digit is not None:  # the same 8 garments under several W, a row each
         first8 = load_images("FashionMNIST", args.data, train=False)[:8]
         strip = [generate(model, first8, n_steps, device, dtype, solver, ts, y=y[:1].repeat(8),
-                          w=v) for v in STRIP]
+                          w=v, shape=shape) for v in STRIP[shape]]
         save_grid(torch.cat(strip), os.path.join(args.out, "strip.png"), nrow=8)
-        print(f"wrote {args.out}/strip.png (rows: guidance {', '.join(map(str, STRIP))})")
+        print(f"wrote {args.out}/strip.png (rows: guidance {', '.join(map(str, STRIP[shape]))}, "
+              f"{shape})")
 
 def main(argv=None):
     args = parser.parse_args(argv)
@@ -172,8 +180,9 @@ def main(argv=None):
         return draw(args, ckpt_path, device, dtype)
     if args.digit is not None:
         die("--digit is for --sample; a conditional run's pictures ask for every digit")
-    if args.guidance is not None and not (args.conditional or args.resume):
-        die("--guidance is for a conditional model: add --conditional")
+    for k in ("guidance", "guidance_shape"):
+        if getattr(args, k) is not None and not (args.conditional or args.resume):
+            die(f"--{k.replace('_', '-')} is for a conditional model: add --conditional")
 
     # -------------------------------------------------------------------------
     # set-up: a fresh U-Net, or with --resume the one in OUT/ckpt.pt and its settings
@@ -194,7 +203,7 @@ def main(argv=None):
     N = len(x1_all)
     fixed = load_images("FashionMNIST", args.data, train=False)[:16]  # the same, every epoch
     fixed_y = torch.arange(16) % 10 if args.conditional else None  # conditional: 0, 1, ..., 9, 0
-    w, per = guidance(args, args.conditional, ckpt_path, "translate.py")  # for the pictures
+    w, shape, per, budget = guidance(args, args.conditional, ckpt_path, "translate.py")  # pictures
     schedule = get_schedule(args.schedule)
 
     # -------------------------------------------------------------------------
@@ -206,7 +215,7 @@ def main(argv=None):
     print(f"device {device}, dtype {str(dtype).removeprefix('torch.')}, schedule {args.schedule}, "
           f"seed {args.seed}, {N} training images, {sum(p.numel() for p in model.parameters())} "
           f"parameters")
-    solver, n_steps, grid = plan(max(1, args.nfe // per), args.schedule, args.solver, args.steps,
+    solver, n_steps, grid = plan(max(1, budget // per), args.schedule, args.solver, args.steps,
                                  args.grid)
     ts = time_grid(grid, n_steps, args.schedule)  # the sampler of the pictures
     print(f"pictures: {solver}, {n_steps} steps on the {grid} grid "
@@ -256,7 +265,8 @@ def main(argv=None):
             # with non-finite weights) and the sampling weights alone
             sampler = ema if ema is not None else model
             check_weights([model, sampler], epoch + 1, args.lr)
-            x = generate(sampler, fixed, n_steps, device, dtype, solver, ts, y=fixed_y, w=w)
+            x = generate(sampler, fixed, n_steps, device, dtype, solver, ts, y=fixed_y, w=w,
+                         shape=shape)
             save_pairs(fixed, x, os.path.join(args.out, f"epoch{epoch + 1:03d}.png"))
             atomic_save({
                 "script": "translate.py", "model": model.state_dict(),
