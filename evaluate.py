@@ -361,7 +361,8 @@ def guidance_sweep(args, model, config, device, classifier, cache):
             ax.annotate(f"{w:g}", point, fontsize=8, xytext=(4, 4), textcoords="offset points")
     ax.set_xlabel("read as the digit asked (%)")
     ax.set_ylabel("FID (mean over the noise sets)")
-    ax.grid(alpha=0.3)
+    ax.set_yscale("log")  # from the best to far off
+    ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     ax.set_title(f"{args.samples}, n = {n}, labels: W", fontsize=10)
     fig.tight_layout()
@@ -487,7 +488,8 @@ def curve(args, device):
     ax.set_yscale("log")
     ax.set_xlabel("epoch")
     ax.set_ylabel("FID (mean over the noise sets)")
-    ax.grid(alpha=0.3)
+    ax.set_yscale("log")  # from the best to far off
+    ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     ax.set_title(f"n = {n}, the weights of each epoch", fontsize=10)
     fig.tight_layout()
