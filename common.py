@@ -255,7 +255,7 @@ def plan(budget, schedule, solver=None, steps=None, grid=None):
 
 @torch.no_grad()
 def generate(model, x0, steps, device, dtype, solver="euler", ts=None, keep=0, y=None, w=1.0,
-             shape="ramp"):
+             shape=None):
     """Carry x0 (N, 1, 28, 28) to t = 1 in chunks of 256: (N, 1, 28, 28) in [0, 1] on the
     CPU. With keep=K, also the way there of the first K images, (steps + 1, K, 1, 28, 28)
     in [0, 1]. With labels y (N,), a conditional model's field, guided by w and shape
@@ -277,17 +277,18 @@ def generate(model, x0, steps, device, dtype, solver="euler", ts=None, keep=0, y
 # dropped now and then, gives the conditional field v_c and the unconditional v_u
 
 NO_LABEL = 10  # the label a conditional U-Net reads as "no label"
-# the defaults of --guidance and --guidance-shape, and of --nfe for a guided model (10 steps
-# of heun-euler; unguided: 20): measured in README, section 6
+# the defaults of --guidance and --guidance-shape, and of --nfe for a guided model (cosine:
+# 10 steps of heun-euler, plan): measured in README, section 6
 GUIDANCE, GUIDANCE_SHAPE, GUIDED_NFE = 4.0, "ramp", 40
 SHAPES = ("ramp", "constant")
 
-def guided(model, y, w, shape=GUIDANCE_SHAPE):
+def guided(model, y, w, shape=None):
     """The field v_u + W(t) (v_c - v_u) for labels y (B,), with W(t) = w ("constant") or
-    1 + (w - 1) t ("ramp": the conditional field at the noise, w at the data; Wang et al.
-    2024). A constant W = 1 is the conditional field, W = 0 the unconditional one, one network
-    evaluation a step each; any other W takes both, in one batch of 2B: two network
-    evaluations (README, section 6)."""
+    1 + (w - 1) t ("ramp", the default: the conditional field at t = 0, w at t = 1; Wang et
+    al. 2024). W = 1 is the conditional field, a constant W = 0 the unconditional one: one
+    network evaluation a solver evaluation; any other W (the ramp to 0 too) takes both, in
+    one batch of 2B: two (README, section 6)."""
+    shape = shape or GUIDANCE_SHAPE
     if shape not in SHAPES:
         raise ValueError(f"unknown guidance shape {shape!r}; known: {', '.join(SHAPES)}")
     null = torch.full_like(y, NO_LABEL)
@@ -295,15 +296,24 @@ def guided(model, y, w, shape=GUIDANCE_SHAPE):
         return lambda x, t: model(x, t, y)
     if w == 0 and shape == "constant":
         return lambda x, t: model(x, t, null)
-    def field(x, t):
-        v_u, v_c = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([null, y])).chunk(2)
+    def field(x, t):  # mixed in x's precision (float32 under bf16 autocast), either shape
+        both = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([null, y])).to(x.dtype)
+        v_u, v_c = both.chunk(2)
         w_t = w if shape == "constant" else 1 + (w - 1) * t.view(-1, *[1] * (x.dim() - 1))
         return v_u + w_t * (v_c - v_u)
     return field
 
-def evaluations_per_step(w, shape=GUIDANCE_SHAPE):
-    """Network evaluations a solver's evaluation costs with guidance w (guided)."""
+def evaluations_per_step(w, shape=None):
+    """Network evaluations each evaluation of the solver costs with guidance w and shape."""
+    shape = shape or GUIDANCE_SHAPE
+    if shape not in SHAPES:
+        raise ValueError(f"unknown guidance shape {shape!r}; known: {', '.join(SHAPES)}")
     return 1 if w == 1 or (w == 0 and shape == "constant") else 2
+
+def budget(nfe, per):
+    """The network evaluations an image to sample with: --nfe (nfe) if given, else 20, or
+    GUIDED_NFE when each solver evaluation takes two (per)."""
+    return nfe or (GUIDED_NFE if per == 2 else 20)
 
 # the guidance of the rows of --sample --digit's strip.png, by shape
 STRIP = {"ramp": (1, 2, 4, 6, 8), "constant": (0, 1, 1.5, 2, 3)}
@@ -313,21 +323,21 @@ def make_unet(conditional=False):
     return UNet(n_classes=NO_LABEL if conditional else 0)
 
 def guidance(args, conditional, path, script):
-    """How to sample a model: W and its shape (--guidance, --guidance-shape; GUIDANCE,
-    GUIDANCE_SHAPE), the network evaluations a solver's evaluation then takes, and the budget
-    of network evaluations an image (--nfe; 20, or GUIDED_NFE when two a solver evaluation).
-    An unconditional model: 1, 1 and 20; --digit, --guidance or --guidance-shape given for it
+    """How to sample a model: (W, shape, per, budget): W and its shape (--guidance,
+    --guidance-shape; GUIDANCE, GUIDANCE_SHAPE), the network evaluations each solver
+    evaluation then takes, and those an image may take (budget). An unconditional model:
+    (1, GUIDANCE_SHAPE, 1, --nfe or 20); --digit, --guidance or --guidance-shape given for it
     (path) is one line."""
     given = [k for k in ("digit", "guidance", "guidance_shape") if getattr(args, k) is not None]
     if not conditional:
         if given:
             die(f"--{given[0].replace('_', '-')}: {path} is not a conditional model ({script} "
                 f"--conditional trains one)")
-        return 1.0, GUIDANCE_SHAPE, 1, args.nfe or 20
+        return 1.0, GUIDANCE_SHAPE, 1, budget(args.nfe, 1)
     w = GUIDANCE if args.guidance is None else args.guidance
     shape = args.guidance_shape or GUIDANCE_SHAPE
     per = evaluations_per_step(w, shape)
-    return w, shape, per, args.nfe or (GUIDED_NFE if per == 2 else 20)
+    return w, shape, per, budget(args.nfe, per)
 
 def labels_to_ask(args, n):
     """The n digits a conditional model is asked for: --digit, or 0, 1, ..., 9 in turn."""
@@ -569,7 +579,7 @@ def load_model(path, device, raw=False, script=None, hint=""):
 def resume(path, args, script, older):
     """--resume: returns the checkpoint at path, the run's settings and its U-Net with the
     trained weights. The settings are the checkpoint's (with `older` for settings it
-    predates), but --epochs, --out, --data, --device, --dtype, --guidance and
+    predates), but --epochs, --out, --data, --device, --dtype, --nfe, --guidance and
     --guidance-shape as given now.
     What cannot be resumed is one line."""
     ckpt = load_checkpoint(path)
@@ -586,7 +596,7 @@ def resume(path, args, script, older):
         die(f"{path} holds {ckpt.get('epoch', 0)} epochs already: nothing to do for --epochs "
             f"{args.epochs}; ask for more than {ckpt.get('epoch', 0)}")
     given = {k: getattr(args, k) for k in ("epochs", "out", "data", "device", "dtype", "resume",
-                                           "guidance", "guidance_shape")}
+                                           "nfe", "guidance", "guidance_shape")}
     print(f"resuming {path} after epoch {ckpt['epoch']}")
     return ckpt, argparse.Namespace(**{**vars(args), **older, **config, **given}), model
 

@@ -40,7 +40,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (GRIDS, GUIDANCE_SHAPE, GUIDED_NFE, SHAPES, SOLVERS, atomic_save, atomic_write,
+from common import (GRIDS, GUIDANCE_SHAPE, SHAPES, SOLVERS, atomic_save, atomic_write, budget,
                     check_script, die, evaluations_per_step, fixed_noise, generate, get_schedule,
                     load_checkpoint, load_images, load_model, nfe, non_negative_float,
                     pick_device, pick_dtype, plan, positive_int, steps_within, time_grid)
@@ -69,9 +69,9 @@ add("--guidance", type=non_negative_float, nargs="+", metavar="W", help="conditi
     "quality against classifier-free guidance instead: 1000 class-balanced digits for each W and "
     "shape, with mnist.py --sample's sampler, FID against the share read as asked "
     "(guidance.csv, guidance.png)")
-add("--guidance-shape", nargs="+", choices=SHAPES, default=[GUIDANCE_SHAPE], metavar="SHAPE",
+add("--guidance-shape", nargs="+", choices=SHAPES, default=None, metavar="SHAPE",
     help="with --guidance: the shapes of W(t) to try, ramp or constant (mnist.py --guidance-shape)"
-    " (default: %(default)s)")
+    f" (default: {GUIDANCE_SHAPE})")
 add("--raw", action="store_true", help="run folder: the trained weights, not their average "
     "(not with --curve: the epochs' files hold only the average)")
 add("--path", action="store_true", help="run folder: how the flow moves instead: along 100 Euler "
@@ -327,18 +327,19 @@ def sweep(args, model, config, device, classifier, cache):
 def guidance_sweep(args, model, config, device, classifier, cache):
     """A conditional run's quality against the guidance W: for each shape of
     --guidance-shape, W of --guidance and noise set of --seeds, n digits asked for in turn
-    (0, 1, ..., 9, 0, ...), drawn with mnist.py --sample's sampler (GUIDED_NFE network
-    evaluations an image with guidance's two counted, 20 without), scored for FID and the
+    (0, 1, ..., 9, 0, ...), drawn with mnist.py --sample's sampler (common.budget: GUIDED_NFE
+    network evaluations an image with guidance's two counted, 20 without), scored for FID and the
     share read as asked. RUN/guidance.csv and guidance.png, a curve per shape."""
     if not config.get("conditional"):
         die(f"--guidance: {args.samples} is not a conditional run (mnist.py --conditional)")
     n, schedule, dtype, rows = args.n or 1000, config.get("schedule", "cosine"), \
         pick_dtype(args.dtype, device), []
     y, starts = torch.arange(n) % 10, starting_points(args, n)
-    for shape in args.guidance_shape:
+    shapes = args.guidance_shape or [GUIDANCE_SHAPE]
+    for shape in shapes:
         for w in args.guidance:
             per = evaluations_per_step(w, shape)
-            solver, steps, grid = plan((GUIDED_NFE if per == 2 else 20) // per, schedule)
+            solver, steps, grid = plan(budget(None, per) // per, schedule)
             ts = time_grid(grid, steps, schedule)
             for seed, x0 in starts.items():
                 x = generate(model, x0, steps, device, dtype, solver, ts, y=y, w=w, shape=shape)
@@ -353,7 +354,7 @@ def guidance_sweep(args, model, config, device, classifier, cache):
     write_csv(rows, path + ".csv")
     fig, ax = pyplot().subplots(figsize=(5, 3.5))
     ws = list(dict.fromkeys(args.guidance))
-    for shape in dict.fromkeys(args.guidance_shape):
+    for shape in dict.fromkeys(shapes):
         xs = [100 * mean_over(rows, "asked", shape=shape, guidance=w) for w in ws]
         ys = [mean_over(rows, "fid", shape=shape, guidance=w) for w in ws]
         ax.plot(xs, ys, "o-", label=f"W(t) = {'1 + (W - 1) t' if shape == 'ramp' else 'W'}")
@@ -488,8 +489,7 @@ def curve(args, device):
     ax.set_yscale("log")
     ax.set_xlabel("epoch")
     ax.set_ylabel("FID (mean over the noise sets)")
-    ax.set_yscale("log")  # from the best to far off
-    ax.grid(alpha=0.3, which="both")
+    ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title(f"n = {n}, the weights of each epoch", fontsize=10)
     fig.tight_layout()
@@ -530,8 +530,12 @@ def main(argv=None):
         die("--translation needs translate.py's samples.pt or run folder")
     if args.also and not args.curve:
         die("--also draws more runs in --curve's picture: add --curve")
-    if args.guidance_shape != parser.get_default("guidance_shape") and not args.guidance:
+    if args.guidance_shape and not args.guidance:
         die("--guidance-shape is for the sweep over --guidance W...: add --guidance")
+    sweep_only = [k for k in ("nfe", "grids") if getattr(args, k) != parser.get_default(k)]
+    if args.guidance and sweep_only:  # the guidance sweep samples as mnist.py --sample does
+        die(f"--{sweep_only[0]} is for the sweep over solvers; --guidance samples with "
+            f"mnist.py --sample's sampler")
     if args.raw and args.curve:
         die("--raw and --curve: the epochs' files (epochNNN.pt) hold only the moving average")
     if os.path.isdir(args.samples):
@@ -552,7 +556,7 @@ def main(argv=None):
         return sweep(args, model, config, device, *load_classifier(args))
     given = [k for k in RUN_ONLY if getattr(args, k) != parser.get_default(k)]
     if given:
-        die(f"--{given[0]} is for a run folder; {args.samples} is not one")
+        die(f"--{given[0].replace('_', '-')} is for a run folder; {args.samples} is not one")
     x = images_to_score(args)  # before the classifier: a wrong path is told at once
     labels = labels_beside(args, len(x))
     r = score(*load_classifier(args), x)

@@ -1459,6 +1459,15 @@ def test_guidance_mixes_the_two_fields_and_0_and_1_are_them_exactly():
     assert [common.evaluations_per_step(w, "ramp") for w in (0, 1, 2.5)] == [2, 1, 2]
     with pytest.raises(ValueError, match="unknown guidance shape 'cosine'; known: ramp, constant"):
         common.guided(model, y, 2, "cosine")
+    # what a sampling really evaluates: rows through the network = nfe x per x B
+    rows = []
+    def counted(x, t, labels):
+        rows.append(len(x))
+        return model(x, t, labels)
+    for w, shape in [(4, "ramp"), (0, "ramp"), (1, "ramp"), (0, "constant"), (2, "constant")]:
+        rows.clear()
+        common.sample(common.guided(counted, y, w, shape), x, 3, "heun-euler")
+        assert sum(rows) == common.nfe("heun-euler", 3) * common.evaluations_per_step(w, shape) * 4
 
 def test_conditional_training_drops_the_label_at_the_rate_asked(mnist_data, tmp_path, monkeypatch):
     import mnist
@@ -1497,8 +1506,8 @@ def test_conditional_sampling_asks_for_each_digit_in_turn_and_writes_the_labels(
     from PIL import Image
     assert Image.open(out / "strip.png").size == (30 * 8 + 2, 30 * 5 + 2)  # a row per W
     assert "rows: guidance 1, 2, 4, 6, 8, ramp" in capsys.readouterr().out
-    # the default budget: GUIDED_NFE when guided (10 steps of heun-euler, two evaluations
-    # each but the last step's one), 20 when W = 1 takes one a step
+    # the default budget: GUIDED_NFE when guided (10 steps of heun-euler: 19 solver
+    # evaluations, two network evaluations each), 20 when W = 1 takes one
     for flags, expect in [([], "heun-euler, 10 steps on the early grid (38 network evaluations "
                            "each, two a solver evaluation: guidance 4, ramp)"),
                           (["--guidance-shape", "constant", "--guidance", "0"],
@@ -1526,6 +1535,39 @@ def test_conditional_sampling_asks_for_each_digit_in_turn_and_writes_the_labels(
     expect_error("argument --guidance-shape: invalid choice: 'cosine'", run_mnist, mnist_data,
                  out, "--sample", "4", "--guidance-shape", "cosine")
 
+def test_a_resumed_conditional_run_samples_its_pictures_as_asked_now(mnist_data, tmp_path,
+                                                                   capsys):
+    import mnist
+    out = tmp_path / "c"
+    run_mnist(mnist_data, out, "--epochs", "1", "--conditional", "--guidance-shape", "constant")
+    assert "pictures: euler, 1 steps on the early grid (2 network evaluations)" in \
+        capsys.readouterr().out  # --nfe 3 with guidance's two: one Euler step
+    mnist.main(["--data", str(mnist_data), "--out", str(out), "--batch-size", "16", "--device",
+                "cpu", "--resume", "--epochs", "2"])  # --nfe and the shape: today's defaults
+    assert "pictures: heun-euler, 10 steps on the early grid (38 network evaluations)" in \
+        capsys.readouterr().out
+    run_mnist(mnist_data, out, "--resume", "--epochs", "3", "--guidance", "1")
+    assert "pictures: euler, 3 steps on the early grid (3 network evaluations)" in \
+        capsys.readouterr().out
+
+def test_translate_draws_a_chosen_digit_as_mnist_py_does(both_data, tmp_path, capsys):
+    import translate
+    out = tmp_path / "t"
+    run_translate(both_data, out, "--epochs", "1", "--conditional")
+    capsys.readouterr()
+    translate.main(["--data", str(both_data), "--out", str(out), "--device", "cpu", "--sample",
+                    "3", "--digit", "5", "--guidance-shape", "constant"])
+    printed = capsys.readouterr().out
+    assert "heun-euler, 10 steps on the early grid (38 network evaluations each, two a solver " \
+        "evaluation: guidance 4, constant)" in printed
+    assert "rows: guidance 0, 1, 1.5, 2, 3, constant" in printed
+    assert torch.load(out / "samples-labels.pt", weights_only=True).tolist() == [5] * 3
+    run_translate(both_data, tmp_path / "u", "--epochs", "1")
+    expect_error("--guidance-shape: ", run_translate, both_data, tmp_path / "u", "--sample", "2",
+                 "--guidance-shape", "ramp")
+    expect_error("--guidance-shape is for a conditional model: add --conditional", run_translate,
+                 both_data, tmp_path / "v", "--epochs", "1", "--guidance-shape", "ramp")
+
 def test_evaluate_reads_the_labels_asked_and_sweeps_the_guidance(evaluated, tmp_path, capsys):
     run, data = evaluated[:2]
     out = tmp_path / "c"
@@ -1551,6 +1593,7 @@ def test_evaluate_reads_the_labels_asked_and_sweeps_the_guidance(evaluated, tmp_
         ("ramp", 0, 38), ("ramp", 1, 19), ("ramp", 2, 38),
         ("constant", 0, 19), ("constant", 1, 19), ("constant", 2, 38)]
     assert rows[1]["fid"] == rows[4]["fid"]  # W = 1: the conditional field, either shape
+    assert rows[0]["fid"] != rows[3]["fid"]  # W = 0: from v_c to v_u (ramp) or v_u throughout
     assert (out / "guidance.png").stat().st_size > 10_000
     with open(out / "guidance.csv") as f:
         assert [float(r["fid"]) for r in csv.DictReader(f)] == [r["fid"] for r in rows]
@@ -1560,3 +1603,7 @@ def test_evaluate_reads_the_labels_asked_and_sweeps_the_guidance(evaluated, tmp_
     expect_error("is not a conditional run", run, str(tmp_path / "u"), "--guidance", "2")
     expect_error("--guidance-shape is for the sweep over --guidance W...: add --guidance", run,
                  str(out), "--guidance-shape", "constant")
+    expect_error("--guidance-shape is for the sweep over --guidance W...: add --guidance", run,
+                 str(out / "samples.pt"), "--guidance-shape", "ramp")
+    expect_error("--nfe is for the sweep over solvers; --guidance samples with mnist.py --sample's",
+                 run, str(out), "--guidance", "2", "--nfe", "4")

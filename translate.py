@@ -74,7 +74,7 @@ add("--ema", type=decay, default=0.999, metavar="DECAY",
 add("--nfe", type=positive_int, default=None, help="sample with at most this many network "
     "evaluations an image, by the solver, grid and steps that measured best for it on "
     f"mnist.py's models (README, appendix D) (default: 20; {GUIDED_NFE} for a guided "
-    "conditional model, whose steps take two)")
+    "conditional model, whose solver evaluations take two network evaluations each)")
 add("--solver", default=None, choices=list(SOLVERS), help="instead of --nfe's choice: euler "
     "(1 network evaluation a step), heun or midpoint (2), heun-euler (2, the last step 1)")
 add("--steps", type=positive_int, default=None,
@@ -93,7 +93,8 @@ add("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
     help="auto: bf16 autocast on a CPU with native bf16 (AVX512-BF16 or AMX), float32 "
     "elsewhere, GPUs included (README, appendix E) (default: %(default)s)")
 add("--resume", action="store_true",
-    help="continue OUT/ckpt.pt: its settings, the --epochs given here")
+    help="continue OUT/ckpt.pt with its settings, but --epochs, --nfe, --guidance and "
+    "--guidance-shape as given here")
 add("--sample", type=positive_int, default=None, metavar="N", help="no training: translate the "
     "first N Fashion-MNIST test images with OUT/ckpt.pt into OUT/samples.pt and .png")
 add("--raw", action="store_true",
@@ -102,10 +103,10 @@ add("--digit", type=int, choices=range(10), default=None, metavar="D", help="wit
     "conditional model: turn each garment into this digit (default: 0, 1, ..., 9 in turn)")
 add("--guidance", type=non_negative_float, default=None, metavar="W", help="a conditional "
     "model's field: v_u + W(t) (v_c - v_u); W = 1 is the conditional field, and another W "
-    f"costs two network evaluations a step (default: {GUIDANCE:g})")
-add("--guidance-shape", default=None, choices=SHAPES, help="W(t) = 1 + (W - 1) t (ramp: "
-    "no guidance at the noise, W at the data) or W (constant; W = 0: the unconditional field) "
-    f"(default: {GUIDANCE_SHAPE})")
+    "doubles the network evaluations (but a constant W = 0, the unconditional field) "
+    f"(default: {GUIDANCE:g})")
+add("--guidance-shape", default=None, choices=SHAPES, help="W(t) = 1 + (W - 1) t (ramp: the "
+    f"conditional field at t = 0, W at t = 1) or W (constant) (default: {GUIDANCE_SHAPE})")
 # --handout: the handout's t ~ U(0, 1), no moving average, Euler sampling and random pairing,
 # with the batch size and Euler steps its text leaves open (our choices: README)
 HANDOUT = {"t_dist": "uniform", "batch_size": 128, "ema": 0.0, "solver": "euler", "steps": 100,
