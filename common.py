@@ -569,7 +569,13 @@ def load_model(path, device, raw=False, script=None, hint=""):
     if isinstance(ckpt, dict):
         weights = ckpt.get("ema" if "ema" in ckpt and not raw else "model")
     config = (ckpt.get("config") if isinstance(ckpt, dict) else None) or {}
-    model = restore(make_unet(config.get("conditional")), weights, path)
+    model = make_unet(config.get("conditional"))
+    if config.get("conditional") and isinstance(weights, dict) and "label.0.weight" not in weights:
+        # a conditional U-Net saved before the label entered the later blocks: with those
+        # shifts at 0 (as they start) it is exactly that U-Net
+        weights = {**{k: v for k, v in model.state_dict().items() if k.startswith("label.")},
+                   **weights}
+    model = restore(model, weights, path)
     model = model.to(device, memory_format=torch.channels_last)
     return model, config
 

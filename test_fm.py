@@ -1420,6 +1420,16 @@ def test_the_conditional_unet_reads_the_label_as_maps_and_at_each_later_block():
     v = cond(x, t, torch.tensor([3, 7]))
     assert not torch.allclose(v[0], v[1])
 
+def test_a_conditional_checkpoint_from_before_the_label_shifts_still_samples(tmp_path):
+    torch.manual_seed(0)
+    model = UNet(n_classes=10)  # its label shifts start at 0: the older U-Net exactly
+    older = {k: v for k, v in model.state_dict().items() if not k.startswith("label.")}
+    torch.save({"script": "mnist.py", "ema": older, "config": {"conditional": True}},
+               tmp_path / "ckpt.pt")
+    loaded, _ = common.load_model(str(tmp_path / "ckpt.pt"), torch.device("cpu"))
+    x, t, y = torch.randn(2, 1, 28, 28), torch.rand(2), torch.tensor([3, 10])
+    assert torch.equal(loaded(x, t, y), model(x, t, y))
+
 def test_the_unconditional_unet_is_the_handouts_layer_for_layer():
     # without --conditional nothing of the label is there: the same tensors as ever, in the
     # same order (so the same initial weights for a seed), and the handout's forward pass
