@@ -288,14 +288,10 @@ def guided(model, y, w, shape=None):
     al. 2024). W = 1 is the conditional field, a constant W = 0 the unconditional one: one
     network evaluation a solver evaluation; any other W (the ramp to 0 too) takes both, in
     one batch of 2B: two (README, section 6)."""
-    shape = shape or GUIDANCE_SHAPE
-    if shape not in SHAPES:
-        raise ValueError(f"unknown guidance shape {shape!r}; known: {', '.join(SHAPES)}")
-    null = torch.full_like(y, NO_LABEL)
-    if w == 1:  # either shape
-        return lambda x, t: model(x, t, y)
-    if w == 0 and shape == "constant":
-        return lambda x, t: model(x, t, null)
+    shape, null = shape or GUIDANCE_SHAPE, torch.full_like(y, NO_LABEL)
+    if evaluations_per_step(w, shape) == 1:  # W = 1 (either shape): v_c; a constant 0: v_u
+        label = y if w == 1 else null
+        return lambda x, t: model(x, t, label)
     def field(x, t):  # mixed in x's precision (float32 under bf16 autocast), either shape
         both = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([null, y])).to(x.dtype)
         v_u, v_c = both.chunk(2)
@@ -311,9 +307,10 @@ def evaluations_per_step(w, shape=None):
     return 1 if w == 1 or (w == 0 and shape == "constant") else 2
 
 def budget(nfe, per):
-    """The network evaluations an image to sample with: --nfe (nfe) if given, else 20, or
-    GUIDED_NFE when each solver evaluation takes two (per)."""
-    return nfe or (GUIDED_NFE if per == 2 else 20)
+    """The solver evaluations an image may take (plan's budget): the network evaluations of
+    --nfe (nfe) if given, else 20, or GUIDED_NFE when each solver evaluation takes two
+    (per), divided by per; at least one."""
+    return max(1, (nfe or (GUIDED_NFE if per == 2 else 20)) // per)
 
 # the guidance of the rows of --sample --digit's strip.png, by shape
 STRIP = {"ramp": (1, 2, 4, 6, 8), "constant": (0, 1, 1.5, 2, 3)}
@@ -325,9 +322,9 @@ def make_unet(conditional=False):
 def guidance(args, conditional, path, script):
     """How to sample a model: (W, shape, per, budget): W and its shape (--guidance,
     --guidance-shape; GUIDANCE, GUIDANCE_SHAPE), the network evaluations each solver
-    evaluation then takes, and those an image may take (budget). An unconditional model:
-    (1, GUIDANCE_SHAPE, 1, --nfe or 20); --digit, --guidance or --guidance-shape given for it
-    (path) is one line."""
+    evaluation then takes, and the solver evaluations an image may take (budget). An
+    unconditional model: (1, GUIDANCE_SHAPE, 1, --nfe or 20); --digit, --guidance or
+    --guidance-shape given for it (path) is one line."""
     given = [k for k in ("digit", "guidance", "guidance_shape") if getattr(args, k) is not None]
     if not conditional:
         if given:
@@ -586,8 +583,7 @@ def resume(path, args, script, older):
     """--resume: returns the checkpoint at path, the run's settings and its U-Net with the
     trained weights. The settings are the checkpoint's (with `older` for settings it
     predates), but --epochs, --out, --data, --device, --dtype, --nfe, --guidance and
-    --guidance-shape as given now.
-    What cannot be resumed is one line."""
+    --guidance-shape as given now. What cannot be resumed is one line."""
     ckpt = load_checkpoint(path)
     check_script(ckpt, path, script)
     if isinstance(ckpt, dict) and "config" in ckpt and "optimizer" not in ckpt:

@@ -339,7 +339,7 @@ def guidance_sweep(args, model, config, device, classifier, cache):
     for shape in shapes:
         for w in args.guidance:
             per = evaluations_per_step(w, shape)
-            solver, steps, grid = plan(budget(None, per) // per, schedule)
+            solver, steps, grid = plan(budget(None, per), schedule)
             ts = time_grid(grid, steps, schedule)
             for seed, x0 in starts.items():
                 x = generate(model, x0, steps, device, dtype, solver, ts, y=y, w=w, shape=shape)

@@ -138,8 +138,7 @@ def draw(args, ckpt_path, device, dtype):
     schedule = config.get("schedule", "cosine")  # the one the weights were trained for
     w, shape, per, budget = guidance(args, config.get("conditional"), ckpt_path, "translate.py")
     y = labels_to_ask(args, args.sample) if config.get("conditional") else None
-    solver, n_steps, grid = plan(max(1, budget // per), schedule, args.solver, args.steps,
-                                 args.grid)
+    solver, n_steps, grid = plan(budget, schedule, args.solver, args.steps, args.grid)
     ts = time_grid(grid, n_steps, schedule)
     x0 = load_images("FashionMNIST", args.data, train=False)
     if args.sample > len(x0):
@@ -216,8 +215,7 @@ def main(argv=None):
     print(f"device {device}, dtype {str(dtype).removeprefix('torch.')}, schedule {args.schedule}, "
           f"seed {args.seed}, {N} training images, {sum(p.numel() for p in model.parameters())} "
           f"parameters")
-    solver, n_steps, grid = plan(max(1, budget // per), args.schedule, args.solver, args.steps,
-                                 args.grid)
+    solver, n_steps, grid = plan(budget, args.schedule, args.solver, args.steps, args.grid)
     ts = time_grid(grid, n_steps, args.schedule)  # the sampler of the pictures
     print(f"pictures: {solver}, {n_steps} steps on the {grid} grid "
           f"({nfe(solver, n_steps) * per} network evaluations)")
