@@ -51,18 +51,29 @@ def get_schedule(name):
 # -----------------------------------------------------------------------------
 # training: the loss, and the moving average of the weights that sampling uses
 
-T_DISTS = ("uniform", "logit-normal")  # the distributions of t that fm_loss knows
+# the distributions of t that fm_loss knows
+T_DISTS = ("uniform", "logit-normal", "u-shaped", "half-zero")
 
 def fm_loss(model, x0, x1, schedule, t_dist="uniform", t_mean=0.0):
     """The flow matching loss (Eq. 4, generalised by Eq. 6) for one batch x0 ~ mu_0,
     x1 ~ mu_1, both (B, ...). Each sample gets its own t ~ U(0, 1), or with
     t_dist="logit-normal" t = sigmoid(N(t_mean, 1)): more samples in the middle of the
     path, fewer near its ends (Esser et al. 2024); t_mean > 0 moves them towards the data
-    end, t_mean < 0 towards the noise."""
+    end, t_mean < 0 towards the noise. For reflow (t_mean unused): t_dist="u-shaped" (Lee et
+    al. 2024), the density proportional to cosh(4 (t - 1/2)), more samples near both ends;
+    "half-zero": t = 0 for half the samples, where the loss asks for x1 - x0 from x0 alone,
+    the one-step map (distillation, Liu et al. 2022), and t ~ U(0, 1) for the other half."""
+    B = x0.shape[0]
     if t_dist == "uniform":
-        t = torch.rand(x0.shape[0], device=x0.device, dtype=x0.dtype)
+        t = torch.rand(B, device=x0.device, dtype=x0.dtype)
     elif t_dist == "logit-normal":
-        t = torch.sigmoid(torch.randn(x0.shape[0], device=x0.device, dtype=x0.dtype) + t_mean)
+        t = torch.sigmoid(torch.randn(B, device=x0.device, dtype=x0.dtype) + t_mean)
+    elif t_dist == "u-shaped":  # density ~ e^(4t) by inverting its CDF, then t or 1 - t
+        t = torch.log1p(torch.rand(B, device=x0.device, dtype=x0.dtype) * math.expm1(4)) / 4
+        t = torch.where(torch.rand(B, device=x0.device) < 0.5, t, 1 - t)
+    elif t_dist == "half-zero":
+        t = torch.rand(B, device=x0.device, dtype=x0.dtype)
+        t = torch.where(torch.rand(B, device=x0.device) < 0.5, torch.zeros_like(t), t)
     else:
         raise ValueError(f"unknown distribution of t {t_dist!r}; known: {', '.join(T_DISTS)}")
     alpha, beta, dalpha, dbeta = (s.view(-1, *[1] * (x0.dim() - 1)) for s in schedule(t))
@@ -102,6 +113,21 @@ def sample(model, x0, steps, solver="euler", trajectory=False, ts=None):
         if trajectory:
             xs.append(x)
     return torch.stack(xs) if trajectory else x
+
+@torch.no_grad()
+def straightness(model, x0, steps=100):
+    """How straight a flow is (Liu et al. 2022): S = int_0^1 E |(x_1 - x_0) - v_t(x_t)|^2 dt
+    along its own trajectories, here `steps` Euler steps from x0 (B, ...), per dimension. 0
+    exactly when every trajectory is a straight line at constant speed. On the uniform grid
+    x_1 - x_0 is the mean of the v's, so S = mean |v|^2 - |x_1 - x_0|^2: the kinetic energy
+    spent beyond what the straight line from x_0 to x_1 needs."""
+    ts = time_grid("uniform", steps).to(x0.device, x0.dtype)
+    x, energy = x0, 0.0
+    for i in range(steps):
+        v = model(x, ts[i].expand(x.shape[0])).to(x0.dtype)
+        energy += v.pow(2).mean().item() / steps
+        x = x + (ts[i + 1] - ts[i]) * v
+    return energy - (x - x0).pow(2).mean().item()
 
 def euler(model, x0, steps, trajectory=False):
     """The Euler sampler of Eq. 7, written exactly (README, "Where we differ from the
@@ -243,13 +269,17 @@ def time_grid(name, steps, schedule="cosine"):
 # budget, solver, grid); --nfe K takes the last row that fits K. Each row's solver and grid
 # measured best at its budgets on the two noise sets, but for linear at 100, where heun-euler
 # on the uniform grid measured 25.277 and on the early grid 25.287 (README, appendix D).
+# A reflowed model (mnist.py --pairing reflow) has its own rows (README, section 7).
 BEST = {"cosine": [(1, "euler", "early"), (6, "heun-euler", "early")],
-        "linear": [(1, "euler", "early"), (2, "midpoint", "early"), (50, "heun-euler", "early")]}
+        "linear": [(1, "euler", "early"), (2, "midpoint", "early"), (50, "heun-euler", "early")],
+        "reflow": [(1, "euler", "uniform")]}
 
-def plan(budget, schedule, solver=None, steps=None, grid=None):
+def plan(budget, schedule, solver=None, steps=None, grid=None, reflowed=False):
     """The sampler for --nfe: the solver and grid of BEST for `budget` network evaluations
-    and `schedule`, and as many steps as fit it; a solver, steps or grid given wins."""
-    _, best_solver, best_grid = [row for row in BEST[schedule] if row[0] <= budget][-1]
+    and `schedule` (or a reflowed model), and as many steps as fit it; a solver, steps or
+    grid given wins."""
+    rows = BEST["reflow" if reflowed else schedule]
+    _, best_solver, best_grid = [row for row in rows if row[0] <= budget][-1]
     solver, grid = solver or best_solver, grid or best_grid
     return solver, steps or steps_within(solver, budget), grid
 

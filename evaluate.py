@@ -10,6 +10,8 @@ Numbers for image quality: score generated digits with a small MNIST classifier.
                                    # (nfe.csv, nfe.png; with --raw: nfe-raw.csv, nfe-raw.png)
     python evaluate.py out/mnist-cosine --curve    # quality against epochs (curve.csv, .png)
     python evaluate.py out/mnist-cosine --path     # how the flow moves along 100 Euler steps
+    python evaluate.py out/mnist-reflow --also out/mnist-cosine --nfe 1 2 4   # runs side by
+                                   # side: each with --nfe's sampler, and how straight it is
 
 Add --translation for translate.py's samples and runs. The figures come from a small
 convolutional classifier trained on the MNIST training set, kept with its test accuracy and
@@ -43,7 +45,8 @@ import torch.nn.functional as F
 from common import (GRIDS, GUIDANCE_SHAPE, SHAPES, SOLVERS, atomic_save, atomic_write, budget,
                     check_script, die, evaluations_per_step, fixed_noise, generate, get_schedule,
                     load_checkpoint, load_images, load_model, nfe, non_negative_float,
-                    pick_device, pick_dtype, plan, positive_int, steps_within, time_grid)
+                    pick_device, pick_dtype, plan, positive_int, save_grid, steps_within,
+                    straightness, time_grid)
 
 GARMENTS = ["T-shirt", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
             "Boot"]
@@ -75,10 +78,14 @@ add("--guidance-shape", nargs="+", choices=SHAPES, default=None, metavar="SHAPE"
 add("--raw", action="store_true", help="run folder: the trained weights, not their average "
     "(not with --curve: the epochs' files hold only the average)")
 add("--path", action="store_true", help="run folder: how the flow moves instead: along 100 Euler "
-    "steps, the pixels' scale, how fast the velocity changes, when the digit is decided")
+    "steps, the pixels' scale, how fast the velocity changes, when the digit is decided, and "
+    "how straight the flow is")
 add("--curve", action="store_true", help="run folder: quality against epochs instead: score the "
     "weights of every epoch (epochNNN.pt) with the sampler of --nfe 10 (curve.csv, curve.png)")
-add("--also", nargs="+", metavar="RUN", help="with --curve: more runs, drawn in the same curve.png")
+add("--also", nargs="+", metavar="RUN", help="more runs in the same picture: with --curve, their "
+    "FID against epochs; otherwise their FID against --nfe, each sampled as mnist.py --sample "
+    "--nfe K samples it, and how straight each flow is (compare.csv, compare.png, "
+    "compare-samples.png)")
 add("--device", default="auto", help="where to sample a run folder (auto, cpu, cuda, mps)")
 add("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="run folder: sample "
     "in this precision (auto: as for mnist.py; --path always samples in float32)")
@@ -401,6 +408,10 @@ def along_the_path(args, model, schedule, device):
     final = classifier(x.clamp(-1, 1).cpu()).argmax(1)
     rows.append({"t": 1.0, "rms": x.pow(2).mean().sqrt().item(), "guess": None,
                  "dv/dt": float("nan")})
+    (x0,) = starting_points(args, n, args.seeds[:1]).values()
+    print(f"straightness {straightness(model, x0.to(device)):.4f} (Liu et al.: 0 for straight "
+          f"paths at constant speed; per pixel, where |x_1 - x_0|^2 is "
+          f"{(x - x0.to(device)).pow(2).mean().item():.3f})")
     print(f"{args.samples}, {n} images: t, rms of x_t, |dv/dt|, "
           f"x_1 guessed from x_t read as the final digit")
     rows = [rows[i] for i in [*range(0, 100, 10), 95, 99, 100]]
@@ -466,7 +477,7 @@ def curve(args, device):
             if config.get("conditional"):
                 die(f"{f}: --curve does not score conditional runs yet; use --guidance W...")
             schedule = config.get("schedule", "cosine")
-            solver, steps, grid = plan(10, schedule)
+            solver, steps, grid = plan(10, schedule, reflowed=config.get("pairing") == "reflow")
             ts = time_grid(grid, steps, schedule)
             for seed in starts:
                 row = {"epoch": int(os.path.basename(f)[5:8]), "seed": seed, "n": n,
@@ -496,6 +507,59 @@ def curve(args, device):
     save_figure(fig, os.path.join(args.samples, "curve.png"))
     print(f"wrote curve.csv in {', '.join(runs)} and {os.path.join(args.samples, 'curve.png')}")
     return curves[args.samples]
+
+def compare(args, device):
+    """RUN and the runs of --also side by side: for each, how straight its flow is (straightness,
+    100 Euler steps from the first noise set), and at each budget K of --nfe the FID of the
+    sampler mnist.py --sample --nfe K takes for it (plan), on each noise set. RUN/compare.csv;
+    compare.png, FID against network evaluations, a line per run; compare-samples.png, the
+    first 8 images of the first noise set, a row for each run and budget."""
+    runs, rows, pictures = [args.samples, *args.also], [], []
+    models = {run: load_model(os.path.join(run, "ckpt.pt"), device, False, "mnist.py")
+              for run in runs}
+    for run, (model, config) in models.items():
+        if config.get("conditional"):
+            die(f"{run} is a conditional run: score it with --guidance W...")
+    classifier, cache = load_classifier(args)
+    n, dtype = args.n or 1000, pick_dtype(args.dtype, device)
+    starts = starting_points(args, n)
+    for run, (model, config) in models.items():
+        schedule, reflowed = config.get("schedule", "cosine"), config.get("pairing") == "reflow"
+        s = straightness(model, starts[args.seeds[0]].to(device))  # in float32
+        for k in args.nfe:
+            solver, steps, grid = plan(k, schedule, reflowed=reflowed)
+            ts = time_grid(grid, steps, schedule)
+            for seed, x0 in starts.items():
+                x = generate(model, x0, steps, device, dtype, solver, ts)
+                if seed == args.seeds[0]:
+                    pictures.append(x[:8])
+                r = score(classifier, cache, x * 2 - 1)
+                rows.append({"run": run, "straightness": round(s, 4), "nfe": nfe(solver, steps),
+                             "sampler": f"{solver}-{steps}-{grid}", "seed": seed, "n": n,
+                             "fid": round(r["fid"], 3), "confidence": round(r["confidence"], 4),
+                             "coverage": round(r["coverage"], 4)})
+                print(" ".join(f"{k}={v}" for k, v in rows[-1].items()), flush=True)
+    path = os.path.join(args.samples, "compare")
+    write_csv(rows, path + ".csv")
+    fig, ax = pyplot().subplots(figsize=(5.5, 3.5))
+    for run in runs:
+        mine = [r for r in rows if r["run"] == run]
+        ks = sorted({r["nfe"] for r in mine})
+        ax.plot(ks, [mean_over(mine, "fid", nfe=k) for k in ks], "o-", ms=4,
+                label=f"{run} (straightness {mine[0]['straightness']:.3f})")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("network evaluations per image (mnist.py --nfe)")
+    ax.set_ylabel("FID (mean over the noise sets)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    ax.set_title(f"n = {n}", fontsize=10)
+    fig.tight_layout()
+    save_figure(fig, path + ".png")
+    save_grid(torch.cat(pictures), path + "-samples.png", nrow=8)
+    print(f"wrote {path}.csv, {path}.png and {path}-samples.png (rows: "
+          f"{', '.join(f'{run} at {k}' for run in runs for k in args.nfe)})")
+    return rows
 
 def plot_sweep(rows, path, title):
     """FID and confidence against the network evaluations, a line per solver and grid (the mean
@@ -528,20 +592,25 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.translation and args.samples in ("real", "noise"):
         die("--translation needs translate.py's samples.pt or run folder")
-    if args.also and not args.curve:
-        die("--also draws more runs in --curve's picture: add --curve")
     if args.guidance_shape and not args.guidance:
         die("--guidance-shape is for the sweep over --guidance W...: add --guidance")
     sweep_only = [k for k in ("nfe", "grids") if getattr(args, k) != parser.get_default(k)]
     if args.guidance and sweep_only:  # the guidance sweep samples as mnist.py --sample does
         die(f"--{sweep_only[0]} is for the sweep over solvers; --guidance samples with "
             f"mnist.py --sample's sampler")
+    if args.also and not args.curve:  # the comparison samples as mnist.py --sample does
+        mine = [k for k in ("grids", "raw", "path", "guidance", "translation")
+                if getattr(args, k) != parser.get_default(k)]
+        if mine:
+            die(f"--{mine[0]} is not for runs side by side (--also without --curve)")
     if args.raw and args.curve:
         die("--raw and --curve: the epochs' files (epochNNN.pt) hold only the moving average")
     if os.path.isdir(args.samples):
         device = pick_device(args.device)
         if args.curve:
             return curve(args, device)
+        if args.also:
+            return compare(args, device)
         ckpt = os.path.join(args.samples, "ckpt.pt")  # no run: told at once
         model, config = load_model(ckpt, device, args.raw, SCRIPT[args.translation],
                                    HINT[args.translation])

@@ -6,6 +6,7 @@ Train; after every epoch it writes an 8x8 grid of samples from the same fixed no
 OUT/ckpt.pt:
     python mnist.py --schedule cosine --epochs 20        # OUT = out/mnist-cosine
     python mnist.py --limit 2000 --epochs 2              # a one-minute look on a laptop CPU
+    python mnist.py --pairing reflow --teacher weights/mnist-cosine   # a straighter flow
 Continue an interrupted run, or draw samples from a trained one:
     python mnist.py --out out/mnist-cosine --resume --epochs 30
     python mnist.py --out out/mnist-cosine --sample 64   # OUT/samples.pt (64, 1, 28, 28), .png
@@ -24,10 +25,10 @@ import torch
 from common import (GRIDS, GUIDANCE, GUIDANCE_SHAPE, GUIDED_NFE, NO_LABEL, SCHEDULES, SHAPES,
                     SOLVERS, STRIP, T_DISTS, atomic_save, autocast, check_loss, check_memory,
                     check_weights, decay, die, fixed_noise, fm_loss, generate, get_schedule,
-                    guidance, interrupted, labels_to_ask, load_images, load_model, make_dir,
-                    make_unet, nfe, non_negative_float, ot_pairing, pick_device, pick_dtype, plan,
-                    positive_float, positive_int, probability, progress, restore_state, resume,
-                    save_flow, save_grid, time_grid, update_ema)
+                    guidance, interrupted, labels_to_ask, load_checkpoint, load_images, load_model,
+                    make_dir, make_unet, nfe, non_negative_float, ot_pairing, pick_device,
+                    pick_dtype, plan, positive_float, positive_int, probability, progress,
+                    restore_state, resume, save_flow, save_grid, time_grid, update_ema)
 
 # -----------------------------------------------------------------------------
 # settings; the defaults are the recommended run (README, appendix A). translate.py has the
@@ -50,9 +51,14 @@ add("--warmup", type=positive_int, default=None, help="optimiser steps over whic
     "rate rises linearly to --lr (default: none)")
 add("--clip", type=positive_float, default=None,
     help="clip the norm of the gradient to this (default: none)")
-add("--pairing", default="random", choices=["random", "ot"], help="which noise image meets which "
-    "digit: drawn independently, or re-paired in each batch by optimal transport "
-    "(default: %(default)s)")
+add("--pairing", default="random", choices=["random", "ot", "reflow"], help="which noise image "
+    "meets which digit: drawn independently, re-paired in each batch by optimal transport, or "
+    "reflow: the digit --teacher carries it to (README, section 7) (default: %(default)s)")
+add("--teacher", default=None, metavar="RUN", help="--pairing reflow: the trained run (OUT of "
+    "mnist.py, or weights/mnist-cosine) whose samples are the digits; its averaged weights start "
+    "the student")
+add("--pairs", type=positive_int, default=60000, metavar="N", help="--pairing reflow: the noise "
+    "images the teacher carries to digits, once, into OUT/pairs.pt (default: %(default)s)")
 add("--conditional", action="store_true", help="learn each digit's class too (the label: ten "
     "one-hot maps beside the time map, and a learned shift at each later block), replaced by "
     "'no label' with probability --label-drop, so that one network learns both fields "
@@ -77,7 +83,8 @@ add("--limit", type=positive_int, default=None,
     help="train on the first N images only (quick runs)")
 add("--data", default="data",
     help="torchvision's data folder (MNIST/raw/ below it) (default: %(default)s)")
-add("--out", default=None, help="output folder (default: out/mnist-SCHEDULE)")
+add("--out", default=None,
+    help="output folder (default: out/mnist-SCHEDULE; --pairing reflow: out/mnist-reflow)")
 add("--device", default="auto",
     help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps (default: %(default)s)")
 add("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
@@ -105,6 +112,9 @@ HANDOUT = {"t_dist": "uniform", "batch_size": 128, "ema": 0.0, "solver": "euler"
 add("--handout", action="store_true", help="the handout's recipe as we run it: "
     + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in HANDOUT.items())
     + "; a setting given besides it wins")
+# --pairing reflow: the student's own defaults (README, section 7); a setting given wins
+REFLOW = {"schedule": "linear", "t_dist": "half-zero", "epochs": 10}
+PAIR_SEED = 12345  # + --seed: the pairs' noise, none of the noise sets --sample draws (--seed)
 
 # settings newer than some checkpoints: what a checkpoint saved before them trained with
 OLDER = {"t_dist": "uniform", "t_mean": 0.0, "warmup": None, "clip": None, "pairing": "random",
@@ -119,7 +129,8 @@ def draw(args, ckpt_path, device, dtype):
     schedule = config.get("schedule", "cosine")  # the one the weights were trained for
     w, shape, per, budget = guidance(args, config.get("conditional"), ckpt_path, "mnist.py")
     y = labels_to_ask(args, args.sample) if config.get("conditional") else None
-    solver, n_steps, grid = plan(budget, schedule, args.solver, args.steps, args.grid)
+    solver, n_steps, grid = plan(budget, schedule, args.solver, args.steps, args.grid,
+                                 reflowed=config.get("pairing") == "reflow")
     ts = time_grid(grid, n_steps, schedule)
     check_memory(2 * args.sample * 28 * 28 * 4, f"--sample {args.sample}")  # noise and digits
     t0 = time.time()
@@ -146,11 +157,52 @@ def draw(args, ckpt_path, device, dtype):
         print(f"wrote {args.out}/strip.png (rows: guidance {', '.join(map(str, STRIP[shape]))}, "
               f"{shape})")
 
+def load_teacher(args, device):
+    """--teacher: the trained, unconditional mnist.py run that reflow learns from, and its
+    settings."""
+    teacher, config = load_model(os.path.join(args.teacher, "ckpt.pt"), device,
+                                 script="mnist.py")
+    if config.get("conditional"):
+        die(f"--teacher {args.teacher} is a conditional run; reflow learns an unconditional one")
+    return teacher, config
+
+def make_pairs(args, device, dtype):
+    """--pairing reflow: the pairs (x0, x1) the student learns, both (--pairs, 1, 28, 28) in
+    [-1, 1]: noise x0 fixed by PAIR_SEED + --seed, and x1 the digit the teacher carries it to
+    with its sampler of --nfe 20. Made once into OUT/pairs.pt (x1 in float16: 1.5 KB a pair)
+    and read back by a run in the same OUT, --resume too."""
+    path = os.path.join(args.out, "pairs.pt")
+    x0 = fixed_noise(args.pairs, PAIR_SEED + args.seed)
+    made = {"teacher": args.teacher, "seed": PAIR_SEED + args.seed}
+    if os.path.exists(path):
+        pairs = load_checkpoint(path)
+        if {k: pairs.get(k) for k in made} != made or len(pairs["x1"]) != args.pairs:
+            die(f"{path} holds other pairs (--teacher {pairs.get('teacher')}, {len(pairs['x1'])} "
+                f"pairs): choose another --out, or delete it")
+        print(f"pairs: {path}, {args.pairs} digits of --teacher {args.teacher}")
+        return x0, pairs["x1"].float()
+    teacher, config = load_teacher(args, device)
+    solver, n_steps, grid = plan(20, config.get("schedule", "cosine"),
+                                 reflowed=config.get("pairing") == "reflow")
+    ts = time_grid(grid, n_steps, config.get("schedule", "cosine"))
+    t0, x1 = time.time(), []
+    for i, chunk in enumerate(x0.split(2560)):  # with a line of progress for each chunk
+        x1.append(generate(teacher, chunk, n_steps, device, dtype, solver, ts) * 2 - 1)
+        done = min((i + 1) * 2560, args.pairs)
+        print(f"  pairs: {done}/{args.pairs} from --teacher {args.teacher}, {solver}, {n_steps} "
+              f"steps ({nfe(solver, n_steps)} evaluations) | {done / (time.time() - t0):.0f} "
+              f"img/s", flush=True)
+    atomic_save({**made, "x1": torch.cat(x1).half()}, path)
+    return x0, torch.cat(x1)
+
 def main(argv=None):
     args = parser.parse_args(argv)
-    if args.handout:  # HANDOUT's settings become the defaults
-        args = parser.parse_args(argv, argparse.Namespace(**HANDOUT))
-    args.out = args.out or f"out/mnist-{args.schedule}"
+    if args.handout or args.pairing == "reflow":  # their settings become the defaults
+        defaults = {**(HANDOUT if args.handout else {}),
+                    **(REFLOW if args.pairing == "reflow" else {})}
+        args = parser.parse_args(argv, argparse.Namespace(**defaults))
+    reflow = args.pairing == "reflow"
+    args.out = args.out or f"out/mnist-{'reflow' if reflow else args.schedule}"
     ckpt_path = os.path.join(args.out, "ckpt.pt")
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
@@ -162,6 +214,12 @@ def main(argv=None):
     for k in ("guidance", "guidance_shape"):
         if getattr(args, k) is not None and not (args.conditional or args.resume):
             die(f"--{k.replace('_', '-')} is for a conditional model: add --conditional")
+    if args.teacher is not None and not reflow:
+        die("--teacher is for --pairing reflow")
+    if reflow and args.teacher is None and not args.resume:
+        die("--pairing reflow needs --teacher RUN, the trained run whose samples it learns")
+    if reflow and args.conditional:
+        die("--pairing reflow learns an unconditional teacher: drop --conditional")
 
     # -------------------------------------------------------------------------
     # set-up: a fresh U-Net, or with --resume the one in OUT/ckpt.pt and its settings
@@ -171,13 +229,19 @@ def main(argv=None):
         ckpt, args, model = resume(ckpt_path, args, "mnist.py", OLDER)
     elif os.path.exists(ckpt_path):
         die(f"{ckpt_path} exists: add --resume to continue that run, or choose another --out")
+    elif reflow:  # the student starts as the teacher, whose field is already close
+        model.load_state_dict(load_teacher(args, device)[0].state_dict())
     make_dir(args.out)
 
     # -------------------------------------------------------------------------
     # data: x1 ~ mu_1, all training digits in one tensor (N, 1, 28, 28) in [-1, 1], their
-    # classes (N,)
-    x1_all, y_all = (a[: args.limit].to(device) for a in load_images("MNIST", args.data,
-                                                                      labels=True))
+    # classes (N,); reflow: the teacher's digits x1 and the noise x0 it carried to each
+    if args.pairing == "reflow":
+        x0_all, x1_all = (a[: args.limit].to(device) for a in make_pairs(args, device, dtype))
+        y_all = None
+    else:
+        x1_all, y_all = (a[: args.limit].to(device) for a in load_images("MNIST", args.data,
+                                                                          labels=True))
     N = len(x1_all)
     # the same noise every epoch, so the grids can be compared (conditional: 8 of each digit)
     fixed = fixed_noise(80 if args.conditional else 64, args.seed)
@@ -195,7 +259,8 @@ def main(argv=None):
     print(f"device {device}, dtype {str(dtype).removeprefix('torch.')}, schedule {args.schedule}, "
           f"seed {args.seed}, {N} training images, {sum(p.numel() for p in model.parameters())} "
           f"parameters")
-    solver, n_steps, grid = plan(budget, args.schedule, args.solver, args.steps, args.grid)
+    solver, n_steps, grid = plan(budget, args.schedule, args.solver, args.steps, args.grid,
+                                 reflowed=args.pairing == "reflow")
     ts = time_grid(grid, n_steps, args.schedule)  # the sampler of the pictures
     print(f"pictures: {solver}, {n_steps} steps on the {grid} grid "
           f"({nfe(solver, n_steps) * per} network evaluations)")
@@ -209,7 +274,10 @@ def main(argv=None):
             t0, total = time.time(), 0.0
             for step, idx in enumerate(torch.randperm(N).split(args.batch_size), 1):
                 x1 = x1_all[idx.to(device)]   # (B, 1, 28, 28), digits
-                x0 = torch.randn_like(x1)     # x0 ~ mu_0 = N(0, I), fresh noise for every batch
+                if args.pairing == "reflow":  # the noise the teacher carried to these digits
+                    x0 = x0_all[idx.to(device)]
+                else:                         # x0 ~ mu_0 = N(0, I), fresh noise for every batch
+                    x0 = torch.randn_like(x1)
                 if args.pairing == "ot":      # re-paired with the digits: least total distance
                     x0 = x0[ot_pairing(x0, x1)]
                 net = model

@@ -88,17 +88,23 @@ def test_loss_is_zero_for_the_exact_velocity(schedule):
     off = lambda x, t: exact(x, t) + torch.tensor([0.1, -0.2], dtype=torch.float64)
     assert fm_loss(off, x0, x1, schedule).item() == pytest.approx(0.025)
 
-@pytest.mark.parametrize("t_dist,below_01", [("uniform", 0.1), ("logit-normal", 0.0140)])
+@pytest.mark.parametrize("t_dist,below_01", [("uniform", 0.1), ("logit-normal", 0.0140),
+                                              ("u-shaped", 0.1725), ("half-zero", 0.55)])
 def test_the_distribution_of_t_in_training(t_dist, below_01):
-    # P(t < 0.1): 0.1 for U(0, 1); Phi(logit(0.1)) = Phi(-2.197) = 0.0140 for sigmoid(N(0, 1))
+    # P(t < 0.1): 0.1 for U(0, 1); Phi(logit(0.1)) = Phi(-2.197) = 0.0140 for sigmoid(N(0, 1));
+    # density 4 cosh(4 (t - 1/2)) / (2 sinh 2): (e^0.4 - 1 + e^4 - e^3.6) / (2 (e^4 - 1)) = 0.1725;
+    # half at 0, half U(0, 1): 0.5 + 0.5 * 0.1 = 0.55, and the mean 1/4
     torch.manual_seed(0)
     seen = []
     x = torch.zeros(200_000, 1)
     fm_loss(lambda x, t: seen.append(t) or x, x, x, linear, t_dist)
     t = seen[0]
-    assert 0 < t.min() and t.max() < 1
-    assert (t < 0.1).double().mean().item() == pytest.approx(below_01, abs=0.002)
-    assert t.mean().item() == pytest.approx(0.5, abs=0.003)  # both symmetric about 1/2
+    assert 0 <= t.min() and t.max() < 1 and (t == 0).any() == (t_dist == "half-zero")
+    assert (t < 0.1).double().mean().item() == pytest.approx(below_01, abs=0.004)  # 3.6 sd
+    mean = 0.25 if t_dist == "half-zero" else 0.5  # the others are symmetric about 1/2
+    assert t.mean().item() == pytest.approx(mean, abs=0.003)
+    if t_dist == "half-zero":
+        assert (t == 0).double().mean().item() == pytest.approx(0.5, abs=0.003)
 
 @pytest.mark.parametrize("steps", [1, 3, 10])
 def test_euler_is_exact_on_a_constant_field(steps):
@@ -124,6 +130,21 @@ def test_euler_time_is_a_batch_vector_from_0_to_1():
     seen = []
     euler(lambda x, t: seen.append(t.clone()) or torch.zeros_like(x), torch.zeros(3, 2), 4)
     assert [s.tolist() for s in seen] == [[i / 4] * 3 for i in range(4)]
+
+def test_straightness_is_0_for_straight_paths_and_the_closed_form_for_exponential_ones():
+    # straight lines at constant speed to one point x*: v = (x* - x) / (1 - t), S = 0
+    target = torch.randn(64, 5, dtype=torch.float64)
+    to_target = lambda x, t: (target - x) / (1 - t.view(-1, 1))
+    x0 = torch.randn(64, 5, dtype=torch.float64)
+    assert common.straightness(to_target, x0, 10) == pytest.approx(0, abs=1e-12)
+    # v = a x: x_t = x_0 e^(at), x_1 - x_0 = x_0 (e^a - 1), and E x_0^2 = 1 per dimension:
+    # S = int_0^1 (a e^(at) - (e^a - 1))^2 dt = a (e^(2a) - 1) / 2 - (e^a - 1)^2
+    a = 0.8
+    exact = a * (math.exp(2 * a) - 1) / 2 - (math.exp(a) - 1) ** 2
+    x0 = torch.randn(100_000, 1, dtype=torch.float64)
+    x0 = x0 / x0.pow(2).mean().sqrt()  # E x_0^2 = 1 exactly
+    S = common.straightness(lambda x, t: a * x, x0, 2000)
+    assert S == pytest.approx(exact, rel=2e-3)  # Euler's O(h) error
 
 @pytest.mark.parametrize("steps", [0, -3, 2.5])
 def test_euler_rejects_bad_steps(steps):
@@ -572,6 +593,63 @@ def test_mnist_bad_input_is_a_clear_error(mnist_data, tmp_path, monkeypatch):
     (tmp_path / "o4" / "ckpt.pt").write_bytes(b"not a checkpoint")
     expect_error("ckpt.pt exists: add --resume", run_mnist, mnist_data, tmp_path / "o4")
     assert (tmp_path / "o4" / "ckpt.pt").read_bytes() == b"not a checkpoint"
+
+def test_reflow_learns_the_teachers_samples_of_its_noise_and_resume_reuses_them(
+        mnist_data, tmp_path, monkeypatch):
+    import mnist
+    teacher, student = tmp_path / "teacher", tmp_path / "student"
+    run_mnist(mnist_data, teacher, "--epochs", "1")
+    reflow = ["--pairing", "reflow", "--teacher", str(teacher), "--pairs", "12"]
+    run_mnist(mnist_data, student, *reflow, "--epochs", "1", "--lr", "1e-9")
+    # the pairs: fixed noise none of --sample's noise sets holds, and the teacher's samples of
+    # it with its --nfe 20 sampler (float16: to 1e-3), within Euler's error of its flow
+    pairs = torch.load(student / "pairs.pt", weights_only=True)
+    x0 = common.fixed_noise(12, mnist.PAIR_SEED)
+    assert pairs["teacher"] == str(teacher) and pairs["x1"].dtype == torch.float16
+    assert not any(torch.equal(x0[:2], common.fixed_noise(2, seed)) for seed in range(10))
+    model, config = common.load_model(teacher / "ckpt.pt", torch.device("cpu"))
+    cpu, dtype = torch.device("cpu"), common.pick_dtype("auto", torch.device("cpu"))
+    solver, steps, grid = common.plan(20, config["schedule"])
+    ts = common.time_grid(grid, steps, config["schedule"])
+    x1 = common.generate(model, x0, steps, cpu, dtype, solver, ts) * 2 - 1
+    torch.testing.assert_close(pairs["x1"].float(), x1, rtol=0, atol=1e-3)
+    fine = common.generate(model, x0, 400, cpu, torch.float32) * 2 - 1  # Euler, 400 steps
+    assert (pairs["x1"].float() - fine).abs().mean() < 0.05
+    # the student starts as the teacher (its averaged weights), on the straight schedule
+    ckpt = torch.load(student / "ckpt.pt", weights_only=True)
+    assert ckpt["config"]["schedule"] == "linear" and ckpt["config"]["t_dist"] == "half-zero"
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(ckpt["model"][k], v, rtol=0, atol=1e-6)
+    # --resume reads the pairs back: the teacher is not needed, the file is not rewritten
+    monkeypatch.setattr(mnist, "load_teacher", lambda *a: pytest.fail("asked for the teacher"))
+    before = (student / "pairs.pt").stat().st_mtime_ns
+    run_mnist(mnist_data, student, "--resume", "--epochs", "2")
+    assert (student / "pairs.pt").stat().st_mtime_ns == before
+    assert torch.load(student / "ckpt.pt", weights_only=True)["epoch"] == 2
+    # its checkpoint samples like any other, one Euler step with --nfe 1
+    run_mnist(mnist_data, student, "--sample", "4", "--nfe", "1")
+    # other pairs in OUT are never taken for these
+    monkeypatch.undo()
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "pairs.pt").write_bytes((student / "pairs.pt").read_bytes())
+    expect_error("holds other pairs (--teacher", run_mnist, mnist_data, tmp_path / "other",
+                 *reflow[:-1], "10")
+
+def test_reflow_bad_input_is_one_line(mnist_data, tmp_path):
+    expect_error(f"no checkpoint at {tmp_path / 'nothing' / 'ckpt.pt'}", run_mnist, mnist_data,
+                 tmp_path / "o", "--pairing", "reflow", "--teacher", str(tmp_path / "nothing"))
+    expect_error("--pairing reflow needs --teacher RUN", run_mnist, mnist_data, tmp_path / "o",
+                 "--pairing", "reflow")
+    expect_error("--teacher is for --pairing reflow", run_mnist, mnist_data, tmp_path / "o",
+                 "--teacher", str(tmp_path))
+    expect_error("--pairing reflow learns an unconditional teacher", run_mnist, mnist_data,
+                 tmp_path / "o", "--pairing", "reflow", "--teacher", str(tmp_path),
+                 "--conditional")
+    run_mnist(mnist_data, tmp_path / "cond", "--epochs", "1", "--conditional", "--limit", "16")
+    expect_error("is a conditional run; reflow learns an unconditional one", run_mnist,
+                 mnist_data, tmp_path / "o", "--pairing", "reflow", "--teacher",
+                 str(tmp_path / "cond"))
+    assert not (tmp_path / "o" / "ckpt.pt").exists()
 
 # -----------------------------------------------------------------------------
 # long runs: progress, divergence, Ctrl-C, damaged data, impossible requests
@@ -1162,6 +1240,31 @@ def test_evaluate_sweeps_a_run_over_solvers_grids_and_network_evaluations(evalua
     rows32 = run(str(out), "--curve", "--n", "20", "--seeds", "0", "--dtype", "float32")
     assert len(sampled) == 2 and [r["dtype"] for r in rows32] == ["float32"] * 2
 
+def test_evaluate_sets_runs_side_by_side_with_their_own_samplers_and_straightness(evaluated,
+                                                                                 tmp_path):
+    import evaluate
+    run, data = evaluated[:2]
+    teacher, student = tmp_path / "teacher", tmp_path / "student"
+    run_mnist(data, teacher, "--epochs", "1", "--limit", "48")
+    run_mnist(data, student, "--epochs", "1", "--pairing", "reflow", "--teacher", str(teacher),
+              "--pairs", "16")
+    rows = run(str(student), "--also", str(teacher), "--nfe", "1", "2", "--n", "20")
+    # each run with the sampler mnist.py --sample --nfe K takes for it, on both noise sets
+    samplers = {(str(d), k): "-".join(map(str, common.plan(k, schedule, reflowed=d == student)))
+                for d, schedule in ((student, "linear"), (teacher, "cosine")) for k in (1, 2)}
+    assert [(r["run"], r["nfe"], r["sampler"], r["seed"]) for r in rows] == [
+        (str(d), k, samplers[str(d), k], seed) for d in (student, teacher) for k in (1, 2)
+        for seed in (0, 1)]
+    for d in (student, teacher):  # Liu et al.'s straightness, from the first noise set
+        model, _ = common.load_model(d / "ckpt.pt", torch.device("cpu"))
+        s = common.straightness(model, common.fixed_noise(20, 0))
+        assert {r["straightness"] for r in rows if r["run"] == str(d)} == {round(s, 4)}
+    with open(student / "compare.csv") as f:
+        assert [r["fid"] for r in csv.DictReader(f)] == [str(r["fid"]) for r in rows]
+    assert (student / "compare.png").stat().st_size > 10_000
+    from PIL import Image  # 8 images a row: a row for each run and budget
+    assert Image.open(student / "compare-samples.png").size == (8 * 30 + 2, 4 * 30 + 2)
+
 def test_evaluate_bad_input_is_a_clear_error(tmp_path):
     import evaluate
     eval_data = write_idx(tmp_path / "data", "MNIST")
@@ -1288,8 +1391,8 @@ def test_evaluate_refuses_what_it_would_ignore_and_images_that_are_not_finite(tm
     for flags in [["--curve"], ["--path"], ["--raw"], ["--curve", "--also", "x"], ["--nfe", "4"],
                   ["--grids", "edm"], ["--seeds", "3"], ["--dtype", "float32"]]:
         expect_error(f"{flags[0]} is for a run folder; {s} is not one", ev, str(s), *flags)
-    expect_error("--also draws more runs in --curve's picture: add --curve", ev, str(tmp_path),
-                 "--also", "x")
+    expect_error("--grids is not for runs side by side (--also without --curve)", ev,
+                 str(tmp_path), "--also", "x", "--grids", "edm")
     expect_error("--raw and --curve: the epochs' files (epochNNN.pt) hold only the moving average",
                  ev, str(tmp_path), "--curve", "--raw")
     assert not (tmp_path / "c.pt").exists()
@@ -1305,14 +1408,19 @@ DIFFERENCES = {  # dest: (mnist.py's default, translate.py's, why)
                                 "for noise it ends level (README)"),
 }
 
+# and mnist.py's own: reflow (README, section 7) is built for noise to digits
+MNIST_ONLY = {"teacher": "--pairing reflow's teacher", "pairs": "--pairing reflow's pairs"}
+
 def test_mnist_and_translate_take_the_same_settings_but_for_the_listed_defaults():
     import mnist, translate
     def settings(parser):
         return {a.dest: (a.option_strings, a.type, a.choices, a.nargs, type(a).__name__, a.default)
                 for a in parser._actions}
     m, t = settings(mnist.parser), settings(translate.parser)
-    assert m.keys() == t.keys()
-    for dest in m:
+    assert m.keys() == t.keys() | MNIST_ONLY.keys()
+    assert m["pairing"][2] == [*t["pairing"][2], "reflow"]  # reflow: mnist.py's only
+    t["pairing"] = (*t["pairing"][:2], m["pairing"][2], *t["pairing"][3:])
+    for dest in t:
         assert m[dest][:5] == t[dest][:5], dest
         if dest in DIFFERENCES:
             assert (m[dest][5], t[dest][5]) == DIFFERENCES[dest][:2], dest
