@@ -176,9 +176,10 @@ def make_pairs(args, device, dtype):
     made = {"teacher": args.teacher, "seed": PAIR_SEED + args.seed}
     if os.path.exists(path):
         pairs = load_checkpoint(path)
-        if {k: pairs.get(k) for k in made} != made or len(pairs["x1"]) != args.pairs:
-            die(f"{path} holds other pairs (--teacher {pairs.get('teacher')}, {len(pairs['x1'])} "
-                f"pairs): choose another --out, or delete it")
+        if not (isinstance(pairs, dict) and {k: pairs.get(k) for k in made} == made
+                and len(pairs.get("x1", ())) == args.pairs):
+            die(f"{path} holds other pairs than those of --teacher {args.teacher} --pairs "
+                f"{args.pairs} --seed {args.seed}: choose another --out, or delete it")
         print(f"pairs: {path}, {args.pairs} digits of --teacher {args.teacher}")
         return x0, pairs["x1"].float()
     teacher, config = load_teacher(args, device)
@@ -192,8 +193,9 @@ def make_pairs(args, device, dtype):
         print(f"  pairs: {done}/{args.pairs} from --teacher {args.teacher}, {solver}, {n_steps} "
               f"steps ({nfe(solver, n_steps)} evaluations) | {done / (time.time() - t0):.0f} "
               f"img/s", flush=True)
-    atomic_save({**made, "x1": torch.cat(x1).half()}, path)
-    return x0, torch.cat(x1)
+    x1 = torch.cat(x1).half()  # what is kept is what every epoch learns, resumed or not
+    atomic_save({**made, "x1": x1}, path)
+    return x0, x1.float()
 
 def main(argv=None):
     args = parser.parse_args(argv)

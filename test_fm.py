@@ -632,7 +632,7 @@ def test_reflow_learns_the_teachers_samples_of_its_noise_and_resume_reuses_them(
     monkeypatch.undo()
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "pairs.pt").write_bytes((student / "pairs.pt").read_bytes())
-    expect_error("holds other pairs (--teacher", run_mnist, mnist_data, tmp_path / "other",
+    expect_error("holds other pairs than those of --teacher", run_mnist, mnist_data, tmp_path / "other",
                  *reflow[:-1], "10")
 
 def test_reflow_bad_input_is_one_line(mnist_data, tmp_path):
