@@ -52,7 +52,7 @@ def get_schedule(name):
 # training: the loss, and the moving average of the weights that sampling uses
 
 # the distributions of t that fm_loss knows
-T_DISTS = ("uniform", "logit-normal", "u-shaped", "half-zero")
+T_DISTS = ("uniform", "logit-normal", "u-shaped", "half-zero", "zero")
 
 def fm_loss(model, x0, x1, schedule, t_dist="uniform", t_mean=0.0):
     """The flow matching loss (Eq. 4, generalised by Eq. 6) for one batch x0 ~ mu_0,
@@ -61,8 +61,9 @@ def fm_loss(model, x0, x1, schedule, t_dist="uniform", t_mean=0.0):
     path, fewer near its ends (Esser et al. 2024); t_mean > 0 moves them towards the data
     end, t_mean < 0 towards the noise. For reflow (t_mean unused): t_dist="u-shaped" (Lee et
     al. 2024), the density proportional to cosh(4 (t - 1/2)), more samples near both ends;
-    "half-zero": t = 0 for half the samples, where the loss asks for x1 - x0 from x0 alone,
-    the one-step map (distillation, Liu et al. 2022), and t ~ U(0, 1) for the other half."""
+    "zero": t = 0 always, where the loss asks for x1 - x0 from x0 alone: the one-step map
+    and nothing else (distillation, Liu et al. 2022); "half-zero": t = 0 for half the
+    samples, t ~ U(0, 1) for the other half."""
     B = x0.shape[0]
     if t_dist == "uniform":
         t = torch.rand(B, device=x0.device, dtype=x0.dtype)
@@ -71,9 +72,10 @@ def fm_loss(model, x0, x1, schedule, t_dist="uniform", t_mean=0.0):
     elif t_dist == "u-shaped":  # density ~ e^(4t) by inverting its CDF, then t or 1 - t
         t = torch.log1p(torch.rand(B, device=x0.device, dtype=x0.dtype) * math.expm1(4)) / 4
         t = torch.where(torch.rand(B, device=x0.device) < 0.5, t, 1 - t)
-    elif t_dist == "half-zero":
+    elif t_dist in ("half-zero", "zero"):
         t = torch.rand(B, device=x0.device, dtype=x0.dtype)
-        t = torch.where(torch.rand(B, device=x0.device) < 0.5, torch.zeros_like(t), t)
+        share = 0.5 if t_dist == "half-zero" else 1.0  # of the samples at t = 0
+        t = torch.where(torch.rand(B, device=x0.device) < share, torch.zeros_like(t), t)
     else:
         raise ValueError(f"unknown distribution of t {t_dist!r}; known: {', '.join(T_DISTS)}")
     alpha, beta, dalpha, dbeta = (s.view(-1, *[1] * (x0.dim() - 1)) for s in schedule(t))

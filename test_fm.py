@@ -89,22 +89,23 @@ def test_loss_is_zero_for_the_exact_velocity(schedule):
     assert fm_loss(off, x0, x1, schedule).item() == pytest.approx(0.025)
 
 @pytest.mark.parametrize("t_dist,below_01", [("uniform", 0.1), ("logit-normal", 0.0140),
-                                              ("u-shaped", 0.1725), ("half-zero", 0.55)])
+                                              ("u-shaped", 0.1725), ("half-zero", 0.55),
+                                              ("zero", 1.0)])
 def test_the_distribution_of_t_in_training(t_dist, below_01):
     # P(t < 0.1): 0.1 for U(0, 1); Phi(logit(0.1)) = Phi(-2.197) = 0.0140 for sigmoid(N(0, 1));
     # density 4 cosh(4 (t - 1/2)) / (2 sinh 2): (e^0.4 - 1 + e^4 - e^3.6) / (2 (e^4 - 1)) = 0.1725;
-    # half at 0, half U(0, 1): 0.5 + 0.5 * 0.1 = 0.55, and the mean 1/4
+    # half at 0, half U(0, 1): 0.5 + 0.5 * 0.1 = 0.55, and the mean 1/4; all at 0: 1, mean 0
     torch.manual_seed(0)
     seen = []
     x = torch.zeros(200_000, 1)
     fm_loss(lambda x, t: seen.append(t) or x, x, x, linear, t_dist)
     t = seen[0]
-    assert 0 <= t.min() and t.max() < 1 and (t == 0).any() == (t_dist == "half-zero")
+    at_0 = {"half-zero": 0.5, "zero": 1.0}.get(t_dist, 0.0)  # the share exactly at t = 0
+    assert 0 <= t.min() and t.max() < 1
+    assert (t == 0).double().mean().item() == pytest.approx(at_0, abs=0.003)
     assert (t < 0.1).double().mean().item() == pytest.approx(below_01, abs=0.004)  # 3.6 sd
-    mean = 0.25 if t_dist == "half-zero" else 0.5  # the others are symmetric about 1/2
+    mean = {"half-zero": 0.25, "zero": 0.0}.get(t_dist, 0.5)  # the others: symmetric about 1/2
     assert t.mean().item() == pytest.approx(mean, abs=0.003)
-    if t_dist == "half-zero":
-        assert (t == 0).double().mean().item() == pytest.approx(0.5, abs=0.003)
 
 @pytest.mark.parametrize("steps", [1, 3, 10])
 def test_euler_is_exact_on_a_constant_field(steps):
