@@ -271,10 +271,11 @@ def time_grid(name, steps, schedule="cosine"):
 # budget, solver, grid); --nfe K takes the last row that fits K. Each row's solver and grid
 # measured best at its budgets on the two noise sets, but for linear at 100, where heun-euler
 # on the uniform grid measured 25.277 and on the early grid 25.287 (README, appendix D).
-# A reflowed model (mnist.py --pairing reflow) has its own rows (README, section 7).
+# A reflowed model (mnist.py --pairing reflow) has its own rows: measured on weights/mnist-reflow
+# (README, section 7).
 BEST = {"cosine": [(1, "euler", "early"), (6, "heun-euler", "early")],
         "linear": [(1, "euler", "early"), (2, "midpoint", "early"), (50, "heun-euler", "early")],
-        "reflow": [(1, "euler", "uniform")]}
+        "reflow": [(1, "euler", "uniform"), (2, "midpoint", "early")]}
 
 def plan(budget, schedule, solver=None, steps=None, grid=None, reflowed=False):
     """The sampler for --nfe: the solver and grid of BEST for `budget` network evaluations

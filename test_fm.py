@@ -224,14 +224,19 @@ def test_where_the_solvers_evaluate_and_how_often(solver, times):
     ("linear", [(1, "euler", 1, "early"), (2, "midpoint", 1, "early"), (4, "midpoint", 2, "early"),
                 (10, "midpoint", 5, "early"), (49, "midpoint", 24, "early"),
                 (50, "heun-euler", 25, "early"), (100, "heun-euler", 50, "early")]),
+    ("reflow", [(1, "euler", 1, "uniform"), (2, "midpoint", 1, "early"),
+                (4, "midpoint", 2, "early"), (20, "midpoint", 10, "early")]),
 ])
 def test_nfe_picks_the_best_measured_sampler_and_explicit_settings_win(schedule, expected):
+    reflowed = schedule == "reflow"  # a reflowed model's rows; its schedule is linear
+    schedule = "linear" if reflowed else schedule
     for budget, solver, steps, grid in expected:
-        assert common.plan(budget, schedule) == (solver, steps, grid), budget
+        assert common.plan(budget, schedule, reflowed=reflowed) == (solver, steps, grid), budget
         assert common.nfe(solver, steps) <= budget < common.nfe(solver, steps + 1)  # as many as fit
-    best = common.plan(10, schedule)
-    assert common.plan(10, schedule, solver="euler") == ("euler", 10, best[2])
-    assert common.plan(10, schedule, steps=3, grid="uniform") == (best[0], 3, "uniform")
+    best = common.plan(10, schedule, reflowed=reflowed)
+    assert common.plan(10, schedule, solver="euler", reflowed=reflowed) == ("euler", 10, best[2])
+    assert common.plan(10, schedule, steps=3, grid="uniform", reflowed=reflowed) == (
+        best[0], 3, "uniform")
 
 def test_heun_is_exact_where_the_velocity_is_linear_in_t_and_euler_is_not():
     # dx/dt = a + b t: x(1) = x0 + a + b / 2. The trapezoid rule integrates a line exactly;
