@@ -113,7 +113,7 @@ add("--handout", action="store_true", help="the handout's recipe as we run it: "
     + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in HANDOUT.items())
     + "; a setting given besides it wins")
 # --pairing reflow: the student's own defaults (README, section 7); a setting given wins
-REFLOW = {"schedule": "linear", "t_dist": "half-zero", "epochs": 10}
+REFLOW = {"schedule": "linear", "t_dist": "half-zero"}
 PAIR_SEED = 12345  # + --seed: the pairs' noise, none of the noise sets --sample draws (--seed)
 
 # settings newer than some checkpoints: what a checkpoint saved before them trained with
