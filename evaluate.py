@@ -63,7 +63,8 @@ add("--translation", action="store_true", help="translate.py's samples.pt or run
     "from Fashion-MNIST test image i")
 # run folder only (RUN_ONLY, but --device: a samples.pt is scored where it is): what to sample
 add("--nfe", type=positive_int, nargs="+", default=[4, 6, 8, 10, 16, 20, 50, 100], help="run "
-    "folder: the budgets of network evaluations to try (each solver takes as many steps as fit)")
+    "folder: the budgets of network evaluations to try (each solver takes as many steps as fit; "
+    "with --also, each run the sampler of mnist.py --nfe K)")
 add("--grids", nargs="+", choices=list(GRIDS), default=list(GRIDS),
     help="run folder: the time grids to try (default: all)")
 add("--seeds", type=int, nargs="+", default=[0, 1], help="run folder: the sets of noise images to "

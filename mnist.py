@@ -43,17 +43,23 @@ add("--epochs", type=positive_int, default=20,
 add("--batch-size", type=positive_int, default=32,
     help="images per optimiser step (default: %(default)s)")
 add("--lr", type=positive_float, default=1e-3, help="Adam's learning rate (default: %(default)s)")
-add("--t-dist", default="logit-normal", choices=list(T_DISTS),
-    help="the distribution of t in training (the handout's: uniform) (default: %(default)s)")
+add("--t-dist", default="logit-normal", choices=list(T_DISTS), help="the distribution of t in "
+    "training (the handout's: uniform; --pairing reflow's: half-zero, half the pairs at t = 0; "
+    "common.fm_loss) (default: %(default)s)")
 add("--t-mean", type=float, default=-0.5, help="logit-normal t: the mean of the normal (< 0: more "
     "training near the noise end, > 0: near the data end) (default: %(default)s)")
 add("--warmup", type=positive_int, default=None, help="optimiser steps over which the learning "
     "rate rises linearly to --lr (default: none)")
 add("--clip", type=positive_float, default=None,
     help="clip the norm of the gradient to this (default: none)")
+# --pairing reflow: the student's own defaults (README, section 7); a setting given wins
+REFLOW = {"schedule": "linear", "t_dist": "half-zero"}
+PAIR_SEED = 12345  # + --seed: the pairs' noise, none of the noise sets --sample draws (--seed)
 add("--pairing", default="random", choices=["random", "ot", "reflow"], help="which noise image "
     "meets which digit: drawn independently, re-paired in each batch by optimal transport, or "
-    "reflow: the digit --teacher carries it to (README, section 7) (default: %(default)s)")
+    "reflow: the digit --teacher carries it to (README, section 7), with "
+    + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in REFLOW.items())
+    + " unless given (default: %(default)s)")
 add("--teacher", default=None, metavar="RUN", help="--pairing reflow: the trained run (OUT of "
     "mnist.py, or weights/mnist-cosine) whose samples are the digits; its averaged weights start "
     "the student")
@@ -112,9 +118,6 @@ HANDOUT = {"t_dist": "uniform", "batch_size": 128, "ema": 0.0, "solver": "euler"
 add("--handout", action="store_true", help="the handout's recipe as we run it: "
     + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in HANDOUT.items())
     + "; a setting given besides it wins")
-# --pairing reflow: the student's own defaults (README, section 7); a setting given wins
-REFLOW = {"schedule": "linear", "t_dist": "half-zero"}
-PAIR_SEED = 12345  # + --seed: the pairs' noise, none of the noise sets --sample draws (--seed)
 
 # settings newer than some checkpoints: what a checkpoint saved before them trained with
 OLDER = {"t_dist": "uniform", "t_mean": 0.0, "warmup": None, "clip": None, "pairing": "random",
