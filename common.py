@@ -1,12 +1,12 @@
 """
 What the nanoFM scripts share. First the maths of the handout, in the order a reader meets
 it: the schedules, the flow matching loss (and the moving average of the weights), Euler's
-sampler, the two networks (an MLP for 2D, the handout's U-Net for images). Then what goes
-beyond the handout: more solvers, time grids, the sampler for a budget of network
-evaluations, classifier-free guidance, optimal transport pairing. Then the plumbing, grouped
-by what it serves: the command line, the data, files and checkpoints, a training run's
-plumbing (resume, divergence, Ctrl-C, memory), pictures, progress. Equation numbers refer
-to the handout (see README.md).
+sampler (and how straight a flow is), the two networks (an MLP for 2D, the handout's U-Net
+for images). Then what goes beyond the handout: more solvers, time grids, the sampler for a
+budget of network evaluations, classifier-free guidance, optimal transport pairing. Then the
+plumbing, grouped by what it serves: the command line, the data, files and checkpoints, a
+training run's plumbing (resume, divergence, Ctrl-C, memory), pictures, progress. Equation
+numbers refer to the handout (see README.md).
 """
 import argparse
 import contextlib

@@ -621,7 +621,8 @@ def test_reflow_learns_the_teachers_samples_of_its_noise_and_resume_reuses_them(
     torch.testing.assert_close(pairs["x1"].float(), x1, rtol=0, atol=1e-3)
     fine = common.generate(model, x0, 400, cpu, torch.float32) * 2 - 1  # Euler, 400 steps
     assert (pairs["x1"].float() - fine).abs().mean() < 0.05
-    # the student starts as the teacher (its averaged weights), on the straight schedule
+    # the student starts as the teacher (its averaged weights), with REFLOW's settings
+    assert mnist.REFLOW == {"schedule": "linear", "t_dist": "half-zero"}
     ckpt = torch.load(student / "ckpt.pt", weights_only=True)
     assert ckpt["config"]["schedule"] == "linear" and ckpt["config"]["t_dist"] == "half-zero"
     for k, v in model.state_dict().items():
@@ -634,8 +635,12 @@ def test_reflow_learns_the_teachers_samples_of_its_noise_and_resume_reuses_them(
     assert torch.load(student / "ckpt.pt", weights_only=True)["epoch"] == 2
     # its checkpoint samples like any other, one Euler step with --nfe 1
     run_mnist(mnist_data, student, "--sample", "4", "--nfe", "1")
-    # other pairs in OUT are never taken for these
+    # a setting given wins over REFLOW's
     monkeypatch.undo()
+    run_mnist(mnist_data, tmp_path / "given", *reflow, "--epochs", "1", "--t-dist", "uniform")
+    config = torch.load(tmp_path / "given" / "ckpt.pt", weights_only=True)["config"]
+    assert (config["schedule"], config["t_dist"]) == ("linear", "uniform")
+    # other pairs in OUT are never taken for these
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "pairs.pt").write_bytes((student / "pairs.pt").read_bytes())
     expect_error("holds other pairs than those of --teacher", run_mnist, mnist_data, tmp_path / "other",
