@@ -62,8 +62,8 @@ def fm_loss(model, x0, x1, schedule, t_dist="uniform", t_mean=0.0):
     end, t_mean < 0 towards the noise. For reflow (t_mean unused): t_dist="u-shaped" (Lee et
     al. 2024), the density proportional to cosh(4 (t - 1/2)), more samples near both ends;
     "zero": t = 0 always, where the loss asks for x1 - x0 from x0 alone: the one-step map
-    and nothing else (distillation, Liu et al. 2022); "half-zero": t = 0 for half the
-    samples, t ~ U(0, 1) for the other half."""
+    and nothing else (distillation, Liu et al. 2022); "half-zero": each sample at t = 0 with
+    probability 1/2, else t ~ U(0, 1)."""
     B = x0.shape[0]
     if t_dist == "uniform":
         t = torch.rand(B, device=x0.device, dtype=x0.dtype)
@@ -271,8 +271,8 @@ def time_grid(name, steps, schedule="cosine"):
 # budget, solver, grid); --nfe K takes the last row that fits K. Each row's solver and grid
 # measured best at its budgets on the two noise sets, but for linear at 100, where heun-euler
 # on the uniform grid measured 25.277 and on the early grid 25.287 (README, appendix D).
-# A reflowed model (mnist.py --pairing reflow) has its own rows: measured on weights/mnist-reflow
-# (README, section 7).
+# A reflowed model (mnist.py --pairing reflow) has its own rows, measured on its 10- and
+# 20-epoch weights (README, section 7).
 BEST = {"cosine": [(1, "euler", "early"), (6, "heun-euler", "early")],
         "linear": [(1, "euler", "early"), (2, "midpoint", "early"), (50, "heun-euler", "early")],
         "reflow": [(1, "euler", "uniform"), (2, "midpoint", "early")]}

@@ -63,8 +63,8 @@ add("--translation", action="store_true", help="translate.py's samples.pt or run
     "from Fashion-MNIST test image i")
 # run folder only (RUN_ONLY, but --device: a samples.pt is scored where it is): what to sample
 add("--nfe", type=positive_int, nargs="+", default=[4, 6, 8, 10, 16, 20, 50, 100], help="run "
-    "folder: the budgets of network evaluations to try (each solver takes as many steps as fit; "
-    "with --also, each run the sampler of mnist.py --nfe K)")
+    "folder: the budgets of network evaluations to try (each solver takes as many steps as fit, "
+    "at least one; with --also, each run the sampler of mnist.py --nfe K)")
 add("--grids", nargs="+", choices=list(GRIDS), default=list(GRIDS),
     help="run folder: the time grids to try (default: all)")
 add("--seeds", type=int, nargs="+", default=[0, 1], help="run folder: the sets of noise images to "
@@ -84,9 +84,9 @@ add("--path", action="store_true", help="run folder: how the flow moves instead:
 add("--curve", action="store_true", help="run folder: quality against epochs instead: score the "
     "weights of every epoch (epochNNN.pt) with the sampler of --nfe 10 (curve.csv, curve.png)")
 add("--also", nargs="+", metavar="RUN", help="more runs in the same picture: with --curve, their "
-    "FID against epochs; otherwise their FID against --nfe, each sampled as mnist.py --sample "
-    "--nfe K samples it, and how straight each flow is (compare.csv, compare.png, "
-    "compare-samples.png)")
+    "FID against epochs; otherwise (mnist.py's runs) their FID against --nfe, each sampled as "
+    "mnist.py --sample --nfe K samples it, and how straight each flow is (compare.csv, "
+    "compare.png, compare-samples.png)")
 add("--device", default="auto", help="where to sample a run folder (auto, cpu, cuda, mps)")
 add("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="run folder: sample "
     "in this precision (auto: as for mnist.py; --path always samples in float32)")
@@ -393,7 +393,8 @@ def along_the_path(args, model, schedule, device):
     the root mean square of the pixels of x_t; how fast the velocity changes, |dv/dt| (the
     norm over an image's 784 pixels, averaged over the images); and "decided", the share of
     images whose x_1 as the model guesses it from x_t (guess_x1) the classifier reads as the
-    digit the image ends as. At t = 1 there is nothing left to guess: that row has no "decided"."""
+    digit the image ends as. At t = 1 there is nothing left to guess: that row has no "decided".
+    Last, the flow's straightness (common.straightness) from the same starting points."""
     classifier, _ = load_classifier(args)
     n, steps = args.n or 1000, 100
     ts = torch.linspace(0, 1, steps + 1, device=device)
@@ -409,10 +410,6 @@ def along_the_path(args, model, schedule, device):
     final = classifier(x.clamp(-1, 1).cpu()).argmax(1)
     rows.append({"t": 1.0, "rms": x.pow(2).mean().sqrt().item(), "guess": None,
                  "dv/dt": float("nan")})
-    (x0,) = starting_points(args, n, args.seeds[:1]).values()
-    print(f"straightness {straightness(model, x0.to(device)):.4f} (Liu et al.: 0 for straight "
-          f"paths at constant speed; per pixel, where |x_1 - x_0|^2 is "
-          f"{(x - x0.to(device)).pow(2).mean().item():.3f})")
     print(f"{args.samples}, {n} images: t, rms of x_t, |dv/dt|, "
           f"x_1 guessed from x_t read as the final digit")
     rows = [rows[i] for i in [*range(0, 100, 10), 95, 99, 100]]
@@ -421,6 +418,10 @@ def along_the_path(args, model, schedule, device):
         r["decided"] = None if guess is None else (guess == final).double().mean().item()
         decided = "" if guess is None else f" decided={100 * r['decided']:.0f}%"
         print(f"t={r['t']:.2f} rms={r['rms']:.2f} dv/dt={r['dv/dt']:.0f}{decided}")
+    (x0,) = starting_points(args, n, args.seeds[:1]).values()
+    print(f"straightness {straightness(model, x0.to(device)):.4f} (Liu et al.: 0 for straight "
+          f"paths at constant speed; per pixel, where |x_1 - x_0|^2 is "
+          f"{(x - x0.to(device)).pow(2).mean().item():.3f})")
     return rows
 
 def read_scores(path):

@@ -44,8 +44,8 @@ add("--batch-size", type=positive_int, default=32,
     help="images per optimiser step (default: %(default)s)")
 add("--lr", type=positive_float, default=1e-3, help="Adam's learning rate (default: %(default)s)")
 add("--t-dist", default="logit-normal", choices=list(T_DISTS), help="the distribution of t in "
-    "training (the handout's: uniform; --pairing reflow's: half-zero, half the pairs at t = 0; "
-    "common.fm_loss) (default: %(default)s)")
+    "training (the handout's: uniform; --pairing reflow's: half-zero, t = 0 with probability "
+    "1/2; common.fm_loss) (default: %(default)s)")
 add("--t-mean", type=float, default=-0.5, help="logit-normal t: the mean of the normal (< 0: more "
     "training near the noise end, > 0: near the data end) (default: %(default)s)")
 add("--warmup", type=positive_int, default=None, help="optimiser steps over which the learning "
@@ -54,15 +54,15 @@ add("--clip", type=positive_float, default=None,
     help="clip the norm of the gradient to this (default: none)")
 # --pairing reflow: the student's own defaults (README, section 7); a setting given wins
 REFLOW = {"schedule": "linear", "t_dist": "half-zero"}
-PAIR_SEED = 12345  # + --seed: the pairs' noise, none of the noise sets --sample draws (--seed)
+PAIR_SEED = 12345  # + --seed: the pairs' noise, not the noise sets 0 and 1 that are scored
 add("--pairing", default="random", choices=["random", "ot", "reflow"], help="which noise image "
     "meets which digit: drawn independently, re-paired in each batch by optimal transport, or "
     "reflow: the digit --teacher carries it to (README, section 7), with "
     + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in REFLOW.items())
     + " unless given (default: %(default)s)")
 add("--teacher", default=None, metavar="RUN", help="--pairing reflow: the trained run (OUT of "
-    "mnist.py, or weights/mnist-cosine) whose samples are the digits; its averaged weights start "
-    "the student")
+    "mnist.py, or weights/mnist-cosine) whose samples are the digits; its sampling weights (the "
+    "moving average where it has one) start the student")
 add("--pairs", type=positive_int, default=60000, metavar="N", help="--pairing reflow: the noise "
     "images the teacher carries to digits, once, into OUT/pairs.pt (default: %(default)s)")
 add("--conditional", action="store_true", help="learn each digit's class too (the label: ten "
@@ -171,10 +171,12 @@ def load_teacher(args, device):
 
 def make_pairs(args, device, dtype):
     """--pairing reflow: the pairs (x0, x1) the student learns, both (--pairs, 1, 28, 28) in
-    [-1, 1]: noise x0 fixed by PAIR_SEED + --seed, and x1 the digit the teacher carries it to
-    with its sampler of --nfe 20. Made once into OUT/pairs.pt (x1 in float16: 1.5 KB a pair)
-    and read back by a run in the same OUT, --resume too."""
+    [-1, 1]: noise x0 fixed by PAIR_SEED + --seed (drawn again on every run), and x1 the
+    digit the teacher carries it to with its sampler of --nfe 20, made once into
+    OUT/pairs.pt (in float16: 1.5 KB a pair) and read back by a run in the same OUT, --resume
+    too."""
     path = os.path.join(args.out, "pairs.pt")
+    check_memory(3 * args.pairs * 28 * 28 * 4, f"--pairs {args.pairs}")  # x0, x1 and a copy
     x0 = fixed_noise(args.pairs, PAIR_SEED + args.seed)
     made = {"teacher": args.teacher, "seed": PAIR_SEED + args.seed}
     if os.path.exists(path):
@@ -225,6 +227,12 @@ def main(argv=None):
         die("--pairing reflow needs --teacher RUN, the trained run whose samples it learns")
     if reflow and args.conditional:
         die("--pairing reflow learns an unconditional teacher: drop --conditional")
+    if reflow and args.limit:
+        die("--limit is for the training digits; --pairing reflow makes --pairs N, ask for fewer")
+    if args.pairs != parser.get_default("pairs") and not reflow:
+        die("--pairs is for --pairing reflow")
+    if args.teacher is not None:
+        args.teacher = os.path.normpath(args.teacher)  # weights/x/ and weights/x: one teacher
 
     # -------------------------------------------------------------------------
     # set-up: a fresh U-Net, or with --resume the one in OUT/ckpt.pt and its settings
@@ -234,7 +242,7 @@ def main(argv=None):
         ckpt, args, model = resume(ckpt_path, args, "mnist.py", OLDER)
     elif os.path.exists(ckpt_path):
         die(f"{ckpt_path} exists: add --resume to continue that run, or choose another --out")
-    elif reflow:  # the student starts as the teacher, whose field is already close
+    elif reflow:  # the student starts as the teacher: its sampling weights
         model.load_state_dict(load_teacher(args, device)[0].state_dict())
     make_dir(args.out)
 

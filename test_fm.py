@@ -643,8 +643,8 @@ def test_reflow_learns_the_teachers_samples_of_its_noise_and_resume_reuses_them(
     # other pairs in OUT are never taken for these
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "pairs.pt").write_bytes((student / "pairs.pt").read_bytes())
-    expect_error("holds other pairs than those of --teacher", run_mnist, mnist_data, tmp_path / "other",
-                 *reflow[:-1], "10")
+    expect_error("holds other pairs than those of --teacher", run_mnist, mnist_data,
+                 tmp_path / "other", *reflow[:-1], "10")
 
 def test_reflow_bad_input_is_one_line(mnist_data, tmp_path):
     expect_error(f"no checkpoint at {tmp_path / 'nothing' / 'ckpt.pt'}", run_mnist, mnist_data,
@@ -653,6 +653,10 @@ def test_reflow_bad_input_is_one_line(mnist_data, tmp_path):
                  "--pairing", "reflow")
     expect_error("--teacher is for --pairing reflow", run_mnist, mnist_data, tmp_path / "o",
                  "--teacher", str(tmp_path))
+    expect_error("--pairs is for --pairing reflow", run_mnist, mnist_data, tmp_path / "o",
+                 "--pairs", "10")
+    expect_error("--pairing reflow makes --pairs N, ask for fewer", run_mnist, mnist_data,
+                 tmp_path / "o", "--pairing", "reflow", "--teacher", str(tmp_path), "--limit", "8")
     expect_error("--pairing reflow learns an unconditional teacher", run_mnist, mnist_data,
                  tmp_path / "o", "--pairing", "reflow", "--teacher", str(tmp_path),
                  "--conditional")
