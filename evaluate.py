@@ -592,6 +592,8 @@ HINT = {False: ": add --translation for translate.py's runs",
 
 def main(argv=None):
     args = parser.parse_args(argv)
+    if args.n is not None and args.n < 2:  # FID fits a covariance: one image has none
+        die(f"--n {args.n}: FID needs at least 2 images")
     if args.translation and args.samples in ("real", "noise"):
         die("--translation needs translate.py's samples.pt or run folder")
     if args.guidance_shape and not args.guidance:

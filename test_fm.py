@@ -1291,6 +1291,9 @@ def test_evaluate_bad_input_is_a_clear_error(tmp_path):
                  tmp_path, str(tmp_path / "missing.pt"))
     expect_error("no checkpoint at", run_evaluate, eval_data, tmp_path,
                  str(tmp_path))  # a folder, no run
+    for what in ("real", str(tmp_path)):  # images or a run folder: FID needs two images
+        expect_error("--n 1: FID needs at least 2 images", run_evaluate, eval_data, tmp_path,
+                     what, "--n", "1")
     expect_error("holds no epochNNN.pt", run_evaluate, eval_data, tmp_path, str(tmp_path),
                  "--curve")
     torch.save(torch.rand(5, 3, 32, 32), s)
