@@ -1243,6 +1243,10 @@ def test_evaluate_sweeps_a_run_over_solvers_grids_and_network_evaluations(evalua
                                            rel=1e-5)
     assert path[-1]["decided"] is None and all(0 <= r["decided"] <= 1 for r in path[:-1])
     assert all(math.isfinite(r["dv/dt"]) for r in path[1:-1])
+    printed = [l for l in capsys.readouterr().out.splitlines() if l.startswith("straightness ")]
+    model, _ = common.load_model(out / "ckpt.pt", torch.device("cpu"))
+    S = common.straightness(model, common.fixed_noise(20, 0))  # the same 100 Euler steps
+    assert float(printed[-1].split()[1]) == pytest.approx(S, abs=1e-4)
     # a curve.csv cut short in its last row, or written in another precision: scored again
     before = os.path.getmtime(out / "epoch001.pt")
     os.utime(out / "epoch002.pt", (before, before))  # (no longer newer than the scores)
