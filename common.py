@@ -526,6 +526,11 @@ def fixed_noise(n, seed):
     """n noise images (n, 1, 28, 28) fixed by the seed: mnist.py and evaluate.py share them."""
     return torch.randn(n, 1, 28, 28, generator=torch.Generator().manual_seed(seed))
 
+def blur(garments, sigma, seed=0):
+    """translate.py --sigma's starting points: the garments (N, 1, 28, 28) plus sigma times
+    the fixed noise of seed, as in training a garment plus Gaussian noise."""
+    return garments + sigma * fixed_noise(len(garments), seed) if sigma else garments
+
 # -----------------------------------------------------------------------------
 # files and checkpoints. Every file is written under a temporary name beside it (NAME.tmp.EXT)
 # and renamed when complete: a crash or a full disk never leaves a half-written file under

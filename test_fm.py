@@ -1065,6 +1065,35 @@ def test_translate_starts_from_garments_and_writes_pictures(both_data, tmp_path,
     expect_error("--sample 25: Fashion-MNIST has only 24 test images", run_translate, both_data,
                  out, "--sample", "25")
 
+def test_translate_sigma_starts_from_each_garment_plus_gaussian_noise(both_data, tmp_path,
+                                                                     monkeypatch):
+    garments = common.load_images("FashionMNIST", str(both_data)).flatten(1)
+    starts = []
+    def recording_loss(model, x0, x1, *rest):
+        starts.append(x0.flatten(1))
+        return fm_loss(model, x0, x1, *rest)
+    import translate
+    monkeypatch.setattr(translate, "fm_loss", recording_loss)
+    out = tmp_path / "out"
+    run_translate(both_data, out, "--epochs", "1", "--sigma", "0.5")
+    x0 = torch.cat(starts)
+    # the garments lie 1.28 apart (mean squared pixel), the noise 0.25 from its own
+    noise = x0 - garments[torch.cdist(x0, garments).argmin(dim=1)]
+    assert abs(noise.mean()) < 0.02 and abs(noise.std() - 0.5) < 0.02
+    # sampling starts from the test garments plus 0.5 times the noise of --seed
+    test_garments = common.load_images("FashionMNIST", str(both_data), train=False)[:8]
+    for seed in (0, 1):
+        run_translate(both_data, out, "--sample", "8", "--seed", str(seed), "--solver", "euler",
+                      "--steps", "12", "--grid", "uniform")
+        cells = flow_cells(out / "flow.png", 8, 10)
+        start = common.to_unit(test_garments + 0.5 * common.fixed_noise(8, seed))
+        torch.testing.assert_close(cells[:, 0], start[:, 0].double(), rtol=0,
+                                   atol=0.5 / 255 + 1e-9)
+        cells = png_cells(out / "samples.png", 2, 8)  # above: the garments themselves
+        torch.testing.assert_close(cells[0], common.to_unit(test_garments)[:, 0].double(),
+                                   rtol=0, atol=0.5 / 255 + 1e-9)
+    assert torch.equal(common.blur(test_garments, 0.0, 1), test_garments)
+
 def test_translate_without_fashion_mnist_is_a_clear_error(mnist_data, tmp_path, monkeypatch):
     import torchvision
     monkeypatch.setattr(torchvision.datasets.FashionMNIST, "mirrors", ["http://127.0.0.1:9/"])
@@ -1432,6 +1461,8 @@ DIFFERENCES = {  # dest: (mnist.py's default, translate.py's, why)
 
 # and mnist.py's own: reflow (README, section 7) is built for noise to digits
 MNIST_ONLY = {"teacher": "--pairing reflow's teacher", "pairs": "--pairing reflow's pairs"}
+# and translate.py's own: noise on a Gaussian source would only change its variance
+TRANSLATE_ONLY = {"sigma": "Gaussian noise on the garments"}
 
 def test_mnist_and_translate_take_the_same_settings_but_for_the_listed_defaults():
     import mnist, translate
@@ -1439,10 +1470,10 @@ def test_mnist_and_translate_take_the_same_settings_but_for_the_listed_defaults(
         return {a.dest: (a.option_strings, a.type, a.choices, a.nargs, type(a).__name__, a.default)
                 for a in parser._actions}
     m, t = settings(mnist.parser), settings(translate.parser)
-    assert m.keys() == t.keys() | MNIST_ONLY.keys()
+    assert m.keys() | TRANSLATE_ONLY.keys() == t.keys() | MNIST_ONLY.keys()
     assert m["pairing"][2] == [*t["pairing"][2], "reflow"]  # reflow: mnist.py's only
     t["pairing"] = (*t["pairing"][:2], m["pairing"][2], *t["pairing"][3:])
-    for dest in t:
+    for dest in t.keys() - TRANSLATE_ONLY.keys():
         assert m[dest][:5] == t[dest][:5], dest
         if dest in DIFFERENCES:
             assert (m[dest][5], t[dest][5]) == DIFFERENCES[dest][:2], dest

@@ -29,9 +29,9 @@ import time
 import torch
 
 from common import (GRIDS, GUIDANCE, GUIDANCE_SHAPE, GUIDED_NFE, NO_LABEL, SCHEDULES, SHAPES,
-                    SOLVERS, STRIP, T_DISTS, atomic_save, autocast, check_loss, check_weights,
-                    decay, die, fm_loss, generate, get_schedule, guidance, interrupted,
-                    labels_to_ask, load_images, load_model, make_dir, make_unet, nfe,
+                    SOLVERS, STRIP, T_DISTS, atomic_save, autocast, blur, check_loss,
+                    check_weights, decay, die, fm_loss, generate, get_schedule, guidance,
+                    interrupted, labels_to_ask, load_images, load_model, make_dir, make_unet, nfe,
                     non_negative_float, ot_pairing, pick_device, pick_dtype, plan, positive_float,
                     positive_int, probability, progress, restore_state, resume, save_flow,
                     save_grid, time_grid, to_unit, update_ema)
@@ -63,6 +63,9 @@ add("--clip", type=positive_float, default=None,
 add("--pairing", default="ot", choices=["random", "ot"], help="which garment meets which "
     "digit: drawn independently, or re-paired in each batch by optimal transport "
     "(default: %(default)s)")
+add("--sigma", type=non_negative_float, default=0.0, help="Gaussian noise of this standard "
+    "deviation added to each garment, in training and sampling: x0 = garment + sigma * noise, "
+    "a density around each garment rather than 60,000 points (default: %(default)s)")
 add("--conditional", action="store_true", help="learn each digit's class too (the label: ten "
     "one-hot maps beside the time map, and a learned shift at each later block), replaced by "
     "'no label' with probability --label-drop, so that one network learns both fields "
@@ -117,7 +120,7 @@ add("--handout", action="store_true", help="the handout's recipe as we run it: "
 
 # settings newer than some checkpoints: what a checkpoint saved before them trained with
 OLDER = {"t_dist": "uniform", "t_mean": 0.0, "warmup": None, "clip": None, "pairing": "random",
-         "conditional": False, "label_drop": 0.1}
+         "conditional": False, "label_drop": 0.1, "sigma": 0.0}
 
 def save_pairs(x0, x, path, width=16):
     """A PNG with rows of `width`: sources (x0, in [-1, 1]) above their results (x, in [0, 1])."""
@@ -144,8 +147,10 @@ def draw(args, ckpt_path, device, dtype):
     if args.sample > len(x0):
         die(f"--sample {args.sample}: Fashion-MNIST has only {len(x0)} test images")
     x0 = x0[: args.sample]
+    sigma = config.get("sigma", 0.0)
+    start = blur(x0, sigma, args.seed)  # with --sigma: the garments + the noise of --seed
     t0 = time.time()
-    x, path = generate(model, x0, n_steps, device, dtype, solver, ts, keep=64, y=y, w=w,
+    x, path = generate(model, start, n_steps, device, dtype, solver, ts, keep=64, y=y, w=w,
                        shape=shape)
     dt = time.time() - t0
     print(f"{len(x)} images, {solver}, {n_steps} steps on the {grid} grid "
@@ -160,7 +165,7 @@ def draw(args, ckpt_path, device, dtype):
         atomic_save(y, os.path.join(args.out, "samples-labels.pt"))  # the digits asked for
         print(f"wrote {args.out}/samples-labels.pt")
     if args.digit is not None:  # the same 8 garments under several W, a row each
-        first8 = load_images("FashionMNIST", args.data, train=False)[:8]
+        first8 = blur(load_images("FashionMNIST", args.data, train=False)[:8], sigma, args.seed)
         strip = [generate(model, first8, n_steps, device, dtype, solver, ts, y=y[:1].repeat(8),
                           w=v, shape=shape) for v in STRIP[shape]]
         save_grid(torch.cat(strip), os.path.join(args.out, "strip.png"), nrow=8)
@@ -233,6 +238,8 @@ def main(argv=None):
                 # --pairing ot the batch's garments are then re-paired with its digits at the
                 # least total distance
                 x0 = x0_all[torch.randint(len(x0_all), (len(x1),)).to(device)]
+                if args.sigma:  # the source a density: each garment plus Gaussian noise
+                    x0 = x0 + args.sigma * torch.randn_like(x0)
                 if args.pairing == "ot":
                     x0 = x0[ot_pairing(x0, x1)]
                 net = model
@@ -264,8 +271,8 @@ def main(argv=None):
             # with non-finite weights) and the sampling weights alone
             sampler = ema if ema is not None else model
             check_weights([model, sampler], epoch + 1, args.lr)
-            x = generate(sampler, fixed, n_steps, device, dtype, solver, ts, y=fixed_y, w=w,
-                         shape=shape)
+            x = generate(sampler, blur(fixed, args.sigma), n_steps, device, dtype, solver, ts,
+                         y=fixed_y, w=w, shape=shape)
             save_pairs(fixed, x, os.path.join(args.out, f"epoch{epoch + 1:03d}.png"))
             atomic_save({
                 "script": "translate.py", "model": model.state_dict(),
