@@ -42,11 +42,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (GRIDS, GUIDANCE_SHAPE, SHAPES, SOLVERS, atomic_save, atomic_write, budget,
-                    check_script, die, evaluations_per_step, fixed_noise, generate, get_schedule,
-                    load_checkpoint, load_images, load_model, nfe, non_negative_float,
-                    pick_device, pick_dtype, plan, positive_int, save_grid, steps_within,
-                    straightness, time_grid)
+from common import (GRIDS, GUIDANCE_SHAPE, SHAPES, SOLVERS, atomic_save, atomic_write, blur,
+                    budget, check_script, die, evaluations_per_step, fixed_noise, generate,
+                    get_schedule, load_checkpoint, load_images, load_model, nfe,
+                    non_negative_float, pick_device, pick_dtype, plan, positive_int, save_grid,
+                    steps_within, straightness, time_grid)
 
 GARMENTS = ["T-shirt", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
             "Boot"]
@@ -223,23 +223,28 @@ def labels_beside(args, n):
         die(f"{path} does not hold the labels of {args.samples}: expected (N,) with N >= {n}")
     return y[:n].long()
 
-def translation_table(args, pred, x):
-    """Rows: the garment class of each source image; columns: the digit it became, in %. Also
-    how far a translation x (N, 1, 28, 28) in [-1, 1] lies from its own garment: the mean
-    squared pixel difference, next to the same for a garment and another's translation."""
+def garment_link(args, pred, x):
+    """What a translation keeps of its garment: the table of the digit (columns, counts) each
+    garment class becomes (rows), its chi2 against independence and the degrees of freedom,
+    and the mean squared pixel difference of a translation x (N, 1, 28, 28) in [-1, 1] and
+    its own garment, and another's (the next garment's)."""
     garments, garment = load_images("FashionMNIST", args.data, train=False, labels=True)
     garments, garment = garments[: len(pred)], garment[: len(pred)]
     own = (x - garments).pow(2).mean().item()
     other = (x - garments.roll(1, dims=0)).pow(2).mean().item()
+    table = torch.stack([torch.bincount(pred[garment == g], minlength=10) for g in range(10)])
+    return (table, *independence_chi2(table), own, other)
+
+def translation_table(args, pred, x):
+    """Print garment_link's figures: the table in % of each row, chi2, the distances."""
+    table, chi2, dof, own, other = garment_link(args, pred, x)
     print(f"distance from its own garment {own:.4f}, from another's {other:.4f} "
           f"(mean squared pixel difference)")
-    table = torch.stack([torch.bincount(pred[garment == g], minlength=10) for g in range(10)])
     digits = " ".join(f"{d:>4d}" for d in range(10))
     print(f"garment  -> digit (% of the row)   {digits}     n")
     for name, row in zip(GARMENTS, table):
         share = 100 * row.double() / max(row.sum().item(), 1)
         print(f"  {name:<31s}" + " ".join(f"{s:4.0f}" for s in share) + f" {row.sum().item():5d}")
-    chi2, dof = independence_chi2(table)
     print(f"chi2 = {chi2:.1f} with {dof} degrees of freedom: "
           f"about {dof} +- {math.sqrt(2 * dof):.0f} "
           f"if the digit did not depend on the garment")
@@ -274,12 +279,13 @@ def line(r):
     return (f"n={r['n']} fid={r['fid']:.3f} confidence={r['confidence']:.4f} "
             f"coverage={r['coverage']:.4f}" + (f" asked={r['asked']:.4f}" if "asked" in r else ""))
 
-def starting_points(args, n, seeds=None):
+def starting_points(args, n, seeds=None, sigma=0.0):
     """Where sampling starts, by noise set: with --translation the first n Fashion-MNIST test
-    images (one set, None), else the noise of mnist.py --sample n --seed S for each S of
-    seeds (default --seeds), so the same samples."""
+    images (one set, None), plus sigma times the noise of seed 0 as translate.py --sample
+    adds it for a run trained with --sigma; else the noise of mnist.py --sample n --seed S
+    for each S of seeds (default --seeds), so the same samples."""
     if args.translation:
-        return {None: load_images("FashionMNIST", args.data, train=False)[:n]}
+        return {None: blur(load_images("FashionMNIST", args.data, train=False)[:n], sigma)}
     return {seed: fixed_noise(n, seed) for seed in seeds or args.seeds}
 
 def mean_over(rows, field, **where):
@@ -312,7 +318,7 @@ def sweep(args, model, config, device, classifier, cache):
     name = os.path.join(run, "nfe-raw" if args.raw else "nfe")
     dtype, schedule = pick_dtype(args.dtype, device), config.get("schedule", "cosine")
     rows = []
-    for seed, x0 in starting_points(args, n).items():
+    for seed, x0 in starting_points(args, n, sigma=config.get("sigma", 0.0)).items():
         for grid in args.grids:
             for solver in SOLVERS:
                 for k in args.nfe:
@@ -342,7 +348,7 @@ def guidance_sweep(args, model, config, device, classifier, cache):
         die(f"--guidance: {args.samples} is not a conditional run (mnist.py --conditional)")
     n, schedule, dtype, rows = args.n or 1000, config.get("schedule", "cosine"), \
         pick_dtype(args.dtype, device), []
-    y, starts = torch.arange(n) % 10, starting_points(args, n)
+    y, starts = torch.arange(n) % 10, starting_points(args, n, sigma=config.get("sigma", 0.0))
     shapes = args.guidance_shape or [GUIDANCE_SHAPE]
     for shape in shapes:
         for w in args.guidance:
@@ -387,7 +393,7 @@ def guess_x1(schedule, t, x, v):
     return (a * v - da * x) / (a * db - da * b)
 
 @torch.no_grad()
-def along_the_path(args, model, schedule, device):
+def along_the_path(args, model, schedule, device, sigma=0.0):
     """Carry the starting points of --seeds' first set (the garments with --translation)
     with 100 Euler steps in float32 and print, every tenth of the way and at 0.95 and 0.99:
     the root mean square of the pixels of x_t; how fast the velocity changes, |dv/dt| (the
@@ -399,7 +405,7 @@ def along_the_path(args, model, schedule, device):
     classifier, _ = load_classifier(args)
     n, steps = args.n or 1000, 100
     ts = torch.linspace(0, 1, steps + 1, device=device)
-    (x0,) = starting_points(args, n, args.seeds[:1]).values()  # one set
+    (x0,) = starting_points(args, n, args.seeds[:1], sigma).values()  # one set
     x0 = x0.to(device)
     x, v_prev, rows, energy = x0, None, [], 0.0
     for i in range(steps):
@@ -441,12 +447,16 @@ def read_scores(path):
     try:
         for r in csv.DictReader(lines):
             try:
-                scored[curve_key(r)] = {k: float(r[k]) for k in ("fid", "confidence", "coverage")}
+                scores = {k: float(r[k]) for k in CURVE_SCORES if r.get(k)}
+                if {"fid", "confidence", "coverage"} <= scores.keys():
+                    scored[curve_key(r)] = scores
             except (KeyError, TypeError, ValueError):
                 continue
     except csv.Error:
         pass
     return scored
+
+CURVE_SCORES = ("fid", "confidence", "coverage", "chi2", "own", "other")  # chi2 on: translations
 
 def curve_key(row):
     """What decides a curve.csv row's scores, but for the weights and the classifier."""
@@ -487,26 +497,36 @@ def curve(args, device):
                 row = {"epoch": int(os.path.basename(f)[5:8]), "seed": seed, "n": n,
                        "sampler": f"{solver}-{steps}-{grid}", "dtype": str(dtype)[6:]}
                 old = scored.get(curve_key(row))
-                if old and max(os.path.getmtime(f), os.path.getmtime(args.classifier)) < since:
+                newer = max(os.path.getmtime(f), os.path.getmtime(args.classifier)) >= since
+                if old and not newer and (not args.translation or "chi2" in old):
                     row.update(old)
                 else:
-                    x = generate(model, starts[seed], steps, device, dtype, solver, ts)
-                    r = score(classifier, cache, x * 2 - 1)
+                    x = generate(model, blur(starts[seed], config.get("sigma", 0.0)), steps,
+                                 device, dtype, solver, ts) * 2 - 1
+                    r = score(classifier, cache, x)
                     row.update({"fid": round(r["fid"], 3), "confidence": round(r["confidence"], 4),
                                 "coverage": round(r["coverage"], 4)})
+                    if args.translation:  # what the translations keep of their garments
+                        _, chi2, _, own, other = garment_link(args, r["pred"], x)
+                        row.update({"chi2": round(chi2, 1), "own": round(own, 4),
+                                    "other": round(other, 4)})
                 rows.append(row)
                 print(f"{run} " + " ".join(f"{k}={v}" for k, v in row.items()), flush=True)
         write_csv(rows, path)
-    fig, ax = pyplot().subplots(figsize=(5.5, 3.5))
-    for run, rows in curves.items():
-        epochs = sorted({r["epoch"] for r in rows})
-        ax.plot(epochs, [mean_over(rows, "fid", epoch=e) for e in epochs], "o-", ms=3, label=run)
-    ax.set_yscale("log")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("FID (mean over the noise sets)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    ax.set_title(f"n = {n}, the weights of each epoch", fontsize=10)
+    panels = ["fid", "chi2"] if args.translation else ["fid"]  # translations: FID and the link
+    fig, axes = pyplot().subplots(1, len(panels), figsize=(5.5 * len(panels), 3.5), squeeze=False)
+    for ax, field in zip(axes[0], panels):
+        for run, rows in curves.items():
+            epochs = sorted({r["epoch"] for r in rows})
+            ax.plot(epochs, [mean_over(rows, field, epoch=e) for e in epochs], "o-", ms=3,
+                    label=run)
+        ax.set_yscale("log")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("FID (mean over the noise sets)" if field == "fid" else
+                      "chi2 of garment class against digit (81 dof)")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+        ax.set_title(f"n = {n}, the weights of each epoch", fontsize=10)
     fig.tight_layout()
     save_figure(fig, os.path.join(args.samples, "curve.png"))
     print(f"wrote curve.csv in {', '.join(runs)} and {os.path.join(args.samples, 'curve.png')}")
@@ -627,7 +647,7 @@ def main(argv=None):
                 f"with mnist.py --sample and score samples.pt (its labels are beside it)")
         if args.path:
             return along_the_path(args, model, get_schedule(config.get("schedule", "cosine")),
-                                  device)
+                                  device, config.get("sigma", 0.0))
         return sweep(args, model, config, device, *load_classifier(args))
     given = [k for k in RUN_ONLY if getattr(args, k) != parser.get_default(k)]
     if given:

@@ -1429,6 +1429,28 @@ def test_evaluate_path_of_a_translation_starts_from_the_garments(evaluated, tmp_
     garments = common.load_images("FashionMNIST", str(data), train=False)[:20]
     assert path[0]["rms"] == pytest.approx(garments.pow(2).mean().sqrt().item(), rel=1e-5)
 
+def test_evaluate_curve_of_a_translation_scores_the_link_and_starts_as_translate_does(
+        evaluated, tmp_path, capsys):
+    run, data = evaluated[:2]
+    out = tmp_path / "t"
+    run_translate(data, out, "--epochs", "2", "--limit", "40", "--sigma", "0.3")
+    curve = run(str(out), "--curve", "--translation", "--n", "20")
+    assert [r["epoch"] for r in curve] == [1, 2]
+    # the last epoch's row: translate.py --sample --nfe 10 of the same weights, scored
+    run_translate(data, out, "--sample", "20", "--nfe", "10")
+    capsys.readouterr()
+    r = run(str(out / "samples.pt"), "--translation")
+    chi2 = float(re.search(r"^chi2 = (\d+\.\d)", capsys.readouterr().out, re.M).group(1))
+    assert curve[-1]["fid"] == pytest.approx(r["fid"], abs=1e-3)
+    assert curve[-1]["own"] == pytest.approx(r["distance"], abs=1e-4)
+    assert curve[-1]["chi2"] == pytest.approx(chi2, abs=0.15) and curve[-1]["other"] > 0
+    assert run(str(out), "--curve", "--translation", "--n", "20") == curve  # read back
+    # --path too starts from the garments plus the run's --sigma noise
+    path = run(str(out), "--path", "--translation", "--n", "20")
+    garments = common.load_images("FashionMNIST", str(data), train=False)[:20]
+    start = garments + 0.3 * common.fixed_noise(20, 0)
+    assert path[0]["rms"] == pytest.approx(start.pow(2).mean().sqrt().item(), rel=1e-5)
+
 def test_evaluate_refuses_what_it_would_ignore_and_images_that_are_not_finite(tmp_path):
     import evaluate
     s = tmp_path / "samples.pt"
