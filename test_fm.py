@@ -1755,6 +1755,16 @@ def test_translate_draws_a_chosen_digit_as_mnist_py_does(both_data, tmp_path, ca
         "evaluation: guidance 4, constant)" in printed
     assert "rows: guidance 0, 1, 1.5, 2, 3, constant" in printed
     assert torch.load(out / "samples-labels.pt", weights_only=True).tolist() == [5] * 3
+    # without --digit: digits.png, each of the first 8 garments, then it as 0, 1, ..., 9
+    run_translate(both_data, out, "--sample", "8", "--digit", "3")
+    threes = torch.load(out / "samples.pt", weights_only=True)
+    run_translate(both_data, out, "--sample", "2")
+    cells = png_cells(out / "digits.png", 8, 11)
+    garments = common.to_unit(common.load_images("FashionMNIST", str(both_data), train=False))
+    torch.testing.assert_close(cells[:, 0], garments[:8, 0].double(), rtol=0,
+                               atol=0.5 / 255 + 1e-9)
+    torch.testing.assert_close(cells[:, 4], threes[:, 0].double(), rtol=0, atol=0.5 / 255 + 1e-9)
+    assert not torch.equal(cells[:, 4], cells[:, 5])  # a 3 is not a 4
     run_translate(both_data, tmp_path / "u", "--epochs", "1")
     expect_error("--guidance-shape: ", run_translate, both_data, tmp_path / "u", "--sample", "2",
                  "--guidance-shape", "ramp")

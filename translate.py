@@ -2,8 +2,8 @@
 Image-to-image translation with flow matching (handout section 3.1): Fashion-MNIST -> MNIST.
 
 mnist.py's run (the same U-Net, optimiser, settings and loop); only x0 changes: instead of
-Gaussian noise, the flow starts from a Fashion-MNIST garment and carries it to an MNIST
-digit. Some defaults differ, each for the reason test_fm.py's DIFFERENCES gives: 100
+Gaussian noise, the flow starts from a Fashion-MNIST garment (with --sigma S, translate.py's
+own setting, plus Gaussian noise of standard deviation S) and carries it to an MNIST digit. Some defaults differ, each for the reason test_fm.py's DIFFERENCES gives: 100
 epochs (the handout's "about 100"), batches of 64, t ~ U(0, 1) (measured), and each batch's
 garments re-paired with its digits by optimal transport (measured; --pairing random draws
 them independently, as the handout does, so that nothing in the training tells the flow
@@ -17,7 +17,9 @@ which digit a garment should become).
 After every epoch: OUT/epochNNN.png (16 fixed Fashion-MNIST test images on top, their
 translations below), OUT/epochNNN.pt (the sampling weights) and OUT/ckpt.pt. --sample N
 writes OUT/samples.pt (N, 1, 28, 28) in [0, 1] and OUT/samples.png (sources and results in
-alternate rows).
+alternate rows); from a --conditional run also OUT/samples-labels.pt, the digits asked for,
+and OUT/digits.png, the first 8 garments turned into each digit (with --digit D:
+OUT/strip.png, the first 8 turned into D, a row per guidance W).
 """
 import argparse
 import copy
@@ -136,7 +138,8 @@ def draw(args, ckpt_path, device, dtype):
     weights of OUT/ckpt.pt: OUT/samples.pt (N, 1, 28, 28) in [0, 1], samples.png (sources
     above their translations), flow.png and flow.gif. A conditional model turns each garment
     into --digit, or 0, 1, ..., 9 in turn, guided by --guidance and --guidance-shape; the
-    labels asked for go into OUT/samples-labels.pt (N,)."""
+    labels asked for go into OUT/samples-labels.pt (N,), and OUT/strip.png (--digit: the
+    first 8 garments, a row per W) or OUT/digits.png (each of them turned into every digit)."""
     model, config = load_model(ckpt_path, device, args.raw, script="translate.py")
     schedule = config.get("schedule", "cosine")  # the one the weights were trained for
     w, shape, per, budget = guidance(args, config.get("conditional"), ckpt_path, "translate.py")
@@ -164,13 +167,23 @@ def draw(args, ckpt_path, device, dtype):
     if y is not None:
         atomic_save(y, os.path.join(args.out, "samples-labels.pt"))  # the digits asked for
         print(f"wrote {args.out}/samples-labels.pt")
+    if y is None:
+        return
+    garments = load_images("FashionMNIST", args.data, train=False)[:8]
+    first8 = blur(garments, sigma, args.seed)
     if args.digit is not None:  # the same 8 garments under several W, a row each
-        first8 = blur(load_images("FashionMNIST", args.data, train=False)[:8], sigma, args.seed)
         strip = [generate(model, first8, n_steps, device, dtype, solver, ts, y=y[:1].repeat(8),
                           w=v, shape=shape) for v in STRIP[shape]]
         save_grid(torch.cat(strip), os.path.join(args.out, "strip.png"), nrow=8)
         print(f"wrote {args.out}/strip.png (rows: guidance {', '.join(map(str, STRIP[shape]))}, "
               f"{shape})")
+    else:  # each of the 8 garments, then it turned into 0, 1, ..., 9: a row per garment
+        each = torch.stack([generate(model, first8, n_steps, device, dtype, solver, ts,
+                                     y=torch.full((8,), d), w=w, shape=shape)
+                            for d in range(10)], dim=1)  # (8, 10, 1, 28, 28)
+        save_grid(torch.cat([to_unit(garments)[:, None], each], dim=1).flatten(0, 1),
+                  os.path.join(args.out, "digits.png"), nrow=11)
+        print(f"wrote {args.out}/digits.png (a row per garment: it, then it as 0, 1, ..., 9)")
 
 def main(argv=None):
     args = parser.parse_args(argv)
