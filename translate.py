@@ -3,11 +3,12 @@ Image-to-image translation with flow matching (handout section 3.1): Fashion-MNI
 
 mnist.py's run (the same U-Net, optimiser, settings and loop); only x0 changes: instead of
 Gaussian noise, the flow starts from a Fashion-MNIST garment (with --sigma S, translate.py's
-own setting, plus Gaussian noise of standard deviation S) and carries it to an MNIST digit. Some defaults differ, each for the reason test_fm.py's DIFFERENCES gives: 100
-epochs (the handout's "about 100"), batches of 64, t ~ U(0, 1) (measured), and each batch's
-garments re-paired with its digits by optimal transport (measured; --pairing random draws
-them independently, as the handout does, so that nothing in the training tells the flow
-which digit a garment should become).
+own setting, plus Gaussian noise of standard deviation S) and carries it to an MNIST digit.
+Some defaults differ, each for the reason test_fm.py's DIFFERENCES gives: 100 epochs (the
+handout's "about 100"), batches of 64, t ~ U(0, 1) (measured), and each batch's garments
+re-paired with its digits by optimal transport (measured; --pairing random draws them
+independently, as the handout does, so that nothing in the training tells the flow which
+digit a garment should become).
 
     python translate.py                                   # 100 epochs, OUT = out/translate-cosine
     python translate.py --limit 2000 --epochs 2           # a quick look
