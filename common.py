@@ -376,12 +376,20 @@ def labels_to_ask(args, n):
 # -----------------------------------------------------------------------------
 # the pairing of a batch
 
-def ot_pairing(x0, x1):
+def ot_pairing(x0, x1, y=None):
     """Minibatch optimal transport (Tong et al. 2023): the order of x0 (B, ...) that pairs it
     with x1 (B, ...) at the least total squared distance, found exactly by the Hungarian
     method with potentials (Kuhn 1955, in Jonker and Volgenant's form), O(B^3).
     x0[ot_pairing(x0, x1)] is x0 reordered: the pairs keep both marginals, only who meets
-    whom changes."""
+    whom changes. With the classes y (B,) of x1, within each class alone: x0 reordered
+    among the x1 of one class keeps its marginal given the class, as a conditional model
+    samples it (x0 ~ mu_0 whatever the label asked)."""
+    if y is not None:
+        order = torch.arange(len(x0), device=x0.device)
+        for c in y.unique():
+            i = (y == c).nonzero().squeeze(1)
+            order[i] = i[ot_pairing(x0[i], x1[i])]
+        return order
     import numpy as np
     cost = torch.cdist(x0.flatten(1).float(), x1.flatten(1).float()).pow(2)
     cost = cost.cpu().double().numpy()

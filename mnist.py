@@ -291,8 +291,8 @@ def main(argv=None):
                     x0 = x0_all[idx.to(device)]
                 else:                         # x0 ~ mu_0 = N(0, I), fresh noise for every batch
                     x0 = torch.randn_like(x1)
-                if args.pairing == "ot":      # re-paired with the digits: least total distance
-                    x0 = x0[ot_pairing(x0, x1)]
+                if args.pairing == "ot":  # re-paired, least total distance (conditional: by class)
+                    x0 = x0[ot_pairing(x0, x1, y_all[idx.to(device)] if args.conditional else None)]
                 net = model
                 if args.conditional:  # the digits' classes, each "no label" with p = --label-drop
                     y = y_all[idx.to(device)]

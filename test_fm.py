@@ -272,6 +272,41 @@ def test_ot_pairing_is_the_permutation_of_least_total_squared_distance():
     x1 = x0[order] + 0.01 * torch.randn(64, 1, 28, 28, generator=g)
     assert torch.equal(common.ot_pairing(x0, x1), order)
 
+def test_ot_pairing_with_classes_pairs_within_each_class_alone():
+    g = torch.Generator().manual_seed(1)
+    x0, x1 = torch.randn(40, 5, generator=g), torch.randn(40, 5, generator=g)
+    y = torch.randint(4, (40,), generator=g)
+    order = common.ot_pairing(x0, x1, y)
+    assert sorted(order.tolist()) == list(range(40)) and torch.equal(y[order], y)
+    for c in range(4):  # within a class: its own least total distance
+        i = (y == c).nonzero().squeeze(1)
+        assert torch.equal(order[i], i[common.ot_pairing(x0[i], x1[i])])
+    assert not torch.equal(order, common.ot_pairing(x0, x1))  # not the pairing across classes
+
+@pytest.mark.parametrize("script", ["mnist", "translate"])
+def test_a_conditional_run_pairs_by_ot_within_the_digits_classes(both_data, tmp_path,
+                                                                monkeypatch, script):
+    import importlib
+    module = importlib.import_module(script)
+    seen = []
+    def recording(x0, x1, y=None):
+        seen.append((x1.clone(), y))
+        return common.ot_pairing(x0, x1, y)
+    monkeypatch.setattr(module, "ot_pairing", recording)
+    run = run_mnist if script == "mnist" else run_translate
+    digits, classes = common.load_images("MNIST", str(both_data), labels=True)
+    for conditional in ([], ["--conditional"]):
+        seen.clear()
+        run(both_data, tmp_path / str(len(conditional)), "--epochs", "1", "--pairing", "ot",
+            *conditional)
+        assert len(seen) == 3  # 48 digits in batches of 16
+        for x1, y in seen:
+            if conditional:  # the classes of these very digits
+                which = torch.cdist(x1.flatten(1), digits.flatten(1)).argmin(dim=1)
+                assert torch.equal(y, classes[which])
+            else:
+                assert y is None
+
 def test_unknown_distribution_of_t_is_a_clear_error():
     with pytest.raises(ValueError,
                        match="unknown distribution of t 'beta'; known: uniform, logit-normal"):

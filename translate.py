@@ -250,12 +250,12 @@ def main(argv=None):
                 x1 = x1_all[idx.to(device)]   # (B, 1, 28, 28), digits
                 # x0: a garment drawn independently of the digit x1 (random pairing); with
                 # --pairing ot the batch's garments are then re-paired with its digits at the
-                # least total distance
+                # least total distance (a conditional model's: within each class)
                 x0 = x0_all[torch.randint(len(x0_all), (len(x1),)).to(device)]
                 if args.sigma:  # the source a density: each garment plus Gaussian noise
                     x0 = x0 + args.sigma * torch.randn_like(x0)
                 if args.pairing == "ot":
-                    x0 = x0[ot_pairing(x0, x1)]
+                    x0 = x0[ot_pairing(x0, x1, y_all[idx.to(device)] if args.conditional else None)]
                 net = model
                 if args.conditional:  # the digits' classes, each "no label" with p = --label-drop
                     y = y_all[idx.to(device)]
