@@ -56,7 +56,8 @@ add("--clip", type=positive_float, default=None,
 REFLOW = {"schedule": "linear", "t_dist": "half-zero"}
 PAIR_SEED = 12345  # + --seed: the pairs' noise, not the noise sets 0 and 1 that are scored
 add("--pairing", default="random", choices=["random", "ot", "reflow"], help="which noise image "
-    "meets which digit: drawn independently, re-paired in each batch by optimal transport, or "
+    "meets which digit: drawn independently, re-paired in each batch by optimal transport "
+    "(--conditional: within each class), or "
     "reflow: the digit --teacher carries it to (README, section 7), with "
     + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in REFLOW.items())
     + " unless given (default: %(default)s)")

@@ -65,7 +65,7 @@ add("--clip", type=positive_float, default=None,
 # ot, not the handout's random pairing: after 10 epochs FID 78.6 against 95.0, chi2 432 against 148
 add("--pairing", default="ot", choices=["random", "ot"], help="which garment meets which "
     "digit: drawn independently, or re-paired in each batch by optimal transport "
-    "(default: %(default)s)")
+    "(--conditional: within each class) (default: %(default)s)")
 add("--sigma", type=non_negative_float, default=0.0, help="Gaussian noise of this standard "
     "deviation added to each garment, in training and sampling: x0 = garment + sigma * noise, "
     "a density around each garment rather than 60,000 points (default: %(default)s)")
