@@ -1062,17 +1062,21 @@ def png_cells(path, rows, cols):
     img = torch.tensor(np.array(Image.open(path).convert("L")), dtype=torch.float64) / 255
     return png_cells_of(img, rows, cols)
 
-def test_translate_starts_from_garments_and_writes_pictures(both_data, tmp_path, monkeypatch):
-    garments = common.load_images("FashionMNIST", str(both_data)).flatten(1)
+def training_starts(monkeypatch, data, out, *extra):
+    """The x0 of every training batch of a translate.py run, (N, 784)."""
     starts = []
     def recording_loss(model, x0, x1, *rest):
         starts.append(x0.flatten(1))
         return fm_loss(model, x0, x1, *rest)
     import translate
     monkeypatch.setattr(translate, "fm_loss", recording_loss)
+    run_translate(data, out, *extra)
+    return torch.cat(starts)
+
+def test_translate_starts_from_garments_and_writes_pictures(both_data, tmp_path, monkeypatch):
+    garments = common.load_images("FashionMNIST", str(both_data)).flatten(1)
     out = tmp_path / "out"
-    run_translate(both_data, out, "--epochs", "1")
-    x0 = torch.cat(starts)
+    x0 = training_starts(monkeypatch, both_data, out, "--epochs", "1")
     assert len(x0) == 48  # one start per MNIST training image
     # every x0 is a Fashion-MNIST training image (not noise, not a digit)
     assert (torch.cdist(x0, garments).min(dim=1).values == 0).all()
@@ -1103,15 +1107,8 @@ def test_translate_starts_from_garments_and_writes_pictures(both_data, tmp_path,
 def test_translate_sigma_starts_from_each_garment_plus_gaussian_noise(both_data, tmp_path,
                                                                      monkeypatch):
     garments = common.load_images("FashionMNIST", str(both_data)).flatten(1)
-    starts = []
-    def recording_loss(model, x0, x1, *rest):
-        starts.append(x0.flatten(1))
-        return fm_loss(model, x0, x1, *rest)
-    import translate
-    monkeypatch.setattr(translate, "fm_loss", recording_loss)
     out = tmp_path / "out"
-    run_translate(both_data, out, "--epochs", "1", "--sigma", "0.5")
-    x0 = torch.cat(starts)
+    x0 = training_starts(monkeypatch, both_data, out, "--epochs", "1", "--sigma", "0.5")
     # the garments lie 1.28 apart (mean squared pixel), the noise 0.25 from its own
     noise = x0 - garments[torch.cdist(x0, garments).argmin(dim=1)]
     assert abs(noise.mean()) < 0.02 and abs(noise.std() - 0.5) < 0.02
