@@ -387,7 +387,7 @@ def ot_pairing(x0, x1, y=None):
     if y is not None:
         order = torch.arange(len(x0), device=x0.device)
         for c in y.unique():
-            i = (y == c).nonzero().squeeze(1)
+            i = (y == c).nonzero().squeeze(1).to(x0.device)
             order[i] = i[ot_pairing(x0[i], x1[i])]
         return order
     import numpy as np

@@ -82,7 +82,8 @@ add("--path", action="store_true", help="run folder: how the flow moves instead:
     "steps, the pixels' scale, how fast the velocity changes, when the digit is decided, and "
     "how straight the flow is")
 add("--curve", action="store_true", help="run folder: quality against epochs instead: score the "
-    "weights of every epoch (epochNNN.pt) with the sampler of --nfe 10 (curve.csv, curve.png)")
+    "weights of every epoch (epochNNN.pt) with the sampler of --nfe 10 (curve.csv, curve.png; "
+    "with --translation also chi2 and the distances to the garments)")
 add("--also", nargs="+", metavar="RUN", help="more runs in the same picture: with --curve, their "
     "FID against epochs; otherwise (mnist.py's runs) their FID against --nfe, each sampled as "
     "mnist.py --sample --nfe K samples it, and how straight each flow is (compare.csv, "
@@ -227,7 +228,7 @@ def garment_link(args, pred, x):
     """What a translation keeps of its garment: the table of the digit (columns, counts) each
     garment class becomes (rows), its chi2 against independence and the degrees of freedom,
     and the mean squared pixel difference of a translation x (N, 1, 28, 28) in [-1, 1] and
-    its own garment, and another's (the next garment's)."""
+    its own garment, and another's (the previous garment's)."""
     garments, garment = load_images("FashionMNIST", args.data, train=False, labels=True)
     garments, garment = garments[: len(pred)], garment[: len(pred)]
     own = (x - garments).pow(2).mean().item()
@@ -282,7 +283,7 @@ def line(r):
 def starting_points(args, n, seeds=None, sigma=0.0):
     """Where sampling starts, by noise set: with --translation the first n Fashion-MNIST test
     images (one set, None), plus sigma times the noise of seed 0 as translate.py --sample
-    adds it for a run trained with --sigma; else the noise of mnist.py --sample n --seed S
+    --seed 0 adds it for a run trained with --sigma; else the noise of mnist.py --sample n --seed S
     for each S of seeds (default --seeds), so the same samples."""
     if args.translation:
         return {None: blur(load_images("FashionMNIST", args.data, train=False)[:n], sigma)}
@@ -394,7 +395,8 @@ def guess_x1(schedule, t, x, v):
 
 @torch.no_grad()
 def along_the_path(args, model, schedule, device, sigma=0.0):
-    """Carry the starting points of --seeds' first set (the garments with --translation)
+    """Carry the starting points of --seeds' first set (with --translation: the garments,
+    and a --sigma run's noise of seed 0)
     with 100 Euler steps in float32 and print, every tenth of the way and at 0.95 and 0.99:
     the root mean square of the pixels of x_t; how fast the velocity changes, |dv/dt| (the
     norm over an image's 784 pixels, averaged over the images); and "decided", the share of
@@ -466,7 +468,8 @@ def curve_key(row):
 def curve(args, device):
     """Score the sampling weights of every epoch of a run (RUN/epochNNN.pt), each from the
     same starting points, with the cheap sampler that --nfe 10 takes: RUN/curve.csv, and
-    curve.png with a line for RUN and one for each run of --also. Epochs already in a run's
+    curve.png with a line for RUN and one for each run of --also (translations: also chi2
+    and the distances to the garments, garment_link, and a chi2 panel). Epochs already in a run's
     curve.csv with the same n, noise set, sampler and precision are read back, unless their
     weights or the classifier are newer than the file."""
     runs = [args.samples, *(args.also or [])]
@@ -523,7 +526,7 @@ def curve(args, device):
         ax.set_yscale("log")
         ax.set_xlabel("epoch")
         ax.set_ylabel("FID (mean over the noise sets)" if field == "fid" else
-                      "chi2 of garment class against digit (81 dof)")
+                      "chi2 of garment class against digit")
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
         ax.set_title(f"n = {n}, the weights of each epoch", fontsize=10)

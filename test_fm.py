@@ -282,6 +282,11 @@ def test_ot_pairing_with_classes_pairs_within_each_class_alone():
         i = (y == c).nonzero().squeeze(1)
         assert torch.equal(order[i], i[common.ot_pairing(x0[i], x1[i])])
     assert not torch.equal(order, common.ot_pairing(x0, x1))  # not the pairing across classes
+    # a class of one keeps its own; two classes of two: the best of the 2 x 2 orders
+    x0 = torch.tensor([[0.], [10.], [1.], [5.], [6.]])
+    x1 = torch.tensor([[9.], [0.], [1.], [5.], [6.]])
+    y = torch.tensor([2, 0, 0, 1, 1])
+    assert common.ot_pairing(x0, x1, y).tolist() == [0, 2, 1, 3, 4]
 
 @pytest.mark.parametrize("script", ["mnist", "translate"])
 def test_a_conditional_run_pairs_by_ot_within_the_digits_classes(both_data, tmp_path,
@@ -1462,7 +1467,8 @@ def test_evaluate_path_of_a_translation_starts_from_the_garments(evaluated, tmp_
     assert path[0]["rms"] == pytest.approx(garments.pow(2).mean().sqrt().item(), rel=1e-5)
 
 def test_evaluate_curve_of_a_translation_scores_the_link_and_starts_as_translate_does(
-        evaluated, tmp_path, capsys):
+        evaluated, tmp_path, capsys, monkeypatch):
+    import csv, evaluate
     run, data = evaluated[:2]
     out = tmp_path / "t"
     run_translate(data, out, "--epochs", "2", "--limit", "40", "--sigma", "0.3")
@@ -1476,7 +1482,20 @@ def test_evaluate_curve_of_a_translation_scores_the_link_and_starts_as_translate
     assert curve[-1]["fid"] == pytest.approx(r["fid"], abs=1e-3)
     assert curve[-1]["own"] == pytest.approx(r["distance"], abs=1e-4)
     assert curve[-1]["chi2"] == pytest.approx(chi2, abs=0.15) and curve[-1]["other"] > 0
-    assert run(str(out), "--curve", "--translation", "--n", "20") == curve  # read back
+    # read back, not sampled again; a curve.csv without the link (older) is scored again
+    sampled = []
+    real_generate = evaluate.generate
+    monkeypatch.setattr(evaluate, "generate",
+                        lambda *a, **k: sampled.append(1) or real_generate(*a, **k))
+    assert run(str(out), "--curve", "--translation", "--n", "20") == curve and sampled == []
+    with open(out / "curve.csv") as f:
+        rows = list(csv.DictReader(f))
+    with open(out / "curve.csv", "w", newline="") as f:
+        keep = ["epoch", "seed", "n", "sampler", "dtype", "fid", "confidence", "coverage"]
+        writer = csv.DictWriter(f, fieldnames=keep, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    assert run(str(out), "--curve", "--translation", "--n", "20") == curve and len(sampled) == 2
     # --path too starts from the garments plus the run's --sigma noise
     path = run(str(out), "--path", "--translation", "--n", "20")
     garments = common.load_images("FashionMNIST", str(data), train=False)[:20]

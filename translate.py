@@ -68,7 +68,8 @@ add("--pairing", default="ot", choices=["random", "ot"], help="which garment mee
     "(--conditional: within each class) (default: %(default)s)")
 add("--sigma", type=non_negative_float, default=0.0, help="Gaussian noise of this standard "
     "deviation added to each garment, in training and sampling: x0 = garment + sigma * noise, "
-    "a density around each garment rather than 60,000 points (default: %(default)s)")
+    "a density around each garment rather than 60,000 points (--sample and --resume: the "
+    "run's own) (default: %(default)s)")
 add("--conditional", action="store_true", help="learn each digit's class too (the label: ten "
     "one-hot maps beside the time map, and a learned shift at each later block), replaced by "
     "'no label' with probability --label-drop, so that one network learns both fields "
@@ -87,7 +88,8 @@ add("--steps", type=positive_int, default=None,
     help="instead of --nfe's choice: solver steps (Eq. 7 for Euler)")
 add("--grid", default=None, choices=list(GRIDS), help="instead of --nfe's choice: the times of "
     "the steps, uniform, early (shorter steps first) or edm (Karras et al.)")
-add("--seed", type=int, default=0, help="seeds the training (default: %(default)s)")
+add("--seed", type=int, default=0, help="seeds the training and, with --sample, the noise "
+    "of --sigma (default: %(default)s)")
 add("--limit", type=positive_int, default=None,
     help="train on the first N images of each set only (quick runs)")
 add("--data", default="data", help="torchvision's data folder (MNIST/raw/ and FashionMNIST/raw/ "
