@@ -815,13 +815,14 @@ def test_mnist_on_cuda_trains_samples_and_its_checkpoint_loads_on_a_cpu(mnist_da
 @pytest.mark.parametrize("script", ["mnist", "translate"])
 def test_a_checkpoint_older_than_a_setting_resumes_with_what_it_trained_with(both_data, tmp_path,
                                                                              script):
-    # a run from before --t-dist, --t-mean, --warmup, --clip and --pairing existed trained with
+    # a run from before --t-dist, --t-mean, --warmup, --clip, --pairing (--sigma) trained with
     # what OLDER says, not today's defaults; it resumes as the run that gave them explicitly
     import importlib
     module, run = importlib.import_module(script), {"mnist": run_mnist,
                                                     "translate": run_translate}[script]
     assert module.OLDER == {"t_dist": "uniform", "t_mean": 0.0, "warmup": None, "clip": None,
-                            "pairing": "random", "conditional": False, "label_drop": 0.1}
+                            "pairing": "random", "conditional": False, "label_drop": 0.1,
+                            **({"sigma": 0.0} if script == "translate" else {})}
     flags = ["--t-dist", "uniform", "--t-mean", "0",
              "--pairing", "random"]  # (no warm-up, no clipping)
     run(both_data, tmp_path / "straight", "--epochs", "2", *flags)
