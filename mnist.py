@@ -292,11 +292,11 @@ def main(argv=None):
                     x0 = x0_all[idx.to(device)]
                 else:                         # x0 ~ mu_0 = N(0, I), fresh noise for every batch
                     x0 = torch.randn_like(x1)
+                y = y_all[idx.to(device)] if args.conditional else None  # the digits' classes
                 if args.pairing == "ot":  # re-paired, least total distance (conditional: by class)
-                    x0 = x0[ot_pairing(x0, x1, y_all[idx.to(device)] if args.conditional else None)]
+                    x0 = x0[ot_pairing(x0, x1, y)]
                 net = model
-                if args.conditional:  # the digits' classes, each "no label" with p = --label-drop
-                    y = y_all[idx.to(device)]
+                if args.conditional:  # each class "no label" with probability --label-drop
                     drop = torch.rand(len(y), device=device) < args.label_drop
                     y = torch.where(drop, NO_LABEL, y)
                     net = lambda xt, t: model(xt, t, y)

@@ -149,10 +149,10 @@ def draw(args, ckpt_path, device, dtype):
     y = labels_to_ask(args, args.sample) if config.get("conditional") else None
     solver, n_steps, grid = plan(budget, schedule, args.solver, args.steps, args.grid)
     ts = time_grid(grid, n_steps, schedule)
-    x0 = load_images("FashionMNIST", args.data, train=False)
-    if args.sample > len(x0):
-        die(f"--sample {args.sample}: Fashion-MNIST has only {len(x0)} test images")
-    x0 = x0[: args.sample]
+    garments = load_images("FashionMNIST", args.data, train=False)
+    if args.sample > len(garments):
+        die(f"--sample {args.sample}: Fashion-MNIST has only {len(garments)} test images")
+    x0 = garments[: args.sample]
     sigma = config.get("sigma", 0.0)
     start = blur(x0, sigma, args.seed)  # with --sigma: the garments + the noise of --seed
     t0 = time.time()
@@ -172,7 +172,7 @@ def draw(args, ckpt_path, device, dtype):
         print(f"wrote {args.out}/samples-labels.pt")
     if y is None:
         return
-    garments = load_images("FashionMNIST", args.data, train=False)[:8]
+    garments = garments[:8]
     first8 = blur(garments, sigma, args.seed)
     if args.digit is not None:  # the same 8 garments under several W, a row each
         strip = [generate(model, first8, n_steps, device, dtype, solver, ts, y=y[:1].repeat(8),
@@ -256,11 +256,11 @@ def main(argv=None):
                 x0 = x0_all[torch.randint(len(x0_all), (len(x1),)).to(device)]
                 if args.sigma:  # the source a density: each garment plus Gaussian noise
                     x0 = x0 + args.sigma * torch.randn_like(x0)
+                y = y_all[idx.to(device)] if args.conditional else None  # the digits' classes
                 if args.pairing == "ot":
-                    x0 = x0[ot_pairing(x0, x1, y_all[idx.to(device)] if args.conditional else None)]
+                    x0 = x0[ot_pairing(x0, x1, y)]
                 net = model
-                if args.conditional:  # the digits' classes, each "no label" with p = --label-drop
-                    y = y_all[idx.to(device)]
+                if args.conditional:  # each class "no label" with probability --label-drop
                     drop = torch.rand(len(y), device=device) < args.label_drop
                     y = torch.where(drop, NO_LABEL, y)
                     net = lambda xt, t: model(xt, t, y)
