@@ -42,10 +42,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (GRIDS, GUIDANCE_SHAPE, SHAPES, SOLVERS, atomic_save, atomic_write, blur,
-                    budget, check_script, die, evaluations_per_step, fixed_noise, generate,
-                    get_schedule, load_checkpoint, load_images, load_model, nfe,
-                    non_negative_float, pick_device, pick_dtype, plan, positive_int, save_grid,
+from common import (GRIDS, GUIDANCE_SHAPE, SHAPES, SOLVERS, atomic_save, atomic_write,
+                    bits_per_dim, blur, budget, check_script, dequantize, die,
+                    evaluations_per_step, fixed_noise, generate, get_schedule, load_checkpoint,
+                    load_images, load_model, log_likelihood, nfe, non_negative_float,
+                    pick_device, pick_dtype, plan, positive_int, rademacher, save_grid,
                     steps_within, straightness, time_grid)
 
 GARMENTS = ["T-shirt", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
@@ -84,6 +85,11 @@ add("--path", action="store_true", help="run folder: how the flow moves instead:
 add("--curve", action="store_true", help="run folder: quality against epochs instead: score the "
     "weights of every epoch (epochNNN.pt) with the sampler of --nfe 10 (curve.csv, curve.png; "
     "with --translation also chi2 and the distances to the garments)")
+add("--bpd", action="store_true", help="mnist.py's run folder: the model as a density instead: "
+    "bits per dimension of the first N MNIST test images (--n, default 100), uniformly "
+    "dequantised, with its standard error and the figure at half the steps")
+add("--steps", type=positive_int, default=100, help="with --bpd: midpoint steps from t = 1 back to "
+    "t = 0 (default: %(default)s)")
 add("--also", nargs="+", metavar="RUN", help="more runs in the same picture: with --curve, their "
     "FID against epochs; otherwise (mnist.py's runs) their FID against --nfe, each sampled as "
     "mnist.py --sample --nfe K samples it, and how straight each flow is (compare.csv, "
@@ -98,7 +104,7 @@ add("--classifier", default="weights/classifier.pt", help="the classifier's file
 add("--epochs", type=positive_int, default=2, help="the classifier's training epochs")
 add("--seed", type=int, default=0, help="seeds the classifier's training and the 'noise' images")
 RUN_ONLY = ("nfe", "grids", "seeds", "raw", "path", "curve", "also", "dtype", "guidance",
-            "guidance_shape")
+            "guidance_shape", "bpd", "steps")
 
 class Classifier(nn.Module):
     """Two conv layers and two linear ones; features() is the 128-d layer FID compares."""
@@ -434,6 +440,32 @@ def along_the_path(args, model, schedule, device, sigma=0.0):
           f"per pixel, where |x_1 - x_0|^2 is {d2:.3f})")
     return rows
 
+def bits(args, model, device):
+    """--bpd: the first N MNIST test images (--n, 100), each dequantised (common.dequantize)
+    and given one Rademacher probe (--seed's), their log-likelihood under the flow
+    (common.log_likelihood, float32, --steps midpoint steps and half as many) in bits per
+    dimension. The standard error is the spread of the per-image figures over sqrt(N): it
+    holds both the images' spread and the probes'. The last line begins with "bpd"."""
+    n, steps = args.n or 100, args.steps
+    if steps < 2:
+        die(f"--steps {steps}: --bpd compares the figure with half the steps; give at least 2")
+    g = torch.Generator().manual_seed(args.seed)
+    x = dequantize(load_images("MNIST", args.data, train=False)[:n], g)
+    probe = rademacher(x.shape, g)
+    d, t0, out = x[0].numel(), time.time(), {}
+    for k in (steps // 2, steps):
+        log_p = torch.cat([log_likelihood(model, xc.to(device), k, zc.to(device)).cpu()
+                           for xc, zc in zip(x.split(100), probe.split(100))])
+        out[k] = bits_per_dim(log_p.double(), d)
+    b = out[steps]
+    print(f"{n} images, {time.time() - t0:.0f} s; bits per dimension: {out[steps // 2].mean():.4f} "
+          f"at {steps // 2} steps, {b.mean():.4f} at {steps}")
+    print(f"bpd {b.mean():.4f} +- {b.std() / math.sqrt(n):.4f} (standard error over the images "
+          f"and probes; {steps} midpoint steps moved it by "
+          f"{b.mean() - out[steps // 2].mean():+.4f} from {steps // 2})")
+    return {"bpd": b.mean().item(), "se": (b.std() / math.sqrt(n)).item(),
+            "half": out[steps // 2].mean().item()}
+
 def read_scores(path):
     """The scores of an earlier curve.csv by the row's key (curve_key). A row that does not
     parse, and a last line without its newline (a file cut short), are left out: they are
@@ -632,6 +664,11 @@ def main(argv=None):
                 if getattr(args, k) != parser.get_default(k)]
         if mine:
             die(f"--{mine[0]} is not for runs side by side (--also without --curve)")
+    if args.bpd and (args.translation or args.curve or args.also or args.path or args.guidance):
+        die("--bpd is for one mnist.py run folder alone (not with --translation, --curve, "
+            "--also, --path or --guidance)")
+    if args.steps != parser.get_default("steps") and not args.bpd:
+        die("--steps is for --bpd")
     if args.raw and args.curve:
         die("--raw and --curve: the epochs' files (epochNNN.pt) hold only the moving average")
     if os.path.isdir(args.samples):
@@ -648,6 +685,8 @@ def main(argv=None):
         if config.get("conditional"):
             die(f"{args.samples} is a conditional run: score it with --guidance W..., or draw "
                 f"with mnist.py --sample and score samples.pt (its labels are beside it)")
+        if args.bpd:
+            return bits(args, model, device)
         if args.path:
             return along_the_path(args, model, get_schedule(config.get("schedule", "cosine")),
                                   device, config.get("sigma", 0.0))

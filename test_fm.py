@@ -312,6 +312,85 @@ def test_a_conditional_run_pairs_by_ot_within_the_digits_classes(both_data, tmp_
             else:
                 assert y is None
 
+# -----------------------------------------------------------------------------
+# the flow as a density: log-likelihoods against closed forms
+
+def gaussian_flow(m0, s0, m1, s1, schedule):
+    """The exact marginal field carrying N(m0, s0^2 I) to N(m1, s1^2 I) along Eq. 5 with
+    independent X_0, X_1: X_t ~ N(mu_t, sigma_t^2 I), mu_t = alpha m0 + beta m1, sigma_t^2 =
+    alpha^2 s0^2 + beta^2 s1^2, and v_t(x) = mu_t' + (sigma_t' / sigma_t)(x - mu_t), whose
+    divergence is d sigma_t' / sigma_t. Returns the field and log p_t(x)."""
+    def parts(t, x):
+        a, b, da, db = (u.view(-1, *[1] * (x.dim() - 1)).to(x.dtype) for u in schedule(t))
+        sigma = (a * a * s0 * s0 + b * b * s1 * s1).sqrt()
+        return a * m0 + b * m1, da * m0 + db * m1, sigma, (a * da * s0 * s0 + b * db * s1 * s1) / sigma
+    def field(x, t):
+        mu, dmu, sigma, dsigma = parts(t, x)
+        return dmu + dsigma / sigma * (x - mu)
+    def log_p(x, t):
+        mu, _, sigma, _ = parts(t.expand(len(x)), x)
+        d = x[0].numel()
+        return (-0.5 * ((x - mu) / sigma).flatten(1).pow(2).sum(1)
+                - d * sigma.flatten(1)[:, 0].log() - d / 2 * math.log(2 * math.pi))
+    return field, log_p
+
+@pytest.mark.parametrize("d", [2, 784])
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_log_likelihood_of_a_gaussian_flow_is_the_closed_form(d, schedule):
+    g = torch.Generator().manual_seed(0)
+    m1 = torch.linspace(-1, 1, d, dtype=torch.float64)
+    field, log_p = gaussian_flow(0.5, 1.5, m1, 0.3, schedule)
+    x1 = m1 + 0.3 * torch.randn(8, d, generator=g, dtype=torch.float64)
+    t0, t1 = torch.zeros(1, dtype=torch.float64), torch.ones(1, dtype=torch.float64)
+    # the field's divergence, exact (2D) or by Hutchinson (784: exact too for this field,
+    # whose Jacobian is a multiple of I), is d sigma_t' / sigma_t
+    probe = None if d == 2 else common.rademacher(x1.shape, g).double()
+    t = torch.tensor(0.3, dtype=torch.float64)
+    v, div = common.divergence(field, x1, t, probe)
+    _, _, sigma, dsigma = (lambda a, b, da, db: (None, None, (a * a * 2.25 + b * b * 0.09).sqrt(),
+                           (a * da * 2.25 + b * db * 0.09)))(*schedule(t))
+    assert torch.allclose(v, field(x1, t.expand(8))) and div == pytest.approx(
+        [d * dsigma.item() / sigma.item() ** 2] * 8, rel=1e-9)
+    # log p_1(x_1) = log p_0(x_0) - int div: the closed form, to O(1/steps^2)
+    errors = [(common.log_likelihood(field, x1, steps, probe, lambda x: log_p(x, t0))
+               - log_p(x1, t1)).abs().max().item() for steps in (50, 100)]
+    assert errors[1] < 4e-4 * d  # nats: under 0.0006 bits per dimension
+    assert errors[0] / errors[1] == pytest.approx(4, rel=0.1)  # the midpoint rule's order 2
+
+def test_hutchinsons_estimate_is_unbiased_on_a_linear_field():
+    g = torch.Generator().manual_seed(0)
+    d, k = 20, 20000
+    A = torch.randn(d, d, generator=g, dtype=torch.float64)
+    x = torch.randn(k, d, generator=g, dtype=torch.float64)
+    probe = common.rademacher(x.shape, g).double()
+    _, est = common.divergence(lambda x, t: x @ A.T, x, torch.tensor(0.0), probe)
+    # z^T A z = tr A + sum_{i != j} z_i z_j A_ij: mean tr A, variance 2 sum_{i != j} S_ij^2
+    S = (A + A.T) / 2
+    var = 2 * (S.pow(2).sum() - S.diag().pow(2).sum()).item()
+    assert est.var().item() == pytest.approx(var, rel=0.05)
+    assert abs(est.mean().item() - A.trace().item()) < 4 * math.sqrt(var / k)
+    # each probe's estimate is z^T A z exactly, and the exact divergence is tr A
+    assert torch.allclose(est, torch.einsum("bi,ij,bj->b", probe, A, probe))
+    _, exact = common.divergence(lambda x, t: x @ A.T, x[:3], torch.tensor(0.0))
+    assert torch.allclose(exact, A.trace().expand(3))
+
+def test_exact_divergence_of_a_nonlinear_2d_field():
+    x = torch.tensor([[0.3, -1.2], [2.0, 0.5]], dtype=torch.float64)
+    field = lambda x, t: torch.stack([x[:, 0] ** 2 * x[:, 1] * t, torch.sin(x[:, 1])], 1)
+    _, div = common.divergence(field, x, torch.tensor(2.0, dtype=torch.float64))
+    assert div.tolist() == pytest.approx((2 * 2 * x[:, 0] * x[:, 1] + torch.cos(x[:, 1])).tolist())
+
+def test_dequantisation_stays_in_each_grey_levels_bin_and_a_uniform_density_is_8_bits():
+    pixels = torch.arange(256).float().view(1, 1, 16, 16)
+    x = pixels / 127.5 - 1                       # load_images' scale
+    y = common.dequantize(x.expand(1000, -1, -1, -1), torch.Generator().manual_seed(0))
+    assert ((y - x).abs() <= 1 / 255).all()      # within half a level of its own value
+    assert (y - x).std().item() == pytest.approx(2 / 255 / math.sqrt(12), rel=0.02)  # uniform
+    # the uniform density on the 256 bins' union, [-1 - 1/255, 1 + 1/255]^d: 8 bits a pixel
+    d = 784
+    assert common.bits_per_dim(torch.tensor(-d * math.log(2 + 2 / 255)), d).item() == \
+        pytest.approx(8)
+
 def test_unknown_distribution_of_t_is_a_clear_error():
     with pytest.raises(ValueError,
                        match="unknown distribution of t 'beta'; known: uniform, logit-normal"):
@@ -1247,6 +1326,29 @@ def test_evaluate_translation_table(evaluated, tmp_path, capsys):
     assert r["distance"] == pytest.approx(0, abs=1e-6)
     assert re.search(r"^distance from its own garment 0.0000, from another's \d+\.\d{4}",
                      capsys.readouterr().out, re.M)
+
+def test_evaluate_bpd_of_a_run(evaluated, tmp_path, capsys):
+    run, data = evaluated[:2]
+    out = tmp_path / "run"
+    run_mnist(data, out, "--epochs", "1", "--limit", "48")
+    capsys.readouterr()
+    r = run(str(out), "--bpd", "--n", "6", "--steps", "4")
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert re.match(r"bpd \d+\.\d{4} \+- \d+\.\d{4} \(standard error over the images and "
+                    r"probes; 4 midpoint steps moved it by [+-]\d+\.\d{4} from 2\)$", last), last
+    # the figure is the mean of the six images' own, each from common.log_likelihood
+    model, _ = common.load_model(str(out / "ckpt.pt"), "cpu")
+    g = torch.Generator().manual_seed(0)
+    x = common.dequantize(common.load_images("MNIST", str(data), train=False)[:6], g)
+    log_p = common.log_likelihood(model, x, 4, common.rademacher(x.shape, g))
+    bits = common.bits_per_dim(log_p.double(), 784)
+    assert r["bpd"] == pytest.approx(bits.mean().item(), rel=1e-4)
+    assert r["se"] == pytest.approx(bits.std().item() / math.sqrt(6), rel=1e-3)
+    expect_error("--bpd is for one mnist.py run folder alone", run, str(out), "--bpd", "--curve")
+    expect_error("--steps is for --bpd", run, str(out), "--steps", "10")
+    expect_error("--steps 1: --bpd compares the figure with half the steps", run, str(out),
+                 "--bpd", "--steps", "1")
+    expect_error("--bpd is for a run folder", run, "real", "--bpd")
 
 def test_evaluate_sweeps_a_run_over_solvers_grids_and_network_evaluations(evaluated, tmp_path,
                                                                           capsys, monkeypatch):
