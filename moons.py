@@ -5,7 +5,9 @@ Flow matching in 2D (handout section 2): from a standard Gaussian to the two moo
     python moons.py --schedule cosine --out out/moons-cosine
 
 Writes OUT/moons.png (the data and the generated points, trajectories from t = 0 to 1,
-the learned velocity field at a few times, the loss) and OUT/moons.gif (the points flowing).
+the learned velocity field at a few times, the loss), OUT/moons.gif (the points flowing) and
+OUT/density.png (the learned density p_1 on a grid, each point run back to t = 0: README,
+section 8).
 """
 import argparse
 import math
@@ -19,8 +21,8 @@ import matplotlib.pyplot as plt
 from matplotlib.animation import FuncAnimation, PillowWriter
 import torch
 
-from common import (MLP, SCHEDULES, atomic_write, die, euler, fm_loss, get_schedule, make_dir,
-                    pick_device, positive_float, positive_int)
+from common import (MLP, SCHEDULES, atomic_write, die, euler, fm_loss, get_schedule,
+                    log_likelihood, make_dir, pick_device, positive_float, positive_int)
 
 # -----------------------------------------------------------------------------
 # settings; the defaults are the recommended run
@@ -87,7 +89,26 @@ def main(argv=None):
                  trajectory=True).cpu()
     plot(model, traj, sample_moons(args.n_samples), losses, args, device)
     print(f"wrote {args.out}/moons.png" + (f" and {args.out}/moons.gif" if args.gif else ""))
-    return {"losses": losses, "samples": traj[-1]}
+
+    # -------------------------------------------------------------------------
+    # the flow as a density: log p_1(x) = log p_0(x_0) - int_0^1 div v_t(x_t) dt, each point
+    # of a 100 x 100 grid run back to t = 0 (the divergence exact in 2D)
+    g = torch.linspace(-2.5, 2.5, 100)
+    grid = torch.stack(torch.meshgrid(g, g, indexing="xy"), dim=-1).reshape(-1, 2)
+    log_p = log_likelihood(model, grid.to(device), args.steps).cpu().view(100, 100)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.5))
+    for ax, z, title in [(axes[0], log_p.exp(), "p_1(x)"), (axes[1], log_p.clamp(min=-12),
+                         "log p_1(x), clipped at -12")]:
+        im = ax.imshow(z.numpy(), origin="lower", extent=(-2.5, 2.5, -2.5, 2.5), cmap="magma")
+        fig.colorbar(im, ax=ax, shrink=0.8)
+        ax.set_title(f"the learned density {title}")
+    fig.tight_layout()
+    with atomic_write(os.path.join(args.out, "density.png")) as tmp:
+        fig.savefig(tmp, dpi=80)
+    plt.close(fig)
+    mass = log_p.exp().sum().item() * (5 / 99) ** 2  # Riemann sum over the grid: near 1
+    print(f"wrote {args.out}/density.png (the density's integral over the grid: {mass:.3f})")
+    return {"losses": losses, "samples": traj[-1], "log_p": log_p, "mass": mass}
 
 @torch.no_grad()
 def plot(model, traj, data, losses, args, device):

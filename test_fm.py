@@ -482,6 +482,13 @@ def test_moons_training_learns_the_moons(tmp_path):
     assert moon_distance(out["samples"]).median() < 0.1               # the moons' own noise is 0.05
     assert moon_distance(torch.randn(1000, 2)).median() > 0.3         # the source is far from them
     assert (tmp_path / "moons.png").stat().st_size > 10_000
+    # the learned density integrates to 1 over the grid, and is high on the moons, low off them
+    assert out["mass"] == pytest.approx(1, abs=0.03)
+    g = torch.linspace(-2.5, 2.5, 100)
+    grid = torch.stack(torch.meshgrid(g, g, indexing="xy"), dim=-1).reshape(-1, 2)
+    on = moon_distance(grid) < 0.05
+    assert out["log_p"].flatten()[on].mean() > out["log_p"].flatten()[~on].mean() + 3
+    assert (tmp_path / "density.png").stat().st_size > 10_000
 
 def test_gaussian_variance_follows_the_theory_along_the_flow(tmp_path):
     import gaussian
@@ -508,6 +515,12 @@ def test_gaussian_variance_follows_the_theory_along_the_flow(tmp_path):
     assert (linear_var[-1] == pytest.approx(0.77, abs=0.08)
             and cosine_var[-1] == pytest.approx(1, abs=0.12))
     assert (tmp_path / "variance.png").exists()
+    # the learned flow as a density: the held-out points' mean log-density near the exact one
+    # (-(1 + ln 2 pi) = -2.838 in expectation); learned - exact estimates -KL(p || q) <= 0
+    for name in ["linear", "cosine"]:
+        r = results[name]
+        assert r["exact_log_p"] == pytest.approx(-1 - math.log(2 * math.pi), abs=0.03)
+        assert r["log_p"] == pytest.approx(r["exact_log_p"], abs=0.05)
 
 @pytest.mark.parametrize("script,args,message", [
     ("moons.py", ["--schedule", "sigmoid"], "invalid choice: 'sigmoid'"),
