@@ -472,7 +472,8 @@ def dequantize(x, generator=None):
     """Images in [-1, 1] on the grid of 256 levels (pixel / 127.5 - 1) made continuous: each
     value moved uniformly within its bin, [value - 1/255, value + 1/255) (width 2/255, one
     grey level), so that a density may be compared with a discrete one (Theis et al. 2016)."""
-    u = torch.rand(x.shape, generator=generator).to(x.device, x.dtype)
+    u = (torch.rand_like(x) if generator is None  # a training batch, where it lies
+         else torch.rand(x.shape, generator=generator).to(x.device, x.dtype))
     return x + (u - 0.5) * (2 / 255)
 
 def bits_per_dim(log_p, d):

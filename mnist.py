@@ -24,11 +24,12 @@ import torch
 
 from common import (GRIDS, GUIDANCE, GUIDANCE_SHAPE, GUIDED_NFE, NO_LABEL, SCHEDULES, SHAPES,
                     SOLVERS, STRIP, T_DISTS, atomic_save, autocast, check_loss, check_memory,
-                    check_weights, decay, die, fixed_noise, fm_loss, generate, get_schedule,
-                    guidance, interrupted, labels_to_ask, load_checkpoint, load_images, load_model,
-                    make_dir, make_unet, nfe, non_negative_float, ot_pairing, pick_device,
-                    pick_dtype, plan, positive_float, positive_int, probability, progress,
-                    restore_state, resume, save_flow, save_grid, time_grid, update_ema)
+                    check_weights, decay, dequantize, die, fixed_noise, fm_loss, generate,
+                    get_schedule, guidance, interrupted, labels_to_ask, load_checkpoint,
+                    load_images, load_model, make_dir, make_unet, nfe, non_negative_float,
+                    ot_pairing, pick_device, pick_dtype, plan, positive_float, positive_int,
+                    probability, progress, restore_state, resume, save_flow, save_grid,
+                    time_grid, update_ema)
 
 # -----------------------------------------------------------------------------
 # settings; the defaults are the recommended run (README, appendix A). translate.py has the
@@ -66,6 +67,9 @@ add("--teacher", default=None, metavar="RUN", help="--pairing reflow: the traine
     "moving average where it has one) start the student")
 add("--pairs", type=positive_int, default=60000, metavar="N", help="--pairing reflow: the noise "
     "images the teacher carries to digits, once, into OUT/pairs.pt (default: %(default)s)")
+add("--dequantize", action="store_true", help="each training digit's pixels moved uniformly "
+    "within their grey level's bin, afresh every batch: a density on continuous images, as "
+    "evaluate.py --bpd measures it (README, section 8)")
 add("--conditional", action="store_true", help="learn each digit's class too (the label: ten "
     "one-hot maps beside the time map, and a learned shift at each later block), replaced by "
     "'no label' with probability --label-drop, so that one network learns both fields "
@@ -122,7 +126,7 @@ add("--handout", action="store_true", help="the handout's recipe as we run it: "
 
 # settings newer than some checkpoints: what a checkpoint saved before them trained with
 OLDER = {"t_dist": "uniform", "t_mean": 0.0, "warmup": None, "clip": None, "pairing": "random",
-         "conditional": False, "label_drop": 0.1}
+         "conditional": False, "label_drop": 0.1, "dequantize": False}
 
 def draw(args, ckpt_path, device, dtype):
     """--sample N, no training: N digits from N noise images fixed by --seed, drawn with the
@@ -228,6 +232,9 @@ def main(argv=None):
         die("--pairing reflow needs --teacher RUN, the trained run whose samples it learns")
     if reflow and args.conditional:
         die("--pairing reflow learns an unconditional teacher: drop --conditional")
+    if reflow and args.dequantize:
+        die("--dequantize is for the training digits; --pairing reflow learns the teacher's "
+            "samples")
     if reflow and args.limit:
         die("--limit is for the training digits; --pairing reflow makes --pairs N, ask for fewer")
     if args.pairs != parser.get_default("pairs") and not reflow:
@@ -288,6 +295,8 @@ def main(argv=None):
             t0, total = time.time(), 0.0
             for step, idx in enumerate(torch.randperm(N).split(args.batch_size), 1):
                 x1 = x1_all[idx.to(device)]   # (B, 1, 28, 28), digits
+                if args.dequantize:           # continuous: each pixel anywhere in its bin
+                    x1 = dequantize(x1)
                 if args.pairing == "reflow":  # the noise the teacher carried to these digits
                     x0 = x0_all[idx.to(device)]
                 else:                         # x0 ~ mu_0 = N(0, I), fresh noise for every batch

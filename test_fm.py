@@ -778,6 +778,24 @@ def test_reflow_learns_the_teachers_samples_of_its_noise_and_resume_reuses_them(
     expect_error("holds other pairs than those of --teacher", run_mnist, mnist_data,
                  tmp_path / "other", *reflow[:-1], "10")
 
+def test_dequantize_trains_on_each_digit_moved_within_its_grey_levels_bins(mnist_data, tmp_path,
+                                                                          monkeypatch):
+    import mnist
+    targets = []
+    def recording_loss(model, x0, x1, *rest):
+        targets.append(x1.flatten(1))
+        return fm_loss(model, x0, x1, *rest)
+    monkeypatch.setattr(mnist, "fm_loss", recording_loss)
+    run_mnist(mnist_data, tmp_path / "o", "--epochs", "2", "--dequantize")
+    x1 = torch.cat(targets)
+    digits = common.load_images("MNIST", str(mnist_data)).flatten(1)
+    nearest = torch.cdist(x1, digits).argmin(1)
+    moved = x1 - digits[nearest]
+    assert len(x1) == 96 and (moved.abs() <= 1 / 255 + 1e-6).all()  # within its bin
+    assert moved.std().item() == pytest.approx(2 / 255 / math.sqrt(12), rel=0.05)  # uniform there
+    assert not torch.equal(moved[:48].flatten().sort().values,  # afresh each epoch
+                           moved[48:].flatten().sort().values)
+
 def test_reflow_bad_input_is_one_line(mnist_data, tmp_path):
     expect_error(f"no checkpoint at {tmp_path / 'nothing' / 'ckpt.pt'}", run_mnist, mnist_data,
                  tmp_path / "o", "--pairing", "reflow", "--teacher", str(tmp_path / "nothing"))
@@ -792,6 +810,8 @@ def test_reflow_bad_input_is_one_line(mnist_data, tmp_path):
     expect_error("--pairing reflow learns an unconditional teacher", run_mnist, mnist_data,
                  tmp_path / "o", "--pairing", "reflow", "--teacher", str(tmp_path),
                  "--conditional")
+    expect_error("--dequantize is for the training digits", run_mnist, mnist_data,
+                 tmp_path / "o", "--pairing", "reflow", "--teacher", str(tmp_path), "--dequantize")
     run_mnist(mnist_data, tmp_path / "cond", "--epochs", "1", "--conditional", "--limit", "16")
     expect_error("is a conditional run; reflow learns an unconditional one", run_mnist,
                  mnist_data, tmp_path / "o", "--pairing", "reflow", "--teacher",
@@ -914,7 +934,7 @@ def test_a_checkpoint_older_than_a_setting_resumes_with_what_it_trained_with(bot
                                                     "translate": run_translate}[script]
     assert module.OLDER == {"t_dist": "uniform", "t_mean": 0.0, "warmup": None, "clip": None,
                             "pairing": "random", "conditional": False, "label_drop": 0.1,
-                            **({"sigma": 0.0} if script == "translate" else {})}
+                            **({"sigma": 0.0} if script == "translate" else {"dequantize": False})}
     flags = ["--t-dist", "uniform", "--t-mean", "0",
              "--pairing", "random"]  # (no warm-up, no clipping)
     run(both_data, tmp_path / "straight", "--epochs", "2", *flags)
@@ -1649,7 +1669,8 @@ DIFFERENCES = {  # dest: (mnist.py's default, translate.py's, why)
 }
 
 # and mnist.py's own: reflow (README, section 7) is built for noise to digits
-MNIST_ONLY = {"teacher": "--pairing reflow's teacher", "pairs": "--pairing reflow's pairs"}
+MNIST_ONLY = {"teacher": "--pairing reflow's teacher", "pairs": "--pairing reflow's pairs",
+              "dequantize": "the likelihood of digits (evaluate.py --bpd) is mnist.py's"}
 # and translate.py's own: noise on a Gaussian source would only change its variance
 TRANSLATE_ONLY = {"sigma": "Gaussian noise on the garments"}
 
