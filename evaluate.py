@@ -2,7 +2,7 @@
 Numbers for image quality: score generated digits with a small MNIST classifier.
 
     python evaluate.py out/mnist-cosine/samples.pt                       # FID, confidence, coverage
-    python evaluate.py out/translate-cosine/samples.pt --translation  # + which garment: which digit
+    python evaluate.py out/translate-linear/samples.pt --translation  # + which garment: which digit
     python evaluate.py real --n 1000     # 1000 real MNIST training images: the best to hope for
     python evaluate.py noise --n 1000    # 1000 images of uniform noise: far away
     python evaluate.py out/mnist-cosine --n 1000   # a run folder: quality against the number

@@ -2,18 +2,18 @@
 Image-to-image translation with flow matching (handout section 3.1): Fashion-MNIST -> MNIST.
 
 mnist.py's run (the same U-Net, optimiser, settings and loop); only x0 changes: instead of
-Gaussian noise, the flow starts from a Fashion-MNIST garment (with --sigma S, translate.py's
-own setting, plus Gaussian noise of standard deviation S) and carries it to an MNIST digit.
-Some defaults differ, each for the reason test_fm.py's DIFFERENCES gives: 100 epochs (the
-handout's "about 100"), batches of 64, t ~ U(0, 1) (measured), and each batch's garments
-re-paired with its digits by optimal transport (measured; --pairing random draws them
-independently, as the handout does, so that nothing in the training tells the flow which
-digit a garment should become).
+Gaussian noise, the flow starts from a Fashion-MNIST garment plus Gaussian noise of standard
+deviation --sigma (0.3; translate.py's own setting) and carries it to an MNIST digit. Some
+defaults differ, each for the reason test_fm.py's DIFFERENCES gives: 100 epochs (the
+handout's "about 100"), batches of 64, the linear schedule, t ~ U(0, 1) (measured), and
+each batch's garments re-paired with its digits by optimal transport (measured; --pairing
+random draws them independently, as the handout does, so that nothing in the training tells
+the flow which digit a garment should become).
 
-    python translate.py                                   # 100 epochs, OUT = out/translate-cosine
+    python translate.py                                   # 100 epochs, OUT = out/translate-linear
     python translate.py --limit 2000 --epochs 2           # a quick look
-    python translate.py --out out/translate-cosine --resume --epochs 150
-    python translate.py --out out/translate-cosine --sample 16   # the first 16 test garments
+    python translate.py --out out/translate-linear --resume --epochs 150
+    python translate.py --out out/translate-linear --sample 16   # the first 16 test garments
 
 After every epoch: OUT/epochNNN.png (16 fixed Fashion-MNIST test images on top, their
 translations below), OUT/epochNNN.pt (the sampling weights) and OUT/ckpt.pt. --sample N
@@ -45,7 +45,8 @@ parser = argparse.ArgumentParser(
     description="Image-to-image translation with flow matching: Fashion-MNIST -> MNIST.")
 parser.error = die  # argparse's errors in one line, without its usage block
 add = parser.add_argument
-add("--schedule", default="cosine", choices=list(SCHEDULES),
+# linear: with --sigma 0.3, after 10 epochs FID 45.0 and 52.3 (two seeds) against 54.4 for cosine
+add("--schedule", default="linear", choices=list(SCHEDULES),
     help="the path from x0 to x1 (Eq. 5) (default: %(default)s)")
 add("--epochs", type=positive_int, default=100,
     help="passes over the training set (default: %(default)s)")
@@ -66,7 +67,8 @@ add("--clip", type=positive_float, default=None,
 add("--pairing", default="ot", choices=["random", "ot"], help="which garment meets which "
     "digit: drawn independently, or re-paired in each batch by optimal transport "
     "(--conditional: within each class) (default: %(default)s)")
-add("--sigma", type=non_negative_float, default=0.0, help="Gaussian noise of this standard "
+# 0.3: after 10 epochs FID 54.4 against 79.0 without noise (cosine; README, section 4)
+add("--sigma", type=non_negative_float, default=0.3, help="Gaussian noise of this standard "
     "deviation added to each garment, in training and sampling: x0 = garment + sigma * noise, "
     "a density around each garment rather than 60,000 points (--sample and --resume: the "
     "run's own) (default: %(default)s)")
@@ -115,10 +117,11 @@ add("--guidance", type=non_negative_float, default=None, metavar="W", help="a co
     f"(default: {GUIDANCE:g})")
 add("--guidance-shape", default=None, choices=SHAPES, help="W(t) = 1 + (W - 1) t (ramp: the "
     f"conditional field at t = 0, W at t = 1) or W (constant) (default: {GUIDANCE_SHAPE})")
-# --handout: the handout's t ~ U(0, 1), no moving average, Euler sampling and random pairing,
+# --handout: the handout's t ~ U(0, 1), no moving average, Euler sampling, random pairing and
+# the garments as they are,
 # with the batch size and Euler steps its text leaves open (our choices: README)
 HANDOUT = {"t_dist": "uniform", "batch_size": 128, "ema": 0.0, "solver": "euler", "steps": 100,
-           "grid": "uniform", "pairing": "random"}
+           "grid": "uniform", "pairing": "random", "sigma": 0.0}
 add("--handout", action="store_true", help="the handout's recipe as we run it: "
     + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in HANDOUT.items())
     + "; a setting given besides it wins")
