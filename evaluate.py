@@ -682,11 +682,14 @@ def main(argv=None):
                                    HINT[args.translation])
         if args.guidance:
             return guidance_sweep(args, model, config, device, *load_classifier(args))
+        if args.bpd and config.get("conditional"):
+            die(f"--bpd: {args.samples} is a conditional run; --bpd measures an unconditional "
+                f"model's density")
+        if args.bpd:
+            return bits(args, model, device)
         if config.get("conditional"):
             die(f"{args.samples} is a conditional run: score it with --guidance W..., or draw "
                 f"with mnist.py --sample and score samples.pt (its labels are beside it)")
-        if args.bpd:
-            return bits(args, model, device)
         if args.path:
             return along_the_path(args, model, get_schedule(config.get("schedule", "cosine")),
                                   device, config.get("sigma", 0.0))

@@ -1382,6 +1382,9 @@ def test_evaluate_bpd_of_a_run(evaluated, tmp_path, capsys):
     expect_error("--steps 1: --bpd compares the figure with half the steps", run, str(out),
                  "--bpd", "--steps", "1")
     expect_error("--bpd is for a run folder", run, "real", "--bpd")
+    run_mnist(data, tmp_path / "cond", "--epochs", "1", "--limit", "16", "--conditional")
+    expect_error("is a conditional run; --bpd measures an unconditional model's density", run,
+                 str(tmp_path / "cond"), "--bpd")
 
 def test_evaluate_sweeps_a_run_over_solvers_grids_and_network_evaluations(evaluated, tmp_path,
                                                                           capsys, monkeypatch):
