@@ -419,17 +419,19 @@ def ot_pairing(x0, x1, y=None):
 
 # -----------------------------------------------------------------------------
 # the flow as a density (Chen et al. 2018, FFJORD: Grathwohl et al. 2019). Along a
-# trajectory of dx/dt = v_t(x) the continuity equation (Eq. 1) gives d log p_t(x_t)/dt =
-# -div v_t(x_t), so log p_1(x_1) = log p_0(x_0) - int_0^1 div v_t(x_t) dt, with x_0 found by
-# running the flow backwards from x_1. As Meta's flow_matching (ODESolver.compute_likelihood)
-# does: the divergence exact for a few dimensions, Hutchinson's estimate with one Rademacher
-# probe, fixed along each trajectory, for images.
+# trajectory of the flow (Eq. 1) the continuity equation (README, sections 0 and 8) gives
+# d log p_t(x_t)/dt = -div v_t(x_t), so log p_1(x_1) = log p_0(x_0) - int_0^1 div v_t(x_t) dt,
+# with x_0 found by running the flow backwards from x_1: the density of the exact flow of the
+# learned field, not of a few-step sampler. As Meta's flow_matching
+# (ODESolver.compute_likelihood) does: the divergence exact for a few dimensions,
+# Hutchinson's estimate with one Rademacher probe, fixed along each trajectory, for images.
 
 def divergence(model, x, t, probe=None):
     """The field v = model(x, t) at x (B, ...), t a scalar tensor, and its divergence
     sum_i dv_i/dx_i (B,): exact without a probe (a backward pass per dimension: 2D); with
     a probe z (x's shape) Hutchinson's estimate z . (dv/dx) z (one backward pass), unbiased
-    when E[z z^T] = I, as for z of independent +-1 entries (Rademacher)."""
+    when E[z z^T] = I, as for z of independent +-1 entries (Rademacher: variance 2 sum_{i != j}
+    S_ij^2, S the symmetric part of dv/dx; a Gaussian z adds the diagonal's 2 sum_i S_ii^2)."""
     with torch.enable_grad():
         x = x.detach().requires_grad_(True)
         v = model(x, t.expand(x.shape[0])).to(x.dtype)
@@ -456,14 +458,15 @@ def log_likelihood(model, x1, steps, probe=None, log_p0=standard_normal_log_dens
     """log p_1(x1) (B,) of the flow of model: x1 (B, ...) carried from t = 1 back to t = 0 by
     `steps` midpoint steps of the uniform grid, int_0^1 div v_t(x_t) dt by the same rule
     (the divergence at each step's midpoint; exact, or with the probe Hutchinson's
-    estimate), then log p_0(x_0) minus it. Error O(1/steps^2): the figure at half the steps
-    shows how far it is from converged."""
+    estimate), then log p_0(x_0) minus it. Error O(1/steps^2): going from half the steps to
+    all moves the figure by about 3 times the error left. The same probe at every step keeps
+    the integrand smooth, so that this holds and the move measures the integration alone."""
     ts = torch.linspace(1, 0, steps + 1, dtype=torch.float64).to(x1.device, x1.dtype)
     x, integral = x1, torch.zeros(len(x1), device=x1.device, dtype=x1.dtype)
     for t, t_next in zip(ts[:-1], ts[1:]):
         h = t_next - t  # < 0: backwards
         x_mid = x + h / 2 * model(x, t.expand(len(x))).to(x.dtype)
-        v, div = divergence(model, x_mid, t + h / 2, probe)
+        v, div = divergence(model, x_mid, t + h / 2, probe)  # v: the field at the midpoint
         x = x + h * v
         integral = integral - h * div  # -h > 0: the integral from 0 to 1
     return log_p0(x) - integral
@@ -471,16 +474,19 @@ def log_likelihood(model, x1, steps, probe=None, log_p0=standard_normal_log_dens
 def dequantize(x, generator=None):
     """Images in [-1, 1] on the grid of 256 levels (pixel / 127.5 - 1) made continuous: each
     value moved uniformly within its bin, [value - 1/255, value + 1/255) (width 2/255, one
-    grey level), so that a density may be compared with a discrete one (Theis et al. 2016)."""
+    grey level; the bins of -1 and 1 reach past [-1, 1], which is as valid: disjoint bins of
+    one width), so that a density may be compared with a discrete model (Theis et al. 2016)."""
     u = (torch.rand_like(x) if generator is None  # a training batch, where it lies
          else torch.rand(x.shape, generator=generator).to(x.device, x.dtype))
     return x + (u - 0.5) * (2 / 255)
 
 def bits_per_dim(log_p, d):
     """The standard likelihood figure of 8-bit images from log p (nats) of dequantised images
-    in pixel / 127.5 - 1's scale (bins of width 2/255) in d dimensions: -log2 of each grey
-    level's probability per pixel, log2(255 / 2) - log p / (d ln 2); a lower bound of the
-    discrete likelihood's, so an upper bound of its bits (8: a uniform guess)."""
+    in pixel / 127.5 - 1's scale (bins of width 2/255) in d dimensions: -log2 P(image) / d of
+    the discrete model P(image) = the integral of p over the image's bins, bounded by Jensen:
+    log P >= E log p(dequantised) + d log(2/255), so log2(255 / 2) - log p / (d ln 2), averaged
+    over dequantisations, is an upper bound of its bits (8: a uniform guess). Images scaled
+    otherwise (papers: [0, 256) / 256) shift log p by their Jacobian: the same figure."""
     return math.log2(255 / 2) - log_p / (d * math.log(2))
 
 # =============================================================================

@@ -10,6 +10,8 @@ Numbers for image quality: score generated digits with a small MNIST classifier.
                                    # (nfe.csv, nfe.png; with --raw: nfe-raw.csv, nfe-raw.png)
     python evaluate.py out/mnist-cosine --curve    # quality against epochs (curve.csv, .png)
     python evaluate.py out/mnist-cosine --path     # how the flow moves along 100 Euler steps
+    python evaluate.py out/mnist-cosine --bpd      # the model as a density: bits per dimension
+                                   # of 100 MNIST test digits (README, section 8)
     python evaluate.py out/mnist-reflow --also out/mnist-cosine --nfe 1 2 4   # runs side by
                                    # side: each with --nfe's sampler, and how straight it is
 
@@ -59,7 +61,7 @@ add("samples", help="a samples.pt of mnist.py or translate.py (N, 1, 28, 28) in 
     "(MNIST training images) or 'noise' (uniform noise), for reference; or a run folder (OUT of "
     "mnist.py or translate.py) to sweep the solvers and grids")
 add("--n", type=positive_int, default=None,
-    help="score the first N images (default: all of samples.pt; 1000 otherwise)")
+    help="score the first N images (default: all of samples.pt; 100 with --bpd; 1000 otherwise)")
 add("--translation", action="store_true", help="translate.py's samples.pt or run: image i comes "
     "from Fashion-MNIST test image i")
 # run folder only (RUN_ONLY, but --device: a samples.pt is scored where it is): what to sample
@@ -102,7 +104,8 @@ add("--data", default="data", help="torchvision's data folder (as for mnist.py)"
 add("--classifier", default="weights/classifier.pt", help="the classifier's file; trained and "
     "written there if it does not exist (default: %(default)s)")
 add("--epochs", type=positive_int, default=2, help="the classifier's training epochs")
-add("--seed", type=int, default=0, help="seeds the classifier's training and the 'noise' images")
+add("--seed", type=int, default=0, help="seeds the classifier's training, the 'noise' images "
+    "and --bpd's dequantisation and probes")
 RUN_ONLY = ("nfe", "grids", "seeds", "raw", "path", "curve", "also", "dtype", "guidance",
             "guidance_shape", "bpd", "steps")
 
@@ -443,14 +446,19 @@ def along_the_path(args, model, schedule, device, sigma=0.0):
 def bits(args, model, device):
     """--bpd: the first N MNIST test images (--n, 100), each dequantised (common.dequantize)
     and given one Rademacher probe (--seed's), their log-likelihood under the flow
-    (common.log_likelihood, float32, --steps midpoint steps and half as many) in bits per
-    dimension. The standard error is the spread of the per-image figures over sqrt(N): it
-    holds both the images' spread and the probes'. The last line begins with "bpd"."""
+    (common.log_likelihood, float32, TF32 off on GPUs; --steps midpoint steps and half as
+    many) in bits per dimension. The standard error is the spread of the per-image figures
+    over sqrt(N): the images', the dequantisations' and the probes' together. The last line
+    begins with "bpd"."""
     n, steps = args.n or 100, args.steps
     if steps < 2:
         die(f"--steps {steps}: --bpd compares the figure with half the steps; give at least 2")
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     g = torch.Generator().manual_seed(args.seed)
-    x = dequantize(load_images("MNIST", args.data, train=False)[:n], g)
+    x = load_images("MNIST", args.data, train=False)
+    if n > len(x):
+        die(f"--n {n}: MNIST has only {len(x)} test images")
+    x = dequantize(x[:n], g)
     probe = rademacher(x.shape, g)
     d, t0, out = x[0].numel(), time.time(), {}
     for k in (steps // 2, steps):
@@ -460,8 +468,8 @@ def bits(args, model, device):
     b = out[steps]
     print(f"{n} images, {time.time() - t0:.0f} s; bits per dimension: {out[steps // 2].mean():.4f} "
           f"at {steps // 2} steps, {b.mean():.4f} at {steps}")
-    print(f"bpd {b.mean():.4f} +- {b.std() / math.sqrt(n):.4f} (standard error over the images "
-          f"and probes; {steps} midpoint steps moved it by "
+    print(f"bpd {b.mean():.4f} +- {b.std() / math.sqrt(n):.4f} (standard error over the images, "
+          f"dequantisations and probes; {steps} midpoint steps moved it by "
           f"{b.mean() - out[steps // 2].mean():+.4f} from {steps // 2})")
     return {"bpd": b.mean().item(), "se": (b.std() / math.sqrt(n)).item(),
             "half": out[steps // 2].mean().item()}
@@ -650,7 +658,7 @@ HINT = {False: ": add --translation for translate.py's runs",
 def main(argv=None):
     args = parser.parse_args(argv)
     if args.n is not None and args.n < 2:  # FID fits a covariance: one image has none
-        die(f"--n {args.n}: FID needs at least 2 images")
+        die(f"--n {args.n}: {'a standard error' if args.bpd else 'FID'} needs at least 2 images")
     if args.translation and args.samples in ("real", "noise"):
         die("--translation needs translate.py's samples.pt or run folder")
     if args.guidance_shape and not args.guidance:
@@ -667,6 +675,11 @@ def main(argv=None):
     if args.bpd and (args.translation or args.curve or args.also or args.path or args.guidance):
         die("--bpd is for one mnist.py run folder alone (not with --translation, --curve, "
             "--also, --path or --guidance)")
+    sampling = [k for k in ("nfe", "grids", "seeds", "dtype")
+                if getattr(args, k) != parser.get_default(k)]
+    if args.bpd and sampling:  # the density: float32, its own steps and --seed's probes
+        die(f"--{sampling[0]} is for sampling; --bpd integrates in float32 with --steps midpoint "
+            f"steps (--seed: its dequantisation and probes)")
     if args.steps != parser.get_default("steps") and not args.bpd:
         die("--steps is for --bpd")
     if args.raw and args.curve:

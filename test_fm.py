@@ -347,15 +347,34 @@ def test_log_likelihood_of_a_gaussian_flow_is_the_closed_form(d, schedule):
     probe = None if d == 2 else common.rademacher(x1.shape, g).double()
     t = torch.tensor(0.3, dtype=torch.float64)
     v, div = common.divergence(field, x1, t, probe)
-    _, _, sigma, dsigma = (lambda a, b, da, db: (None, None, (a * a * 2.25 + b * b * 0.09).sqrt(),
-                           (a * da * 2.25 + b * db * 0.09)))(*schedule(t))
+    a, b, da, db = schedule(t)
+    sigma, sigma_dsigma = (a * a * 2.25 + b * b * 0.09).sqrt(), a * da * 2.25 + b * db * 0.09
     assert torch.allclose(v, field(x1, t.expand(8))) and div == pytest.approx(
-        [d * dsigma.item() / sigma.item() ** 2] * 8, rel=1e-9)
+        [d * sigma_dsigma.item() / sigma.item() ** 2] * 8, rel=1e-9)
     # log p_1(x_1) = log p_0(x_0) - int div: the closed form, to O(1/steps^2)
     errors = [(common.log_likelihood(field, x1, steps, probe, lambda x: log_p(x, t0))
                - log_p(x1, t1)).abs().max().item() for steps in (50, 100)]
     assert errors[1] < 4e-4 * d  # nats: under 0.0006 bits per dimension
     assert errors[0] / errors[1] == pytest.approx(4, rel=0.1)  # the midpoint rule's order 2
+
+def test_log_likelihood_of_a_linear_field_and_its_fixed_probe():
+    # dx/dt = A x carries x_0 to x_1 = e^A x_0, with div v = tr A all along: log p_1(x_1) =
+    # log N(e^-A x_1; 0, I) - tr A. A is not a multiple of I, so Hutchinson's z^T A z differs
+    # from tr A, by the same amount at every step when the probe is fixed along the path.
+    g = torch.Generator().manual_seed(0)
+    d = 5
+    A = 0.5 * torch.randn(d, d, generator=g, dtype=torch.float64)
+    field = lambda x, t: x @ A.T
+    x1 = torch.randn(4, d, generator=g, dtype=torch.float64)
+    exact = (common.standard_normal_log_density(x1 @ torch.linalg.matrix_exp(-A).T)
+             - A.trace())
+    log_p = common.log_likelihood(field, x1, 100)
+    assert (log_p - exact).abs().max().item() < 2e-3
+    probe = common.rademacher(x1.shape, g).double()
+    estimate = common.log_likelihood(field, x1, 100, probe)
+    zAz = torch.einsum("bi,ij,bj->b", probe, A, probe)
+    assert not torch.allclose(zAz, A.trace().expand(4))
+    assert torch.allclose(estimate - log_p, A.trace() - zAz, atol=1e-10)
 
 def test_hutchinsons_estimate_is_unbiased_on_a_linear_field():
     g = torch.Generator().manual_seed(0)
@@ -387,9 +406,9 @@ def test_dequantisation_stays_in_each_grey_levels_bin_and_a_uniform_density_is_8
     assert ((y - x).abs() <= 1 / 255).all()      # within half a level of its own value
     assert (y - x).std().item() == pytest.approx(2 / 255 / math.sqrt(12), rel=0.02)  # uniform
     # the uniform density on the 256 bins' union, [-1 - 1/255, 1 + 1/255]^d: 8 bits a pixel
-    d = 784
-    assert common.bits_per_dim(torch.tensor(-d * math.log(2 + 2 / 255)), d).item() == \
-        pytest.approx(8)
+    for d in (784, 2):
+        assert common.bits_per_dim(torch.tensor(-d * math.log(2 + 2 / 255)), d).item() == \
+            pytest.approx(8)
 
 def test_unknown_distribution_of_t_is_a_clear_error():
     with pytest.raises(ValueError,
@@ -516,7 +535,9 @@ def test_gaussian_variance_follows_the_theory_along_the_flow(tmp_path):
             and cosine_var[-1] == pytest.approx(1, abs=0.12))
     assert (tmp_path / "variance.png").exists()
     # the learned flow as a density: the held-out points' mean log-density near the exact one
-    # (-(1 + ln 2 pi) = -2.838 in expectation); learned - exact estimates -KL(p || q) <= 0
+    # (-(1 + ln 2 pi) = -2.838 in expectation); learned - exact estimates -KL(p || q) <= 0.
+    # (Here int div v dt = 2 log(1 / 1) = 0 along every path: the closed-form tests above,
+    # and the moons' density, check that term.)
     for name in ["linear", "cosine"]:
         r = results[name]
         assert r["exact_log_p"] == pytest.approx(-1 - math.log(2 * math.pi), abs=0.03)
@@ -1367,8 +1388,9 @@ def test_evaluate_bpd_of_a_run(evaluated, tmp_path, capsys):
     capsys.readouterr()
     r = run(str(out), "--bpd", "--n", "6", "--steps", "4")
     last = capsys.readouterr().out.strip().splitlines()[-1]
-    assert re.match(r"bpd \d+\.\d{4} \+- \d+\.\d{4} \(standard error over the images and "
-                    r"probes; 4 midpoint steps moved it by [+-]\d+\.\d{4} from 2\)$", last), last
+    assert re.match(r"bpd \d+\.\d{4} \+- \d+\.\d{4} \(standard error over the images, "
+                    r"dequantisations and probes; 4 midpoint steps moved it by "
+                    r"[+-]\d+\.\d{4} from 2\)$", last), last
     # the figure is the mean of the six images' own, each from common.log_likelihood
     model, _ = common.load_model(str(out / "ckpt.pt"), "cpu")
     g = torch.Generator().manual_seed(0)
@@ -1377,8 +1399,16 @@ def test_evaluate_bpd_of_a_run(evaluated, tmp_path, capsys):
     bits = common.bits_per_dim(log_p.double(), 784)
     assert r["bpd"] == pytest.approx(bits.mean().item(), rel=1e-4)
     assert r["se"] == pytest.approx(bits.std().item() / math.sqrt(6), rel=1e-3)
+    g = torch.Generator().manual_seed(0)
+    common.dequantize(x, g)  # the same draws: the images' dequantisation, then their probes
+    half = common.bits_per_dim(common.log_likelihood(model, x, 2, common.rademacher(x.shape, g))
+                               .double(), 784)
+    assert r["half"] == pytest.approx(half.mean().item(), rel=1e-4)
     expect_error("--bpd is for one mnist.py run folder alone", run, str(out), "--bpd", "--curve")
     expect_error("--steps is for --bpd", run, str(out), "--steps", "10")
+    expect_error("--n 201: MNIST has only 200 test images", run, str(out), "--bpd", "--n", "201")
+    expect_error("--dtype is for sampling; --bpd integrates in float32", run, str(out), "--bpd",
+                 "--dtype", "float32")
     expect_error("--steps 1: --bpd compares the figure with half the steps", run, str(out),
                  "--bpd", "--steps", "1")
     expect_error("--bpd is for a run folder", run, "real", "--bpd")
