@@ -323,7 +323,8 @@ def gaussian_flow(m0, s0, m1, s1, schedule):
     def parts(t, x):
         a, b, da, db = (u.view(-1, *[1] * (x.dim() - 1)).to(x.dtype) for u in schedule(t))
         sigma = (a * a * s0 * s0 + b * b * s1 * s1).sqrt()
-        return a * m0 + b * m1, da * m0 + db * m1, sigma, (a * da * s0 * s0 + b * db * s1 * s1) / sigma
+        dsigma = (a * da * s0 * s0 + b * db * s1 * s1) / sigma
+        return a * m0 + b * m1, da * m0 + db * m1, sigma, dsigma
     def field(x, t):
         mu, dmu, sigma, dsigma = parts(t, x)
         return dmu + dsigma / sigma * (x - mu)
