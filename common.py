@@ -59,9 +59,10 @@ def fm_loss(model, x0, x1, schedule, t_dist="uniform", t_mean=0.0):
     x1 ~ mu_1, both (B, ...). Each sample gets its own t ~ U(0, 1), or with
     t_dist="logit-normal" t = sigmoid(N(t_mean, 1)): more samples in the middle of the
     path, fewer near its ends (Esser et al. 2024); t_mean > 0 moves them towards the data
-    end, t_mean < 0 towards the noise. For reflow (t_mean unused): t_dist="u-shaped" (Lee et
-    al. 2024), the density proportional to cosh(4 (t - 1/2)), more samples near both ends;
-    "zero": t = 0 always, where the loss asks for x1 - x0 from x0 alone: the one-step map
+    end, t_mean < 0 towards the noise. Introduced for reflow (t_mean unused):
+    t_dist="u-shaped" (Lee et al. 2024), the density proportional to cosh(4 (t - 1/2)), more
+    samples near both ends (near t = 1, where the data's density is made: README, section
+    8); "zero": t = 0 always, where the loss asks for x1 - x0 from x0 alone: the one-step map
     and nothing else (distillation, Liu et al. 2022); "half-zero": each sample at t = 0 with
     probability 1/2, else t ~ U(0, 1)."""
     B = x0.shape[0]
