@@ -922,7 +922,10 @@ def test_ctrl_c_names_the_checkpoint_and_the_resume_command_then_resumes_exactly
     cmd = [sys.executable, os.path.join(HERE, "mnist.py"), "--data", str(mnist_data),
            "--out", str(out), "--batch-size", "4", "--steps", "1", "--epochs", "300",
            "--device", "cpu"]
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE)
+    # SIGINT as a terminal gives it, even when the tests run in the background (bash's `&`
+    # starts them with SIGINT ignored, and a child would inherit that)
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     while not (out / "epoch002.pt").exists() and p.poll() is None:
         time.sleep(0.05)
     p.send_signal(signal.SIGINT)
