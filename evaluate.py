@@ -451,8 +451,6 @@ def bits(args, model, device):
     over sqrt(N): the images', the dequantisations' and the probes' together. The last line
     begins with "bpd"."""
     n, steps = args.n or 100, args.steps
-    if steps < 2:
-        die(f"--steps {steps}: --bpd compares the figure with half the steps; give at least 2")
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     g = torch.Generator().manual_seed(args.seed)
     x = load_images("MNIST", args.data, train=False)
@@ -682,6 +680,9 @@ def main(argv=None):
             f"steps (--seed: its dequantisation and probes)")
     if args.steps != parser.get_default("steps") and not args.bpd:
         die("--steps is for --bpd")
+    if args.steps < 2:
+        die(f"--steps {args.steps}: --bpd compares the figure with half the steps; give at "
+            f"least 2")
     if args.raw and args.curve:
         die("--raw and --curve: the epochs' files (epochNNN.pt) hold only the moving average")
     if os.path.isdir(args.samples):
@@ -695,10 +696,10 @@ def main(argv=None):
                                    HINT[args.translation])
         if args.guidance:
             return guidance_sweep(args, model, config, device, *load_classifier(args))
-        if args.bpd and config.get("conditional"):
-            die(f"--bpd: {args.samples} is a conditional run; --bpd measures an unconditional "
-                f"model's density")
         if args.bpd:
+            if config.get("conditional"):
+                die(f"--bpd: {args.samples} is a conditional run; --bpd measures an "
+                    f"unconditional model's density")
             return bits(args, model, device)
         if config.get("conditional"):
             die(f"{args.samples} is a conditional run: score it with --guidance W..., or draw "
