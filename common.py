@@ -52,7 +52,8 @@ def get_schedule(name):
 # training: the loss, and the moving average of the weights that sampling uses
 
 # the distributions of t that fm_loss knows
-T_DISTS = ("uniform", "logit-normal", "u-shaped", "half-zero", "zero")
+T_DISTS = ("uniform", "logit-normal", "u-shaped", "tail", "half-zero", "zero")
+TAIL = 1e-3  # t_dist="tail": the smallest 1 - t it draws
 
 def fm_loss(model, x0, x1, schedule, t_dist="uniform", t_mean=0.0):
     """The flow matching loss (Eq. 4, generalised by Eq. 6) for one batch x0 ~ mu_0,
@@ -62,9 +63,12 @@ def fm_loss(model, x0, x1, schedule, t_dist="uniform", t_mean=0.0):
     end, t_mean < 0 towards the noise. Introduced for reflow (t_mean unused):
     t_dist="u-shaped" (Lee et al. 2024), the density proportional to cosh(4 (t - 1/2)), more
     samples near both ends (near t = 1, where the data's density is made: README, section
-    8); "zero": t = 0 always, where the loss asks for x1 - x0 from x0 alone: the one-step map
-    and nothing else (distillation, Liu et al. 2022); "half-zero": each sample at t = 0 with
-    probability 1/2, else t ~ U(0, 1)."""
+    8); "tail": half the samples t ~ U(0, 1), half with 1 - t log-uniform in [TAIL, 1]
+    (density proportional to 1 / (1 - t), which near t = 1 is the weight t / (1 - t) that makes
+    the linear path's loss a bound on the likelihood: Kingma et al. 2021, Kingma & Gao 2023;
+    README, section 8); "zero": t = 0 always, where the loss asks for x1 - x0 from x0 alone:
+    the one-step map and nothing else (distillation, Liu et al. 2022); "half-zero": each
+    sample at t = 0 with probability 1/2, else t ~ U(0, 1)."""
     B = x0.shape[0]
     if t_dist == "uniform":
         t = torch.rand(B, device=x0.device, dtype=x0.dtype)
@@ -73,6 +77,9 @@ def fm_loss(model, x0, x1, schedule, t_dist="uniform", t_mean=0.0):
     elif t_dist == "u-shaped":  # density ~ e^(4t) by inverting its CDF, then t or 1 - t
         t = torch.log1p(torch.rand(B, device=x0.device, dtype=x0.dtype) * math.expm1(4)) / 4
         t = torch.where(torch.rand(B, device=x0.device) < 0.5, t, 1 - t)
+    elif t_dist == "tail":  # 1 - TAIL^u for u ~ U(0, 1): log(1 - t) uniform in [log TAIL, 0]
+        tail = 1 - TAIL ** torch.rand(B, device=x0.device, dtype=x0.dtype)
+        t = torch.where(torch.rand(B, device=x0.device) < 0.5, torch.rand_like(tail), tail)
     elif t_dist in ("half-zero", "zero"):
         t = torch.rand(B, device=x0.device, dtype=x0.dtype)
         share = 0.5 if t_dist == "half-zero" else 1.0  # of the samples at t = 0

@@ -89,11 +89,13 @@ def test_loss_is_zero_for_the_exact_velocity(schedule):
     assert fm_loss(off, x0, x1, schedule).item() == pytest.approx(0.025)
 
 @pytest.mark.parametrize("t_dist,below_01", [("uniform", 0.1), ("logit-normal", 0.0140),
-                                              ("u-shaped", 0.1725), ("half-zero", 0.55),
-                                              ("zero", 1.0)])
+                                              ("u-shaped", 0.1725), ("tail", 0.0576),
+                                              ("half-zero", 0.55), ("zero", 1.0)])
 def test_the_distribution_of_t_in_training(t_dist, below_01):
     # P(t < 0.1): 0.1 for U(0, 1); Phi(logit(0.1)) = Phi(-2.197) = 0.0140 for sigmoid(N(0, 1));
     # density 4 cosh(4 (t - 1/2)) / (2 sinh 2): (e^0.4 - 1 + e^4 - e^3.6) / (2 (e^4 - 1)) = 0.1725;
+    # half U(0, 1), half 1 - 0.001^u: 0.05 + 0.5 ln 0.9 / ln 0.001 = 0.0576, the mean
+    # 1/4 + (1 - 0.999 / ln 1000) / 2 = 0.6777, and P(t > 0.99) = 0.005 + 0.5 * 1/3 = 0.1717;
     # half at 0, half U(0, 1): 0.5 + 0.5 * 0.1 = 0.55, and the mean 1/4; all at 0: 1, mean 0
     torch.manual_seed(0)
     seen = []
@@ -104,8 +106,10 @@ def test_the_distribution_of_t_in_training(t_dist, below_01):
     assert 0 <= t.min() and t.max() < 1
     assert (t == 0).double().mean().item() == pytest.approx(at_0, abs=0.003)
     assert (t < 0.1).double().mean().item() == pytest.approx(below_01, abs=0.004)  # 3.6 sd
-    mean = {"half-zero": 0.25, "zero": 0.0}.get(t_dist, 0.5)  # the others: symmetric about 1/2
+    mean = {"half-zero": 0.25, "zero": 0.0, "tail": 0.6777}.get(t_dist, 0.5)  # others: 1/2
     assert t.mean().item() == pytest.approx(mean, abs=0.003)
+    if t_dist == "tail":
+        assert (t > 0.99).double().mean().item() == pytest.approx(0.1717, abs=0.004)
 
 @pytest.mark.parametrize("steps", [1, 3, 10])
 def test_euler_is_exact_on_a_constant_field(steps):
