@@ -63,12 +63,12 @@ def fm_loss(model, x0, x1, schedule, t_dist="uniform", t_mean=0.0):
     end, t_mean < 0 towards the noise. Introduced for reflow (t_mean unused):
     t_dist="u-shaped" (Lee et al. 2024), the density proportional to cosh(4 (t - 1/2)), more
     samples near both ends (near t = 1, where the data's density is made: README, section
-    8); "tail": half the samples t ~ U(0, 1), half with 1 - t log-uniform in [TAIL, 1]
-    (density proportional to 1 / (1 - t), which near t = 1 is the weight t / (1 - t) that makes
-    the linear path's loss a bound on the likelihood: Kingma et al. 2021, Kingma & Gao 2023;
-    README, section 8); "zero": t = 0 always, where the loss asks for x1 - x0 from x0 alone:
-    the one-step map and nothing else (distillation, Liu et al. 2022); "half-zero": each
-    sample at t = 0 with probability 1/2, else t ~ U(0, 1)."""
+    8); "zero": t = 0 always, where the loss asks for x1 - x0 from x0 alone: the one-step map
+    and nothing else (distillation, Liu et al. 2022); "half-zero": each sample at t = 0 with
+    probability 1/2, else t ~ U(0, 1). For the likelihood (t_mean unused): "tail", half t ~
+    U(0, 1), half with 1 - t log-uniform in [TAIL, 1] (density proportional to 1 / (1 - t),
+    near t = 1 the weight t / (1 - t) that turns the linear path's loss into a diffusion
+    model's bound on the likelihood, Kingma et al. 2021; README, section 8)."""
     B = x0.shape[0]
     if t_dist == "uniform":
         t = torch.rand(B, device=x0.device, dtype=x0.dtype)
