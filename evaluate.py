@@ -682,7 +682,7 @@ def main(argv=None):
         die("--steps is for --bpd")
     if args.steps < 2:
         die(f"--steps {args.steps}: --bpd compares the figure with half the steps; give at "
-            f"least 2")
+            "least 2")
     if args.raw and args.curve:
         die("--raw and --curve: the epochs' files (epochNNN.pt) hold only the moving average")
     if os.path.isdir(args.samples):
