@@ -1,12 +1,13 @@
 """
-What the nanoFM scripts share. First the maths of the handout, in the order a reader meets
-it: the schedules, the flow matching loss (and the moving average of the weights), Euler's
-sampler (and how straight a flow is), the two networks (an MLP for 2D, the handout's U-Net
-for images). Then what goes beyond the handout: more solvers, time grids, the sampler for a
-budget of network evaluations, classifier-free guidance, optimal transport pairing. Then the
-plumbing, grouped by what it serves: the command line, the data, files and checkpoints, a
-training run's plumbing (resume, divergence, Ctrl-C, memory), pictures, progress. Equation
-numbers refer to the handout (see README.md).
+What the nanoFM scripts share, in the order the README teaches it. First the handout's
+maths: the schedules, the flow matching loss and the moving average of the weights, Euler's
+sampler, the two networks (an MLP for 2D, the handout's U-Net for images). Then each
+chapter's maths, in the README's order: where training draws t (section 3), more solvers
+and time grids (section 3, appendix D), optimal transport pairing (section 4),
+classifier-free guidance (section 6), reflow's straightness (section 7), the flow as a
+density (section 8). Last the plumbing, which a learner can skip: the command line, the
+data, files and checkpoints, a training run's safety nets, pictures, sampling many images,
+progress. Equation numbers refer to the handout (see README.md).
 """
 import argparse
 import contextlib
@@ -23,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 # =============================================================================
-# the maths
+# the handout's maths
 # =============================================================================
 
 # -----------------------------------------------------------------------------
@@ -51,41 +52,12 @@ def get_schedule(name):
 # -----------------------------------------------------------------------------
 # training: the loss, and the moving average of the weights that sampling uses
 
-# the distributions of t that fm_loss knows
-T_DISTS = ("uniform", "logit-normal", "u-shaped", "tail", "half-zero", "zero")
-TAIL = 1e-3  # t_dist="tail": the smallest 1 - t it draws
-
-def fm_loss(model, x0, x1, schedule, t_dist="uniform", t_mean=0.0):
+def fm_loss(model, x0, x1, schedule, t=None):
     """The flow matching loss (Eq. 4, generalised by Eq. 6) for one batch x0 ~ mu_0,
-    x1 ~ mu_1, both (B, ...). Each sample gets its own t ~ U(0, 1), or with
-    t_dist="logit-normal" t = sigmoid(N(t_mean, 1)): more samples in the middle of the
-    path, fewer near its ends (Esser et al. 2024); t_mean > 0 moves them towards the data
-    end, t_mean < 0 towards the noise. Introduced for reflow (t_mean unused):
-    t_dist="u-shaped" (Lee et al. 2024), the density proportional to cosh(4 (t - 1/2)), more
-    samples near both ends (near t = 1, where the data's density is made: README, section
-    8); "zero": t = 0 always, where the loss asks for x1 - x0 from x0 alone: the one-step map
-    and nothing else (distillation, Liu et al. 2022); "half-zero": each sample at t = 0 with
-    probability 1/2, else t ~ U(0, 1). For the likelihood (t_mean unused): "tail", half t ~
-    U(0, 1), half with 1 - t log-uniform in [TAIL, 1] (density proportional to 1 / (1 - t),
-    near t = 1 the weight t / (1 - t) that turns the linear path's loss into a diffusion
-    model's bound on the likelihood, Kingma et al. 2021; README, section 8)."""
-    B = x0.shape[0]
-    if t_dist == "uniform":
-        t = torch.rand(B, device=x0.device, dtype=x0.dtype)
-    elif t_dist == "logit-normal":
-        t = torch.sigmoid(torch.randn(B, device=x0.device, dtype=x0.dtype) + t_mean)
-    elif t_dist == "u-shaped":  # density ~ e^(4t) by inverting its CDF, then t or 1 - t
-        t = torch.log1p(torch.rand(B, device=x0.device, dtype=x0.dtype) * math.expm1(4)) / 4
-        t = torch.where(torch.rand(B, device=x0.device) < 0.5, t, 1 - t)
-    elif t_dist == "tail":  # 1 - TAIL^u for u ~ U(0, 1): log(1 - t) uniform in [log TAIL, 0]
-        tail = 1 - TAIL ** torch.rand(B, device=x0.device, dtype=x0.dtype)
-        t = torch.where(torch.rand(B, device=x0.device) < 0.5, torch.rand_like(tail), tail)
-    elif t_dist in ("half-zero", "zero"):
-        t = torch.rand(B, device=x0.device, dtype=x0.dtype)
-        share = 0.5 if t_dist == "half-zero" else 1.0  # of the samples at t = 0
-        t = torch.where(torch.rand(B, device=x0.device) < share, torch.zeros_like(t), t)
-    else:
-        raise ValueError(f"unknown distribution of t {t_dist!r}; known: {', '.join(T_DISTS)}")
+    x1 ~ mu_1, both (B, ...): each sample at its own time t (B,), by default t ~ U(0, 1)
+    as in the handout (the scripts draw t with draw_t, in the chapters below)."""
+    if t is None:
+        t = torch.rand(len(x0), device=x0.device, dtype=x0.dtype)
     alpha, beta, dalpha, dbeta = (s.view(-1, *[1] * (x0.dim() - 1)) for s in schedule(t))
     xt = alpha * x0 + beta * x1          # a point on the path, Eq. 5
     target = dalpha * x0 + dbeta * x1    # its velocity dX_t/dt, Eq. 6 (X_1 - X_0 for linear)
@@ -107,42 +79,19 @@ def euler_step(model, x, t, t_next):
     return x + (t_next - t) * model(x, t.expand(x.shape[0]))
 
 @torch.no_grad()
-def sample(model, x0, steps, solver="euler", trajectory=False, ts=None):
-    """Carry x0 (B, ...) from t = 0 to t = 1 in `steps` steps of `solver` over the times ts
-    (default: the uniform grid t_i = i / steps). Returns the final points, or with
-    trajectory=True all steps+1 states (steps+1, B, ...)."""
+def euler(model, x0, steps, trajectory=False):
+    """Eq. 7, written exactly (README, "Where we differ from the handout"): carry x0 (B, ...)
+    from t = 0 to t = 1 in `steps` Euler steps on the uniform grid t_i = i / steps. Returns
+    the final points, or with trajectory=True all steps + 1 states (steps + 1, B, ...)."""
     if not (isinstance(steps, int) and steps > 0):
         raise ValueError(f"the number of steps must be a positive integer, got {steps!r}")
-    if solver not in SOLVERS:
-        raise ValueError(f"unknown solver {solver!r}; known solvers: {', '.join(SOLVERS)}")
-    ts = (time_grid("uniform", steps) if ts is None else ts).to(x0.device, x0.dtype)
+    ts = torch.linspace(0, 1, steps + 1, dtype=torch.float64).to(x0.device, x0.dtype)
     x, xs = x0, [x0]
     for i in range(steps):
-        last_euler = solver == "heun-euler" and i == steps - 1
-        x = (euler_step if last_euler else SOLVERS[solver])(model, x, ts[i], ts[i + 1])
+        x = euler_step(model, x, ts[i], ts[i + 1])
         if trajectory:
             xs.append(x)
     return torch.stack(xs) if trajectory else x
-
-@torch.no_grad()
-def straightness(model, x0, steps=100):
-    """How straight a flow is (Liu et al. 2022): S = int_0^1 E |(x_1 - x_0) - v_t(x_t)|^2 dt
-    along its own trajectories, here `steps` Euler steps from x0 (B, ...), per dimension. 0
-    exactly when every trajectory is a straight line at constant speed. On the uniform grid
-    x_1 - x_0 is the mean of the v's, so S = mean |v|^2 - |x_1 - x_0|^2: the kinetic energy
-    spent beyond what the straight line from x_0 to x_1 needs."""
-    ts = time_grid("uniform", steps).to(x0.device, x0.dtype)
-    x, energy = x0, 0.0
-    for i in range(steps):
-        v = model(x, ts[i].expand(x.shape[0])).to(x0.dtype)
-        energy += v.pow(2).mean().item() / steps
-        x = x + (ts[i + 1] - ts[i]) * v
-    return energy - (x - x0).pow(2).mean().item()
-
-def euler(model, x0, steps, trajectory=False):
-    """The Euler sampler of Eq. 7, written exactly (README, "Where we differ from the
-    handout")."""
-    return sample(model, x0, steps, "euler", trajectory)
 
 # -----------------------------------------------------------------------------
 # networks. Every model is called as model(xt, t) with t of shape (B,).
@@ -217,12 +166,50 @@ class UNet(nn.Module):
         return self.out(d1)                           # (B, c_out, 28, 28)
 
 # =============================================================================
-# beyond the handout: better solvers and time grids, the sampler for a budget of network
-# evaluations, classifier-free guidance, optimal transport pairing
+# the chapters' maths, in the README's order
 # =============================================================================
 
 # -----------------------------------------------------------------------------
-# solvers: one step of each, from (x, t) to t_next
+# where training looks: the distribution of t (section 3; fm_loss's default is the handout's)
+
+T_DISTS = ("uniform", "logit-normal", "u-shaped", "half-zero", "zero", "tail")
+TAIL = 1e-3  # "tail": the smallest 1 - t it draws
+
+def draw_t(n, dist="uniform", mean=0.0, device="cpu"):
+    """n training times (n,) in [0, 1], by one of T_DISTS:
+    - "uniform": U(0, 1), the handout's;
+    - "logit-normal" (section 3, mnist.py's default; Esser et al. 2024): t = sigmoid(z),
+      z ~ N(mean, 1): more samples mid-path than near the ends, nearer the noise for mean < 0
+      (`mean` is used by this one alone);
+    - "u-shaped" (section 7; Lee et al. 2024): density proportional to cosh(4 (t - 1/2)),
+      more samples near both ends;
+    - "zero" (section 7: distillation, Liu et al. 2022): t = 0 always, where x_t = x0 and
+      the target is the velocity at the start, x1 - x0 for the linear schedule (one Euler
+      step from x0 then lands on x1); "half-zero" (reflow.py's default): t = 0 with
+      probability 1/2, else U(0, 1);
+    - "tail" (section 8): half U(0, 1), half with 1 - t log-uniform in [TAIL, 1] (density
+      proportional to 1 / (1 - t)): many samples where 1 - t is as small as a grey level and
+      a model's density is made. A heuristic: near t = 1 its density follows the weight
+      t / (1 - t) under which the linear path's loss bounds a diffusion model's likelihood
+      (Kingma et al. 2021), not the density of the ODE that section 8 measures."""
+    if dist == "uniform":
+        return torch.rand(n, device=device)
+    if dist == "logit-normal":
+        return torch.sigmoid(torch.randn(n, device=device) + mean)
+    if dist == "u-shaped":  # density ~ e^(4t) by inverting its CDF, then t or 1 - t
+        t = torch.log1p(torch.rand(n, device=device) * math.expm1(4)) / 4
+        return torch.where(torch.rand(n, device=device) < 0.5, t, 1 - t)
+    if dist in ("half-zero", "zero"):
+        t = torch.rand(n, device=device)
+        share = 0.5 if dist == "half-zero" else 1.0  # of the samples at t = 0
+        return torch.where(torch.rand(n, device=device) < share, torch.zeros_like(t), t)
+    if dist == "tail":  # 1 - TAIL^u for u ~ U(0, 1): log(1 - t) uniform in [log TAIL, 0]
+        tail = 1 - TAIL ** torch.rand(n, device=device)
+        return torch.where(torch.rand(n, device=device) < 0.5, torch.rand_like(tail), tail)
+    raise ValueError(f"unknown distribution of t {dist!r}; known: {', '.join(T_DISTS)}")
+
+# -----------------------------------------------------------------------------
+# more solvers and time grids (section 3, appendix D): one step of each, from (x, t) to t_next
 
 def heun_step(model, x, t, t_next):
     """Heun's method (the explicit trapezoid rule): an Euler step to a trial point, then
@@ -279,8 +266,8 @@ def time_grid(name, steps, schedule="cosine"):
 # budget, solver, grid); --nfe K takes the last row that fits K. Each row's solver and grid
 # measured best at its budgets on the two noise sets, but for linear at 100, where heun-euler
 # on the uniform grid measured 25.277 and on the early grid 25.287 (README, appendix D).
-# A reflowed model (mnist.py --pairing reflow) has its own rows, measured on its 10- and
-# 20-epoch weights (README, section 7).
+# A reflowed model (reflow.py) has its own rows, measured on its 10- and 20-epoch weights
+# (README, section 7).
 BEST = {"cosine": [(1, "euler", "early"), (6, "heun-euler", "early")],
         "linear": [(1, "euler", "early"), (2, "midpoint", "early"), (50, "heun-euler", "early")],
         "reflow": [(1, "euler", "uniform"), (2, "midpoint", "early")]}
@@ -295,94 +282,25 @@ def plan(budget, schedule, solver=None, steps=None, grid=None, reflowed=False):
     return solver, steps or steps_within(solver, budget), grid
 
 @torch.no_grad()
-def generate(model, x0, steps, device, dtype, solver="euler", ts=None, keep=0, y=None, w=1.0,
-             shape=None):
-    """Carry x0 (N, 1, 28, 28) to t = 1 in chunks of 256: (N, 1, 28, 28) in [0, 1] on the
-    CPU. With keep=K, also the way there of the first K images, (steps + 1, K, 1, 28, 28)
-    in [0, 1]. With labels y (N,), a conditional model's field, guided by w and shape
-    (guided)."""
-    xs, path, chunks = [], None, x0.split(256)
-    ys = y.split(256) if y is not None else [None] * len(chunks)
-    with autocast(device, dtype):
-        for i, (chunk, yc) in enumerate(zip(chunks, ys)):
-            first = keep > 0 and i == 0
-            field = model if yc is None else guided(model, yc.to(device), w, shape)
-            x = sample(field, chunk.to(device), steps, solver, trajectory=first, ts=ts)
-            if keep and i == 0:  # the states on the way, from the same network evaluations
-                path, x = to_unit(x[:, :keep]).cpu(), x[-1]
-            xs.append(to_unit(x).cpu())
-    return (torch.cat(xs), path) if keep else torch.cat(xs)
+def sample(model, x0, steps, solver="euler", trajectory=False, ts=None):
+    """Carry x0 (B, ...) from t = 0 to t = 1 in `steps` steps of `solver` over the times ts
+    (default: the uniform grid t_i = i / steps). Returns the final points, or with
+    trajectory=True all steps+1 states (steps+1, B, ...)."""
+    if not (isinstance(steps, int) and steps > 0):
+        raise ValueError(f"the number of steps must be a positive integer, got {steps!r}")
+    if solver not in SOLVERS:
+        raise ValueError(f"unknown solver {solver!r}; known solvers: {', '.join(SOLVERS)}")
+    ts = (time_grid("uniform", steps) if ts is None else ts).to(x0.device, x0.dtype)
+    x, xs = x0, [x0]
+    for i in range(steps):
+        last_euler = solver == "heun-euler" and i == steps - 1
+        x = (euler_step if last_euler else SOLVERS[solver])(model, x, ts[i], ts[i + 1])
+        if trajectory:
+            xs.append(x)
+    return torch.stack(xs) if trajectory else x
 
 # -----------------------------------------------------------------------------
-# classifier-free guidance (Ho and Salimans 2022): one network, trained with the label
-# dropped now and then, gives the conditional field v_c and the unconditional v_u
-
-NO_LABEL = 10  # the label a conditional U-Net reads as "no label"
-# the defaults of --guidance and --guidance-shape, and of --nfe for a guided model (cosine:
-# 10 steps of heun-euler, plan): measured in README, section 6
-GUIDANCE, GUIDANCE_SHAPE, GUIDED_NFE = 4.0, "ramp", 40
-SHAPES = ("ramp", "constant")
-
-def guided(model, y, w, shape=None):
-    """The field v_u + W(t) (v_c - v_u) for labels y (B,), with W(t) = w ("constant") or
-    1 + (w - 1) t ("ramp", the default: the conditional field at t = 0, w at t = 1; Wang et
-    al. 2024). W = 1 is the conditional field, a constant W = 0 the unconditional one: one
-    network evaluation a solver evaluation; any other W (the ramp to 0 too) takes both, in
-    one batch of 2B: two (README, section 6)."""
-    shape, null = shape or GUIDANCE_SHAPE, torch.full_like(y, NO_LABEL)
-    if evaluations_per_step(w, shape) == 1:  # W = 1 (either shape): v_c; a constant 0: v_u
-        label = y if w == 1 else null
-        return lambda x, t: model(x, t, label)
-    def field(x, t):  # mixed in x's precision (float32 under bf16 autocast), either shape
-        both = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([null, y])).to(x.dtype)
-        v_u, v_c = both.chunk(2)
-        w_t = w if shape == "constant" else 1 + (w - 1) * t.view(-1, *[1] * (x.dim() - 1))
-        return v_u + w_t * (v_c - v_u)
-    return field
-
-def evaluations_per_step(w, shape=None):
-    """Network evaluations each evaluation of the solver costs with guidance w and shape."""
-    shape = shape or GUIDANCE_SHAPE
-    if shape not in SHAPES:
-        raise ValueError(f"unknown guidance shape {shape!r}; known: {', '.join(SHAPES)}")
-    return 1 if w == 1 or (w == 0 and shape == "constant") else 2
-
-def budget(nfe, per):
-    """The solver evaluations an image may take (plan's budget): the network evaluations of
-    --nfe (nfe) if given, else 20, or GUIDED_NFE when each solver evaluation takes two
-    (per), divided by per; at least one."""
-    return max(1, (nfe or (GUIDED_NFE if per == 2 else 20)) // per)
-
-# the guidance of the rows of --sample --digit's strip.png, by shape
-STRIP = {"ramp": (1, 2, 4, 6, 8), "constant": (0, 1, 1.5, 2, 3)}
-
-def make_unet(conditional=False):
-    """The handout's U-Net; a conditional one reads the ten digits' labels too."""
-    return UNet(n_classes=NO_LABEL if conditional else 0)
-
-def guidance(args, conditional, path, script):
-    """How to sample a model: (W, shape, per, budget): W and its shape (--guidance,
-    --guidance-shape; GUIDANCE, GUIDANCE_SHAPE), the network evaluations each solver
-    evaluation then takes, and the solver evaluations an image may take (budget). An
-    unconditional model: (1, GUIDANCE_SHAPE, 1, --nfe or 20); --digit, --guidance or
-    --guidance-shape given for it (path) is one line."""
-    given = [k for k in ("digit", "guidance", "guidance_shape") if getattr(args, k) is not None]
-    if not conditional:
-        if given:
-            die(f"--{given[0].replace('_', '-')}: {path} is not a conditional model ({script} "
-                f"--conditional trains one)")
-        return 1.0, GUIDANCE_SHAPE, 1, budget(args.nfe, 1)
-    w = GUIDANCE if args.guidance is None else args.guidance
-    shape = args.guidance_shape or GUIDANCE_SHAPE
-    per = evaluations_per_step(w, shape)
-    return w, shape, per, budget(args.nfe, per)
-
-def labels_to_ask(args, n):
-    """The n digits a conditional model is asked for: --digit, or 0, 1, ..., 9 in turn."""
-    return torch.full((n,), args.digit) if args.digit is not None else torch.arange(n) % 10
-
-# -----------------------------------------------------------------------------
-# the pairing of a batch
+# optimal transport pairing (section 4): who meets whom in a batch
 
 def ot_pairing(x0, x1, y=None):
     """Minibatch optimal transport (Tong et al. 2023): the order of x0 (B, ...) that pairs it
@@ -424,6 +342,62 @@ def ot_pairing(x0, x1, y=None):
         while j0:
             p[j0], j0 = p[way[j0]], way[j0]
     return torch.as_tensor(p[1:] - 1, device=x0.device)  # for column j (x1[j]) the row of x0
+
+# -----------------------------------------------------------------------------
+# classifier-free guidance (section 6; Ho and Salimans 2022): one network, trained with the
+# label dropped now and then, gives the conditional field v_c and the unconditional v_u
+
+NO_LABEL = 10  # the label a conditional U-Net reads as "no label"
+# the defaults of --guidance and --guidance-shape, and of --nfe for a guided model (cosine:
+# 10 steps of heun-euler, plan): measured in README, section 6
+GUIDANCE, GUIDANCE_SHAPE, GUIDED_NFE = 4.0, "ramp", 40
+SHAPES = ("ramp", "constant")
+
+def make_unet(conditional=False):
+    """The handout's U-Net; a conditional one reads the ten digits' labels too."""
+    return UNet(n_classes=NO_LABEL if conditional else 0)
+
+def guided(model, y, w, shape=None):
+    """The field v_u + W(t) (v_c - v_u) for labels y (B,), with W(t) = w ("constant") or
+    1 + (w - 1) t ("ramp", the default: the conditional field at t = 0, w at t = 1; Wang et
+    al. 2024). W = 1 is the conditional field, a constant W = 0 the unconditional one: one
+    network evaluation a solver evaluation; any other W (the ramp to 0 too) takes both, in
+    one batch of 2B: two (README, section 6)."""
+    shape, null = shape or GUIDANCE_SHAPE, torch.full_like(y, NO_LABEL)
+    if evaluations_per_step(w, shape) == 1:  # W = 1 (either shape): v_c; a constant 0: v_u
+        label = y if w == 1 else null
+        return lambda x, t: model(x, t, label)
+    def field(x, t):  # mixed in x's precision (float32 under bf16 autocast), either shape
+        both = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([null, y])).to(x.dtype)
+        v_u, v_c = both.chunk(2)
+        w_t = w if shape == "constant" else 1 + (w - 1) * t.view(-1, *[1] * (x.dim() - 1))
+        return v_u + w_t * (v_c - v_u)
+    return field
+
+def evaluations_per_step(w, shape=None):
+    """Network evaluations each evaluation of the solver costs with guidance w and shape."""
+    shape = shape or GUIDANCE_SHAPE
+    if shape not in SHAPES:
+        raise ValueError(f"unknown guidance shape {shape!r}; known: {', '.join(SHAPES)}")
+    return 1 if w == 1 or (w == 0 and shape == "constant") else 2
+
+# -----------------------------------------------------------------------------
+# reflow (section 7): how straight a flow is
+
+@torch.no_grad()
+def straightness(model, x0, steps=100):
+    """How straight a flow is (Liu et al. 2022): S = int_0^1 E |(x_1 - x_0) - v_t(x_t)|^2 dt
+    along its own trajectories, here `steps` Euler steps from x0 (B, ...), per dimension. 0
+    exactly when every trajectory is a straight line at constant speed. On the uniform grid
+    x_1 - x_0 is the mean of the v's, so S = mean |v|^2 - |x_1 - x_0|^2: the kinetic energy
+    spent beyond what the straight line from x_0 to x_1 needs."""
+    ts = time_grid("uniform", steps).to(x0.device, x0.dtype)
+    x, energy = x0, 0.0
+    for i in range(steps):
+        v = model(x, ts[i].expand(x.shape[0])).to(x0.dtype)
+        energy += v.pow(2).mean().item() / steps
+        x = x + (ts[i + 1] - ts[i]) * v
+    return energy - (x - x0).pow(2).mean().item()
 
 # -----------------------------------------------------------------------------
 # the flow as a density (Chen et al. 2018, FFJORD: Grathwohl et al. 2019). Along a
@@ -501,7 +475,7 @@ def bits_per_dim(log_p, d):
     return math.log2(255 / 2) - log_p / (d * math.log(2))
 
 # =============================================================================
-# helpers: the plumbing the scripts share, kept out of their way
+# plumbing: what the scripts need around the maths, which a learner can skip
 # =============================================================================
 
 # -----------------------------------------------------------------------------
@@ -511,19 +485,32 @@ def die(msg):
     """A user's mistake: one line on stderr naming the script, exit status 1."""
     raise SystemExit(f"{os.path.basename(sys.argv[0]) or 'nanofm'}: error: {msg}")
 
+class Help(argparse.HelpFormatter):
+    """--help with each setting's default after its text, as "(default: 20)" (not for a
+    switch, nor for a setting whose default is none or is said in its text)."""
+    def _get_help_string(self, action):
+        if action.default in (None, False, argparse.SUPPRESS) or "(default" in action.help:
+            return action.help
+        return action.help + " (default: %(default)s)"
+
 # argparse types: a ValueError becomes one line, "argument --lr: invalid positive_float value: '0'"
 def positive_int(s):  # counts: epochs, steps, ...
     if not int(s) > 0:
         raise ValueError(s)
     return int(s)
 
+def finite_float(s):  # a number, not inf or nan
+    if not math.isfinite(float(s)):
+        raise ValueError(s)
+    return float(s)
+
 def positive_float(s):  # a learning rate
-    if not float(s) > 0:
+    if not finite_float(s) > 0:
         raise ValueError(s)
     return float(s)
 
 def non_negative_float(s):  # a guidance weight
-    if not float(s) >= 0:
+    if not finite_float(s) >= 0:
         raise ValueError(s)
     return float(s)
 
@@ -567,6 +554,42 @@ def pick_dtype(name, device):
 def autocast(device, dtype):
     """Mixed precision: matmuls and convs in bf16, weights and the loss stay in fp32."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
+
+def budget(nfe, per):
+    """The solver evaluations an image may take (plan's budget): the network evaluations of
+    --nfe (nfe) if given, else 20, or GUIDED_NFE when each solver evaluation takes two
+    (per), divided by per; at least one."""
+    return max(1, (nfe or (GUIDED_NFE if per == 2 else 20)) // per)
+
+def guidance(args, conditional, path, script):
+    """How to sample a model: (W, shape, per, budget): W and its shape (--guidance,
+    --guidance-shape; GUIDANCE, GUIDANCE_SHAPE), the network evaluations each solver
+    evaluation then takes, and the solver evaluations an image may take (budget). An
+    unconditional model: (1, GUIDANCE_SHAPE, 1, --nfe or 20); --digit, --guidance or
+    --guidance-shape given for it (path) is one line."""
+    given = [k for k in ("digit", "guidance", "guidance_shape") if getattr(args, k) is not None]
+    if not conditional:
+        if given:
+            die(f"--{given[0].replace('_', '-')}: {path} is not a conditional model ({script} "
+                f"--conditional trains one)")
+        return 1.0, GUIDANCE_SHAPE, 1, budget(args.nfe, 1)
+    w = GUIDANCE if args.guidance is None else args.guidance
+    shape = args.guidance_shape or GUIDANCE_SHAPE
+    per = evaluations_per_step(w, shape)
+    return w, shape, per, budget(args.nfe, per)
+
+def check_guidance_flags(args):
+    """A training run: --digit is for --sample, --guidance and --guidance-shape for a
+    conditional model (a resumed run's own checkpoint says whether it is one: guidance())."""
+    if args.digit is not None:
+        die("--digit is for --sample; a conditional run's pictures show every digit")
+    for k in ("guidance", "guidance_shape"):
+        if getattr(args, k) is not None and not (args.conditional or args.resume):
+            die(f"--{k.replace('_', '-')} is for a conditional model: add --conditional")
+
+def labels_to_ask(args, n):
+    """The n digits a conditional model is asked for: --digit, or 0, 1, ..., 9 in turn."""
+    return torch.full((n,), args.digit) if args.digit is not None else torch.arange(n) % 10
 
 # -----------------------------------------------------------------------------
 # data: MNIST and Fashion-MNIST through torchvision, checked; fixed noise
@@ -667,12 +690,26 @@ def load_checkpoint(path):
         die(f"cannot read checkpoint {path}: not a file that torch.save wrote, or a damaged one "
             f"({type(e).__name__}); write it again, or delete it")
 
-def check_script(ckpt, path, script, hint=""):
-    """Checkpoints record the script that wrote them ("script"): another script refuses
-    them in one line. A checkpoint from before that record passes."""
-    wrote = ckpt.get("script") if isinstance(ckpt, dict) else None
-    if wrote is not None and wrote != script:
-        die(f"{path} was written by {wrote}, not {script}{hint}")
+def written_by(ckpt):
+    """The script that wrote a checkpoint, as it records ("script"; None in a checkpoint from
+    before that record). A run of mnist.py --pairing reflow, from before reflow had a script
+    of its own, is reflow.py's."""
+    if not isinstance(ckpt, dict):
+        return None
+    config = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
+    if ckpt.get("script") == "mnist.py" and config.get("pairing") == "reflow":
+        return "reflow.py"
+    return ckpt.get("script")
+
+def check_script(ckpt, path, scripts, hint=None):
+    """Checkpoints record the script that wrote them: a script not among `scripts` (one, or a
+    tuple) refuses them in one line, with `hint` or the script to use. A checkpoint from
+    before that record passes."""
+    scripts = (scripts,) if isinstance(scripts, str) else tuple(scripts)
+    wrote = written_by(ckpt)
+    if wrote is not None and wrote not in scripts:
+        die(f"{path} was written by {wrote}, not {' or '.join(scripts)}"
+            f"{f': use {wrote}' if hint is None else hint}")
 
 def restore(model, weights, path):
     """Load weights (a state dict) into model, or say clearly that they do not fit it."""
@@ -682,10 +719,11 @@ def restore(model, weights, path):
         die(f"{path} does not hold weights for this script's {type(model).__name__}")
     return model
 
-def load_model(path, device, raw=False, script=None, hint=""):
+def load_model(path, device, raw=False, script=None, hint=None):
     """The U-Net of a checkpoint, for sampling: its moving average where it has one, unless
-    raw, and the settings it was trained with. With script, a checkpoint another script
-    wrote is refused (check_script). channels_last: the layout fast conv kernels want."""
+    raw, and the settings it was trained with. With script (one, or a tuple), a checkpoint
+    another script wrote is refused (check_script). channels_last: the layout fast conv
+    kernels want."""
     ckpt = load_checkpoint(path)
     if script:
         check_script(ckpt, path, script, hint)
@@ -708,11 +746,21 @@ def load_model(path, device, raw=False, script=None, hint=""):
 # -----------------------------------------------------------------------------
 # a training run's plumbing: resume exactly, stop on divergence, Ctrl-C, memory
 
-def resume(path, args, script, older):
+# settings newer than some checkpoints, by script: what a run saved before them trained with
+OLDER = {"mnist.py": {"t_dist": "uniform", "t_mean": 0.0, "warmup": None, "clip": None,
+                      "pairing": "random", "conditional": False, "label_drop": 0.1,
+                      "dequantize": False},
+         "translate.py": {"t_dist": "uniform", "t_mean": 0.0, "warmup": None, "clip": None,
+                          "pairing": "random", "conditional": False, "label_drop": 0.1,
+                          "sigma": 0.0},
+         "reflow.py": {}}
+
+def resume(path, args, script):
     """--resume: returns the checkpoint at path, the run's settings and its U-Net with the
-    trained weights. The settings are the checkpoint's (with `older` for settings it
-    predates), but --epochs, --out, --data, --device, --dtype, --nfe, --guidance and
-    --guidance-shape as given now. What cannot be resumed is one line."""
+    trained weights. The settings are the checkpoint's (with OLDER[script] for settings it
+    predates; those the script no longer has left out), but --epochs, --out, --data,
+    --device, --dtype, --nfe, --guidance and --guidance-shape as given now. What cannot be
+    resumed is one line."""
     ckpt = load_checkpoint(path)
     check_script(ckpt, path, script)
     if isinstance(ckpt, dict) and "config" in ckpt and "optimizer" not in ckpt:
@@ -726,10 +774,12 @@ def resume(path, args, script, older):
     if ckpt.get("epoch", 0) >= args.epochs:
         die(f"{path} holds {ckpt.get('epoch', 0)} epochs already: nothing to do for --epochs "
             f"{args.epochs}; ask for more than {ckpt.get('epoch', 0)}")
-    given = {k: getattr(args, k) for k in ("epochs", "out", "data", "device", "dtype", "resume",
-                                           "nfe", "guidance", "guidance_shape")}
+    mine = vars(args)
+    given = {k: mine[k] for k in ("epochs", "out", "data", "device", "dtype", "resume", "nfe",
+                                  "guidance", "guidance_shape") if k in mine}
+    saved = {k: v for k, v in {**OLDER[script], **config}.items() if k in mine}
     print(f"resuming {path} after epoch {ckpt['epoch']}")
-    return ckpt, argparse.Namespace(**{**vars(args), **older, **config, **given}), model
+    return ckpt, argparse.Namespace(**{**mine, **saved, **given}), model
 
 def restore_state(ckpt, opt, ema, device):
     """The rest of a resumed run's state, so that it goes on exactly: the optimiser's
@@ -760,8 +810,8 @@ def interrupted(script, args, epoch, saved, path):
     """Ctrl-C in epoch `epoch`: one line on stderr with the epoch the checkpoint at path
     holds (saved) and the command that goes on from it; exit status 130."""
     print("\r\033[K" if sys.stdout.isatty() else "", end="", flush=True)  # (the progress line)
-    again = (f"python {script} --out {shlex.quote(args.out)} --data {shlex.quote(args.data)} "
-             f"--resume --epochs {args.epochs}")
+    data = f" --data {shlex.quote(args.data)}" if "data" in vars(args) else ""
+    again = f"python {script} --out {shlex.quote(args.out)}{data} --resume --epochs {args.epochs}"
     again += "".join(f" --{k} {getattr(args, k)}" for k in ("device", "dtype")
                      if getattr(args, k) != "auto")
     where = f"{path} holds epoch {saved}; continue with: {again}" if saved else \
@@ -769,16 +819,35 @@ def interrupted(script, args, epoch, saved, path):
     print(f"{script}: interrupted in epoch {epoch}; {where}", file=sys.stderr)
     raise SystemExit(130)
 
-def check_memory(need, what):
-    """One line if `need` bytes are more than Linux's MemAvailable (unknown elsewhere: pass)."""
+def free_memory():
+    """Linux's MemAvailable in bytes; None where it is unknown."""
     try:
         with open("/proc/meminfo") as f:
-            free = next(int(l.split()[1]) * 1024 for l in f if l.startswith("MemAvailable:"))
+            return next(int(l.split()[1]) * 1024 for l in f if l.startswith("MemAvailable:"))
     except (OSError, StopIteration, ValueError):
-        return
-    if need > free:
+        return None
+
+def check_memory(need, what):
+    """One line if `need` bytes are more than the memory free (unknown: pass)."""
+    free = free_memory()
+    if free is not None and need > free:
         die(f"{what} needs {need / 2**30:.1f} GiB of memory, {free / 2**30:.1f} GiB is free: "
             f"ask for fewer")
+
+def step_memory(model, batch):
+    """The bytes a training step of `batch` images needs at least: the output of every layer
+    of the model for each image, which the backward pass keeps, and as much again for their
+    gradients, in float32. Counted on one image of zeros."""
+    sizes = []
+    layers = [m for m in model.modules() if not list(m.children())]
+    hooks = [m.register_forward_hook(lambda m, i, out: sizes.append(out.numel())) for m in layers]
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 1, 28, 28), torch.zeros(1), torch.zeros(1, dtype=torch.long))
+    finally:
+        for h in hooks:
+            h.remove()
+    return 2 * 4 * batch * sum(sizes)
 
 # -----------------------------------------------------------------------------
 # pictures
@@ -816,6 +885,31 @@ def save_flow(path, ts, out, rows=8, scale=2):
     frames += [to_image(make_grid(path[-1], nrow=8))] * 12  # held at the end
     with atomic_write(os.path.join(out, "flow.gif")) as tmp:
         frames[0].save(tmp, save_all=True, append_images=frames[1:], duration=120, loop=0)
+
+# -----------------------------------------------------------------------------
+# sampling many images: in chunks, to pictures' [0, 1], with or without guidance
+
+@torch.no_grad()
+def generate(model, x0, steps, device, dtype, solver="euler", ts=None, keep=0, y=None, w=1.0,
+             shape=None):
+    """Carry x0 (N, 1, 28, 28) to t = 1 in chunks of 256: (N, 1, 28, 28) in [0, 1] on the
+    CPU. With keep=K, also the way there of the first K images, (steps + 1, K, 1, 28, 28)
+    in [0, 1]. With labels y (N,), a conditional model's field, guided by w and shape
+    (guided)."""
+    xs, path, chunks = [], None, x0.split(256)
+    ys = y.split(256) if y is not None else [None] * len(chunks)
+    with autocast(device, dtype):
+        for i, (chunk, yc) in enumerate(zip(chunks, ys)):
+            first = keep > 0 and i == 0
+            field = model if yc is None else guided(model, yc.to(device), w, shape)
+            x = sample(field, chunk.to(device), steps, solver, trajectory=first, ts=ts)
+            if keep and i == 0:  # the states on the way, from the same network evaluations
+                path, x = to_unit(x[:, :keep]).cpu(), x[-1]
+            xs.append(to_unit(x).cpu())
+    return (torch.cat(xs), path) if keep else torch.cat(xs)
+
+# the guidance of the rows of --sample --digit's strip.png, by shape
+STRIP = {"ramp": (1, 2, 4, 6, 8), "constant": (0, 1, 1.5, 2, 3)}
 
 # -----------------------------------------------------------------------------
 # progress

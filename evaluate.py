@@ -57,9 +57,9 @@ GARMENTS = ["T-shirt", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt"
 parser = argparse.ArgumentParser(description="Score generated MNIST digits with a classifier.")
 parser.error = die  # argparse's errors in one line, without its usage block
 add = parser.add_argument
-add("samples", help="a samples.pt of mnist.py or translate.py (N, 1, 28, 28) in [0, 1]; 'real' "
-    "(MNIST training images) or 'noise' (uniform noise), for reference; or a run folder (OUT of "
-    "mnist.py or translate.py) to sweep the solvers and grids")
+add("samples", help="a samples.pt of mnist.py, reflow.py or translate.py (N, 1, 28, 28) in "
+    "[0, 1]; 'real' (MNIST training images) or 'noise' (uniform noise), for reference; or a run "
+    "folder (OUT of one of them) to sweep the solvers and grids")
 add("--n", type=positive_int, default=None,
     help="score the first N images (default: all of samples.pt; 100 with --bpd; 1000 otherwise)")
 add("--translation", action="store_true", help="translate.py's samples.pt or run: image i comes "
@@ -87,14 +87,15 @@ add("--path", action="store_true", help="run folder: how the flow moves instead:
 add("--curve", action="store_true", help="run folder: quality against epochs instead: score the "
     "weights of every epoch (epochNNN.pt) with the sampler of --nfe 10 (curve.csv, curve.png; "
     "with --translation also chi2 and the distances to the garments)")
-add("--bpd", action="store_true", help="mnist.py's run folder: the model as a density instead: "
+add("--bpd", action="store_true", help="a run folder of digits: the model as a density instead: "
     "bits per dimension of the first N MNIST test images (--n, default 100), uniformly "
     "dequantised, with its standard error and the figure at half the steps")
 add("--steps", type=positive_int, default=100, help="with --bpd: midpoint steps from t = 1 back to "
     "t = 0 (default: %(default)s)")
 add("--also", nargs="+", metavar="RUN", help="more runs in the same picture: with --curve, their "
-    "FID against epochs; otherwise (mnist.py's runs) their FID against --nfe, each sampled as "
-    "mnist.py --sample --nfe K samples it, and how straight each flow is (compare.csv, "
+    "FID against epochs; otherwise (runs of mnist.py or reflow.py) their FID against --nfe, "
+    "each sampled as its script's --sample --nfe K samples it, and how straight each flow is "
+    "(compare.csv, "
     "compare.png, compare-samples.png)")
 add("--device", default="auto", help="where to sample a run folder (auto, cpu, cuda, mps)")
 add("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="run folder: sample "
@@ -514,7 +515,7 @@ def curve(args, device):
     files = {run: sorted(glob.glob(os.path.join(run, "epoch[0-9][0-9][0-9].pt"))) for run in runs}
     for run in runs:
         if not files[run]:
-            die(f"{run} holds no epochNNN.pt (mnist.py and translate.py write one an epoch)")
+            die(f"{run} holds no epochNNN.pt (the training scripts write one an epoch)")
         check_script(load_checkpoint(files[run][0]), files[run][0], SCRIPT[args.translation],
                      HINT[args.translation])  # before the classifier: a wrong run is told at once
     classifier, cache = load_classifier(args)
@@ -532,7 +533,7 @@ def curve(args, device):
             if config.get("conditional"):
                 die(f"{f}: --curve does not score conditional runs yet; use --guidance W...")
             schedule = config.get("schedule", "cosine")
-            solver, steps, grid = plan(10, schedule, reflowed=config.get("pairing") == "reflow")
+            solver, steps, grid = plan(10, schedule, reflowed=bool(config.get("teacher")))
             ts = time_grid(grid, steps, schedule)
             for seed in starts:
                 row = {"epoch": int(os.path.basename(f)[5:8]), "seed": seed, "n": n,
@@ -576,12 +577,12 @@ def curve(args, device):
 def compare(args, device):
     """RUN and the runs of --also side by side: for each, how straight its flow is (straightness,
     100 Euler steps from the first noise set), and at each budget K of --nfe the FID of the
-    sampler mnist.py --sample --nfe K takes for it (plan), on each noise set. RUN/compare.csv;
+    sampler its script's --sample --nfe K takes for it (plan), on each noise set. RUN/compare.csv;
     compare.png, FID against network evaluations, a line per run; compare-samples.png, the
     first 8 images of the first noise set, a row for each run and budget."""
     runs, rows, pictures = [args.samples, *args.also], [], []
-    models = {run: load_model(os.path.join(run, "ckpt.pt"), device, False, "mnist.py")
-              for run in runs}
+    models = {run: load_model(os.path.join(run, "ckpt.pt"), device, False, SCRIPT[False],
+                              HINT[False]) for run in runs}
     for run, (model, config) in models.items():
         if config.get("conditional"):
             die(f"{run} is a conditional run: score it with --guidance W...")
@@ -589,7 +590,7 @@ def compare(args, device):
     n, dtype = args.n or 1000, pick_dtype(args.dtype, device)
     starts = starting_points(args, n)
     for run, (model, config) in models.items():
-        schedule, reflowed = config.get("schedule", "cosine"), config.get("pairing") == "reflow"
+        schedule, reflowed = config.get("schedule", "cosine"), bool(config.get("teacher"))
         s = straightness(model, starts[args.seeds[0]].to(device))  # in float32
         for k in args.nfe:
             solver, steps, grid = plan(k, schedule, reflowed=reflowed)
@@ -648,8 +649,9 @@ def plot_sweep(rows, path, title):
     fig.tight_layout()
     save_figure(fig, path)
 
-# the script that writes the runs of each kind, and what to say to someone who mixed them
-SCRIPT = {False: "mnist.py", True: "translate.py"}
+# the scripts that write the runs of each kind (noise to digits, translations), and what to say
+# to someone who mixed them
+SCRIPT = {False: ("mnist.py", "reflow.py"), True: ("translate.py",)}
 HINT = {False: ": add --translation for translate.py's runs",
         True: ": --translation is for translate.py's runs"}
 
@@ -671,7 +673,7 @@ def main(argv=None):
         if mine:
             die(f"--{mine[0]} is not for runs side by side (--also without --curve)")
     if args.bpd and (args.translation or args.curve or args.also or args.path or args.guidance):
-        die("--bpd is for one mnist.py run folder alone (not with --translation, --curve, "
+        die("--bpd is for one run folder of digits alone (not with --translation, --curve, "
             "--also, --path or --guidance)")
     sampling = [k for k in ("nfe", "grids", "seeds", "dtype")
                 if getattr(args, k) != parser.get_default(k)]

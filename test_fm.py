@@ -87,6 +87,15 @@ def test_loss_is_zero_for_the_exact_velocity(schedule):
     # off by (0.1, -0.2) everywhere: the mean squared error is (0.01 + 0.04) / 2
     off = lambda x, t: exact(x, t) + torch.tensor([0.1, -0.2], dtype=torch.float64)
     assert fm_loss(off, x0, x1, schedule).item() == pytest.approx(0.025)
+    # the times given are the ones the model sees; without them, t ~ U(0, 1) of the same draws
+    t, seen = torch.rand(64, dtype=torch.float64), []
+    assert fm_loss(lambda x, s: seen.append(s) or exact(x, s), x0, x1, schedule, t).item() == \
+        pytest.approx(0, abs=1e-24)
+    assert seen[0] is t
+    torch.manual_seed(3)
+    fm_loss(lambda x, s: seen.append(s) or exact(x, s), x0, x1, schedule)
+    torch.manual_seed(3)
+    assert torch.equal(seen[1], torch.rand(64, dtype=torch.float64))
 
 @pytest.mark.parametrize("t_dist,below_01", [("uniform", 0.1), ("logit-normal", 0.0140),
                                               ("u-shaped", 0.1725), ("tail", 0.0576),
@@ -98,10 +107,7 @@ def test_the_distribution_of_t_in_training(t_dist, below_01):
     # 1/4 + (1 - 0.999 / ln 1000) / 2 = 0.6777, and P(t > 0.99) = 0.005 + 0.5 * 1/3 = 0.1717;
     # half at 0, half U(0, 1): 0.5 + 0.5 * 0.1 = 0.55, and the mean 1/4; all at 0: 1, mean 0
     torch.manual_seed(0)
-    seen = []
-    x = torch.zeros(200_000, 1)
-    fm_loss(lambda x, t: seen.append(t) or x, x, x, linear, t_dist)
-    t = seen[0]
+    t = common.draw_t(200_000, t_dist)
     at_0 = {"half-zero": 0.5, "zero": 1.0}.get(t_dist, 0.0)  # the share exactly at t = 0
     assert 0 <= t.min() and t.max() < 1
     assert (t == 0).double().mean().item() == pytest.approx(at_0, abs=0.003)
@@ -433,7 +439,7 @@ def test_dequantisation_stays_in_each_grey_levels_bin_and_a_uniform_density_is_8
 def test_unknown_distribution_of_t_is_a_clear_error():
     with pytest.raises(ValueError,
                        match="unknown distribution of t 'beta'; known: uniform, logit-normal"):
-        fm_loss(lambda x, t: x, torch.zeros(2, 1), torch.zeros(2, 1), linear, "beta")
+        common.draw_t(2, "beta")
 
 def test_unknown_solver_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown solver 'rk4'; known solvers: "
@@ -672,9 +678,9 @@ def test_warmup_clip_and_the_mean_of_t_follow_their_definitions(mnist_data, tmp_
             torch.cat([p.grad.flatten() for p in self.param_groups[0]["params"]]).norm().item())
         return real_step(self, *a, **k)
     monkeypatch.setattr(torch.optim.Adam, "step", spy)
-    real_loss = fm_loss
-    monkeypatch.setattr(mnist, "fm_loss", lambda m, x0, x1, s, d, mean:
-                        ts.append(mean) or real_loss(m, x0, x1, s, d, mean))
+    real_draw = common.draw_t
+    monkeypatch.setattr(mnist, "draw_t", lambda n, d, mean, device:
+                        ts.append(mean) or real_draw(n, d, mean, device))
     run_mnist(mnist_data, tmp_path / "a", "--epochs", "2", "--warmup", "4", "--lr", "0.01",
               "--clip", "0.05", "--t-mean", "0.5")
     assert seen == pytest.approx([0.0025, 0.005, 0.0075, 0.01, 0.01, 0.01])
@@ -688,10 +694,8 @@ def test_warmup_clip_and_the_mean_of_t_follow_their_definitions(mnist_data, tmp_
     assert max(clipped) <= 0.05 * (1 + 1e-4)
     # t ~ sigmoid(N(m, 1)): P(t > 1/2) = Phi(m)
     torch.manual_seed(0)
-    seen_t = []
-    x = torch.zeros(200_000, 1)
-    fm_loss(lambda x, t: seen_t.append(t) or x, x, x, linear, "logit-normal", 0.5)
-    assert (seen_t[0] > 0.5).double().mean().item() == pytest.approx(0.6915, abs=0.003)
+    t = common.draw_t(200_000, "logit-normal", 0.5)
+    assert (t > 0.5).double().mean().item() == pytest.approx(0.6915, abs=0.003)
 
 def test_update_ema_is_the_weighted_mean():
     torch.manual_seed(0)
@@ -750,6 +754,12 @@ def test_mnist_bad_input_is_a_clear_error(mnist_data, tmp_path, monkeypatch):
     expect_error("invalid choice: 'rk4'", run_mnist, mnist_data, tmp_path / "o2", "--solver", "rk4")
     expect_error("argument --lr: invalid positive_float value: '-0.001'", run_mnist, mnist_data,
                  tmp_path / "o2", "--lr", "-0.001")
+    for flag, value, kind in [("--guidance", "inf", "non_negative_float"),
+                              ("--guidance", "nan", "non_negative_float"),
+                              ("--lr", "inf", "positive_float"),
+                              ("--t-mean", "nan", "finite_float")]:
+        expect_error(f"argument {flag}: invalid {kind} value: '{value}'", run_mnist, mnist_data,
+                     tmp_path / "o2", flag, value)  # a number, and a finite one
     expect_error("no checkpoint at", run_mnist, mnist_data, tmp_path / "o3", "--sample", "4")
     expect_error("no checkpoint at", run_mnist, mnist_data, tmp_path / "o3", "--resume")
     # a checkpoint of another network, a corrupt file
@@ -773,17 +783,27 @@ def test_mnist_bad_input_is_a_clear_error(mnist_data, tmp_path, monkeypatch):
     expect_error("ckpt.pt exists: add --resume", run_mnist, mnist_data, tmp_path / "o4")
     assert (tmp_path / "o4" / "ckpt.pt").read_bytes() == b"not a checkpoint"
 
+def run_reflow(out, *extra):
+    import reflow
+    return reflow.main(["--out", str(out), "--batch-size", "16", "--nfe", "3", "--device", "cpu",
+                        *extra])
+
 def test_reflow_learns_the_teachers_samples_of_its_noise_and_resume_reuses_them(
         mnist_data, tmp_path, monkeypatch):
-    import mnist
+    import reflow
     teacher, student = tmp_path / "teacher", tmp_path / "student"
     run_mnist(mnist_data, teacher, "--epochs", "1")
-    reflow = ["--pairing", "reflow", "--teacher", str(teacher), "--pairs", "12"]
-    run_mnist(mnist_data, student, *reflow, "--epochs", "1", "--lr", "1e-9")
+    # the loss gets each pair's own noise and digit: record what the loop hands it
+    seen = []
+    def recording_loss(model, x0, x1, *rest):
+        seen.append((x0.clone(), x1.clone()))
+        return fm_loss(model, x0, x1, *rest)
+    monkeypatch.setattr(reflow, "fm_loss", recording_loss)
+    run_reflow(student, "--teacher", str(teacher), "--pairs", "12", "--epochs", "1", "--lr", "1e-9")
     # the pairs: fixed noise none of --sample's noise sets holds, and the teacher's samples of
     # it with its --nfe 20 sampler (float16: to 1e-3), within Euler's error of its flow
     pairs = torch.load(student / "pairs.pt", weights_only=True)
-    x0 = common.fixed_noise(12, mnist.PAIR_SEED)
+    x0 = common.fixed_noise(12, reflow.PAIR_SEED)
     assert pairs["teacher"] == str(teacher) and pairs["x1"].dtype == torch.float16
     assert not any(torch.equal(x0[:2], common.fixed_noise(2, seed)) for seed in range(10))
     model, config = common.load_model(teacher / "ckpt.pt", torch.device("cpu"))
@@ -794,30 +814,60 @@ def test_reflow_learns_the_teachers_samples_of_its_noise_and_resume_reuses_them(
     torch.testing.assert_close(pairs["x1"].float(), x1, rtol=0, atol=1e-3)
     fine = common.generate(model, x0, 400, cpu, torch.float32) * 2 - 1  # Euler, 400 steps
     assert (pairs["x1"].float() - fine).abs().mean() < 0.05
-    # the student starts as the teacher (its averaged weights), with REFLOW's settings
-    assert mnist.REFLOW == {"schedule": "linear", "t_dist": "half-zero"}
+    # every pair once an epoch, each noise image with the digit the teacher carried it to
+    got0, got1 = (torch.cat([p[i] for p in seen]) for i in (0, 1))
+    assert len(got0) == 12
+    match = torch.cdist(got0.flatten(1), x0.flatten(1)).argmin(1)  # which pair's noise
+    assert sorted(match.tolist()) == list(range(12))
+    torch.testing.assert_close(got0, x0[match], rtol=0, atol=0)
+    torch.testing.assert_close(got1, pairs["x1"].float()[match], rtol=0, atol=0)
+    # the student starts as the teacher (its averaged weights), with reflow.py's own settings
     ckpt = torch.load(student / "ckpt.pt", weights_only=True)
+    assert ckpt["script"] == "reflow.py"
     assert ckpt["config"]["schedule"] == "linear" and ckpt["config"]["t_dist"] == "half-zero"
     for k, v in model.state_dict().items():
         torch.testing.assert_close(ckpt["model"][k], v, rtol=0, atol=1e-6)
     # --resume reads the pairs back: the teacher is not needed, the file is not rewritten
-    monkeypatch.setattr(mnist, "load_teacher", lambda *a: pytest.fail("asked for the teacher"))
+    monkeypatch.setattr(reflow, "load_teacher", lambda *a: pytest.fail("asked for the teacher"))
     before = (student / "pairs.pt").stat().st_mtime_ns
-    run_mnist(mnist_data, student, "--resume", "--epochs", "2")
+    run_reflow(student, "--resume", "--epochs", "2")
     assert (student / "pairs.pt").stat().st_mtime_ns == before
     assert torch.load(student / "ckpt.pt", weights_only=True)["epoch"] == 2
-    # its checkpoint samples like any other, one Euler step with --nfe 1
-    run_mnist(mnist_data, student, "--sample", "4", "--nfe", "1")
-    # a setting given wins over REFLOW's
+    # its checkpoint samples with one Euler step with --nfe 1, from the noise of --seed
+    run_reflow(student, "--sample", "4", "--nfe", "1")
+    student_model, _ = common.load_model(student / "ckpt.pt", cpu)
+    one_step = common.generate(student_model, common.fixed_noise(4, 0), 1, cpu, dtype, "euler",
+                               common.time_grid("uniform", 1))
+    assert torch.equal(torch.load(student / "samples.pt", weights_only=True), one_step)
+    # a setting given wins over reflow.py's defaults
     monkeypatch.undo()
-    run_mnist(mnist_data, tmp_path / "given", *reflow, "--epochs", "1", "--t-dist", "uniform")
+    run_reflow(tmp_path / "given", "--teacher", str(teacher), "--pairs", "12", "--epochs", "1",
+               "--t-dist", "uniform")
     config = torch.load(tmp_path / "given" / "ckpt.pt", weights_only=True)["config"]
     assert (config["schedule"], config["t_dist"]) == ("linear", "uniform")
     # other pairs in OUT are never taken for these
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "pairs.pt").write_bytes((student / "pairs.pt").read_bytes())
-    expect_error("holds other pairs than those of --teacher", run_mnist, mnist_data,
-                 tmp_path / "other", *reflow[:-1], "10")
+    expect_error("holds other pairs than those of --teacher", run_reflow, tmp_path / "other",
+                 "--teacher", str(teacher), "--pairs", "10")
+
+def test_a_reflow_run_of_mnist_py_is_reflow_py_s(mnist_data, tmp_path):
+    # a student that mnist.py --pairing reflow wrote, before reflow.py (weights/mnist-reflow is
+    # one): reflow.py samples and resumes it, mnist.py sends it there
+    run_mnist(mnist_data, tmp_path / "teacher", "--epochs", "1")
+    run_reflow(tmp_path / "old", "--teacher", str(tmp_path / "teacher"), "--pairs", "12",
+               "--epochs", "1")
+    ckpt = torch.load(tmp_path / "old" / "ckpt.pt", weights_only=True)
+    ckpt["script"], ckpt["config"]["pairing"] = "mnist.py", "reflow"
+    torch.save(ckpt, tmp_path / "old" / "ckpt.pt")
+    assert common.written_by(ckpt) == "reflow.py"
+    run_reflow(tmp_path / "old", "--sample", "4", "--nfe", "1")
+    run_reflow(tmp_path / "old", "--resume", "--epochs", "2")
+    assert torch.load(tmp_path / "old" / "ckpt.pt", weights_only=True)["script"] == "reflow.py"
+    ckpt["epoch"] = 1
+    torch.save(ckpt, tmp_path / "old" / "ckpt.pt")
+    expect_error("was written by reflow.py, not mnist.py: use reflow.py", run_mnist, mnist_data,
+                 tmp_path / "old", "--sample", "4")
 
 def test_dequantize_trains_on_each_digit_moved_within_its_grey_levels_bins(mnist_data, tmp_path,
                                                                           monkeypatch):
@@ -838,25 +888,21 @@ def test_dequantize_trains_on_each_digit_moved_within_its_grey_levels_bins(mnist
                            moved[48:].flatten().sort().values)
 
 def test_reflow_bad_input_is_one_line(mnist_data, tmp_path):
-    expect_error(f"no checkpoint at {tmp_path / 'nothing' / 'ckpt.pt'}", run_mnist, mnist_data,
-                 tmp_path / "o", "--pairing", "reflow", "--teacher", str(tmp_path / "nothing"))
-    expect_error("--pairing reflow needs --teacher RUN", run_mnist, mnist_data, tmp_path / "o",
-                 "--pairing", "reflow")
-    expect_error("--teacher is for --pairing reflow", run_mnist, mnist_data, tmp_path / "o",
+    expect_error(f"no checkpoint at {tmp_path / 'nothing' / 'ckpt.pt'}", run_reflow,
+                 tmp_path / "o", "--teacher", str(tmp_path / "nothing"))
+    expect_error("reflow.py needs --teacher RUN", run_reflow, tmp_path / "o")
+    for flag in ("--pairing", "--conditional", "--dequantize", "--limit", "--data"):
+        expect_error(f"unrecognized arguments: {flag}", run_reflow, tmp_path / "o", "--teacher",
+                     str(tmp_path), flag)  # noise and the teacher's digits, nothing else
+    expect_error("unrecognized arguments: --teacher", run_mnist, mnist_data, tmp_path / "o",
                  "--teacher", str(tmp_path))
-    expect_error("--pairs is for --pairing reflow", run_mnist, mnist_data, tmp_path / "o",
-                 "--pairs", "10")
-    expect_error("--pairing reflow makes --pairs N, ask for fewer", run_mnist, mnist_data,
-                 tmp_path / "o", "--pairing", "reflow", "--teacher", str(tmp_path), "--limit", "8")
-    expect_error("--pairing reflow learns an unconditional teacher", run_mnist, mnist_data,
-                 tmp_path / "o", "--pairing", "reflow", "--teacher", str(tmp_path),
-                 "--conditional")
-    expect_error("--dequantize is for the training digits", run_mnist, mnist_data,
-                 tmp_path / "o", "--pairing", "reflow", "--teacher", str(tmp_path), "--dequantize")
     run_mnist(mnist_data, tmp_path / "cond", "--epochs", "1", "--conditional", "--limit", "16")
-    expect_error("is a conditional run; reflow learns an unconditional one", run_mnist,
-                 mnist_data, tmp_path / "o", "--pairing", "reflow", "--teacher",
-                 str(tmp_path / "cond"))
+    expect_error("is a conditional run; reflow learns an unconditional one", run_reflow,
+                 tmp_path / "o", "--teacher", str(tmp_path / "cond"))
+    run_translate(write_idx(mnist_data, "FashionMNIST", n_train=40, n_test=24, seed=1),
+                  tmp_path / "t", "--epochs", "1", "--limit", "16")
+    expect_error("was written by translate.py, not mnist.py or reflow.py", run_reflow,
+                 tmp_path / "o", "--teacher", str(tmp_path / "t"))
     assert not (tmp_path / "o" / "ckpt.pt").exists()
 
 # -----------------------------------------------------------------------------
@@ -972,24 +1018,24 @@ def test_mnist_on_cuda_trains_samples_and_its_checkpoint_loads_on_a_cpu(mnist_da
 def test_a_checkpoint_older_than_a_setting_resumes_with_what_it_trained_with(both_data, tmp_path,
                                                                              script):
     # a run from before --t-dist, --t-mean, --warmup, --clip, --pairing (--sigma) trained with
-    # what OLDER says, not today's defaults; it resumes as the run that gave them explicitly
-    import importlib
-    module, run = importlib.import_module(script), {"mnist": run_mnist,
-                                                    "translate": run_translate}[script]
-    assert module.OLDER == {"t_dist": "uniform", "t_mean": 0.0, "warmup": None, "clip": None,
-                            "pairing": "random", "conditional": False, "label_drop": 0.1,
-                            **({"sigma": 0.0} if script == "translate" else {"dequantize": False})}
+    # what common.OLDER says, not today's defaults; it resumes as the run that gave them
+    # explicitly
+    run = {"mnist": run_mnist, "translate": run_translate}[script]
+    older = common.OLDER[f"{script}.py"]
+    assert older == {"t_dist": "uniform", "t_mean": 0.0, "warmup": None, "clip": None,
+                     "pairing": "random", "conditional": False, "label_drop": 0.1,
+                     **({"sigma": 0.0} if script == "translate" else {"dequantize": False})}
     flags = ["--t-dist", "uniform", "--t-mean", "0", "--pairing", "random",
              *(["--sigma", "0"] if script == "translate" else [])]  # (no warm-up, no clipping)
     run(both_data, tmp_path / "straight", "--epochs", "2", *flags)
     run(both_data, tmp_path / "old", "--epochs", "1", *flags)
     ckpt = torch.load(tmp_path / "old" / "ckpt.pt", weights_only=True)
-    for k in [*module.OLDER, "script"]:
+    for k in [*older, "script"]:
         (ckpt["config"] if k in ckpt["config"] else ckpt).pop(k)
     torch.save(ckpt, tmp_path / "old" / "ckpt.pt")
     run(both_data, tmp_path / "old", "--epochs", "2", "--resume")
     a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in ("old", "straight"))
-    assert {k: a["config"][k] for k in module.OLDER} == module.OLDER
+    assert {k: a["config"][k] for k in older} == older
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 def test_resume_reads_and_writes_the_folder_given(mnist_data, tmp_path):
@@ -1052,6 +1098,36 @@ def test_impossible_requests_are_one_line_and_leave_the_checkpoint(mnist_data, t
                  run_mnist, mnist_data, tmp_path / "o", "--epochs", "2", "--resume")
     assert (tmp_path / "o" / "ckpt.pt").read_bytes() == before
     assert not list((tmp_path / "o").glob("*.tmp*"))
+
+@pytest.mark.parametrize("avx512_bf16,amx,auto", [(True, False, torch.bfloat16),
+                                                 (False, True, torch.bfloat16),
+                                                 (False, False, torch.float32)])
+def test_dtype_auto_is_bf16_only_on_a_cpu_that_computes_it(monkeypatch, avx512_bf16, amx, auto):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    assert common.pick_dtype("auto", torch.device("cpu")) == auto
+    assert common.pick_dtype("auto", torch.device("cuda")) == torch.float32  # GPUs: float32
+    for name, dtype in [("float32", torch.float32), ("bfloat16", torch.bfloat16)]:
+        assert common.pick_dtype(name, torch.device("cpu")) == dtype  # a precision named wins
+
+def test_a_training_batch_that_cannot_fit_is_refused_before_any_step(mnist_data, tmp_path,
+                                                                     monkeypatch):
+    import mnist
+    # what a step needs: each layer's output and its gradient, in float32, for each image
+    per_image = common.step_memory(UNet(), 1)
+    assert common.step_memory(UNet(), 64) == 64 * per_image
+    assert 2 * 4 * 300_000 < per_image < 2 * 4 * 400_000  # the U-Net's maps: about 350,000 numbers
+    assert common.step_memory(UNet(n_classes=10), 1) > per_image  # the label's maps too
+    # a full MNIST batch of 60,000 images needs more than this machine's 24 GiB
+    assert common.step_memory(UNet(), 60_000) > 24 * 2**30
+    monkeypatch.setattr(common, "free_memory", lambda: 20 * per_image)  # room for 20 images
+    monkeypatch.setattr(mnist, "fm_loss", lambda *a: pytest.fail("a step was taken"))
+    expect_error(f"--batch-size 32 needs {32 * per_image / 2**30:.1f} GiB of memory", run_mnist,
+                 mnist_data, tmp_path / "o", "--batch-size", "32", "--epochs", "1")
+    assert not (tmp_path / "o" / "ckpt.pt").exists()
+    # a batch larger than the data is a step over all of it: 48 images here
+    expect_error(f"--batch-size 1000 needs {48 * per_image / 2**30:.1f} GiB", run_mnist,
+                 mnist_data, tmp_path / "o", "--batch-size", "1000", "--epochs", "1")
 
 def test_translate_ot_pairing_reorders_the_same_garments_to_a_shorter_total(both_data, tmp_path,
                                                                             monkeypatch):
@@ -1427,7 +1503,7 @@ def test_evaluate_bpd_of_a_run(evaluated, tmp_path, capsys):
     half = common.bits_per_dim(common.log_likelihood(model, x, 2, common.rademacher(x.shape, g))
                                .double(), 784)
     assert r["half"] == pytest.approx(half.mean().item(), rel=1e-4)
-    expect_error("--bpd is for one mnist.py run folder alone", run, str(out), "--bpd", "--curve")
+    expect_error("--bpd is for one run folder of digits alone", run, str(out), "--bpd", "--curve")
     expect_error("--steps is for --bpd", run, str(out), "--steps", "10")
     expect_error("--n 201: MNIST has only 200 test images", run, str(out), "--bpd", "--n", "201")
     expect_error("--dtype is for sampling; --bpd integrates in float32", run, str(out), "--bpd",
@@ -1513,9 +1589,13 @@ def test_evaluate_sweeps_a_run_over_solvers_grids_and_network_evaluations(evalua
     (out / "curve.csv").write_text(text[:-5])
     sampled.clear()
     assert run(str(out), "--curve", "--n", "20", "--seeds", "0", "1") == rows and len(sampled) == 1
-    sampled.clear()
+    # (each precision named, so that this holds whatever --dtype auto takes on this CPU)
     rows32 = run(str(out), "--curve", "--n", "20", "--seeds", "0", "--dtype", "float32")
-    assert len(sampled) == 2 and [r["dtype"] for r in rows32] == ["float32"] * 2
+    sampled.clear()
+    assert run(str(out), "--curve", "--n", "20", "--seeds", "0", "--dtype", "float32") == rows32
+    assert sampled == [] and [r["dtype"] for r in rows32] == ["float32"] * 2
+    rows16 = run(str(out), "--curve", "--n", "20", "--seeds", "0", "--dtype", "bfloat16")
+    assert len(sampled) == 2 and [r["dtype"] for r in rows16] == ["bfloat16"] * 2
 
 def test_evaluate_sets_runs_side_by_side_with_their_own_samplers_and_straightness(evaluated,
                                                                                  tmp_path):
@@ -1523,8 +1603,7 @@ def test_evaluate_sets_runs_side_by_side_with_their_own_samplers_and_straightnes
     run, data = evaluated[:2]
     teacher, student = tmp_path / "teacher", tmp_path / "student"
     run_mnist(data, teacher, "--epochs", "1", "--limit", "48")
-    run_mnist(data, student, "--epochs", "1", "--pairing", "reflow", "--teacher", str(teacher),
-              "--pairs", "16")
+    run_reflow(student, "--epochs", "1", "--teacher", str(teacher), "--pairs", "16")
     rows = run(str(student), "--also", str(teacher), "--nfe", "1", "2", "--n", "20")
     # each run with the sampler mnist.py --sample --nfe K takes for it, on both noise sets
     samplers = {(str(d), k): "-".join(map(str, common.plan(k, schedule, reflowed=d == student)))
@@ -1585,7 +1664,7 @@ def test_a_checkpoint_names_the_script_that_wrote_it_and_the_other_script_refuse
         for f in ["ckpt.pt", "epoch001.pt"]:
             assert torch.load(tmp_path / d / f, weights_only=True)["script"] == script
     m, t = tmp_path / "m", tmp_path / "t"
-    expect_error(f"{t / 'ckpt.pt'} was written by translate.py, not mnist.py",
+    expect_error(f"{t / 'ckpt.pt'} was written by translate.py, not mnist.py: use translate.py",
                  run_mnist, both_data, t, "--sample", "4")
     expect_error("was written by translate.py, not mnist.py",
                  run_mnist, both_data, t, "--resume", "--epochs", "2")
@@ -1597,7 +1676,7 @@ def test_a_checkpoint_names_the_script_that_wrote_it_and_the_other_script_refuse
     ev = lambda *a: evaluate.main([*a, "--data", str(both_data), "--device", "cpu",
                                    "--classifier", str(tmp_path / "c.pt")])
     for extra in [[], ["--path"], ["--curve"]]:
-        expect_error("was written by translate.py, not mnist.py: "
+        expect_error("was written by translate.py, not mnist.py or reflow.py: "
                      "add --translation for translate.py's runs", ev, str(t), *extra)
         expect_error("was written by mnist.py, not translate.py: "
                      "--translation is for translate.py's runs", ev, str(m),
@@ -1726,10 +1805,9 @@ DIFFERENCES = {  # dest: (mnist.py's default, translate.py's, why)
                                      "after 10 epochs (README, section 4)"),
 }
 
-# and mnist.py's own: reflow (README, section 7) is built for noise to digits
-MNIST_ONLY = {"teacher": "--pairing reflow's teacher", "pairs": "--pairing reflow's pairs",
-              "dequantize": "the likelihood of digits (evaluate.py --bpd) is mnist.py's"}
-# and translate.py's own: noise on a Gaussian source would only change its variance
+# and each script's own settings: the likelihood of digits (evaluate.py --bpd) is mnist.py's;
+# noise on a Gaussian source would only change its variance
+MNIST_ONLY = {"dequantize": "each digit moved within its grey levels' bins"}
 TRANSLATE_ONLY = {"sigma": "Gaussian noise on the garments"}
 
 def test_mnist_and_translate_take_the_same_settings_but_for_the_listed_defaults():
@@ -1739,8 +1817,6 @@ def test_mnist_and_translate_take_the_same_settings_but_for_the_listed_defaults(
                 for a in parser._actions}
     m, t = settings(mnist.parser), settings(translate.parser)
     assert m.keys() | TRANSLATE_ONLY.keys() == t.keys() | MNIST_ONLY.keys()
-    assert m["pairing"][2] == [*t["pairing"][2], "reflow"]  # reflow: mnist.py's only
-    t["pairing"] = (*t["pairing"][:2], m["pairing"][2], *t["pairing"][3:])
     for dest in t.keys() - TRANSLATE_ONLY.keys():
         assert m[dest][:5] == t[dest][:5], dest
         if dest in DIFFERENCES:
@@ -1748,10 +1824,27 @@ def test_mnist_and_translate_take_the_same_settings_but_for_the_listed_defaults(
         else:
             assert m[dest][5] == t[dest][5], dest
 
+def test_reflow_takes_mnist_py_s_settings_but_for_its_own():
+    # the student's recipe: mnist.py's flags for what it shares, the same types and choices;
+    # its own defaults for the schedule, t and OUT; no data, labels or pairing of its own
+    import mnist, reflow
+    def settings(parser):
+        return {a.dest: (a.option_strings, a.type, a.choices, a.nargs, type(a).__name__, a.default)
+                for a in parser._actions}
+    m, r = settings(mnist.parser), settings(reflow.parser)
+    assert r.keys() - m.keys() == {"teacher", "pairs"}
+    assert m.keys() - r.keys() == {"data", "limit", "handout", "pairing", "dequantize",
+                                   "conditional", "label_drop", "guidance", "guidance_shape",
+                                   "digit"}
+    own = {"schedule": "linear", "t_dist": "half-zero", "out": "out/mnist-reflow", "nfe": 20}
+    for dest in r.keys() - {"teacher", "pairs", "help"}:
+        assert r[dest][:5] == m[dest][:5], dest
+        assert r[dest][5] == own.get(dest, m[dest][5]), dest
+
 def test_every_flag_the_readme_names_exists():
-    import evaluate, gaussian, mnist, moons, translate
+    import evaluate, gaussian, mnist, moons, reflow, translate
     known = {o for p in (evaluate.parser, gaussian.parser, mnist.parser, moons.parser,
-                         translate.parser)
+                         reflow.parser, translate.parser)
              for a in p._actions for o in a.option_strings}
     with open(os.path.join(HERE, "README.md")) as f:
         lines = [l for l in f
@@ -1760,8 +1853,8 @@ def test_every_flag_the_readme_names_exists():
     assert named and named <= known, named - known
 
 def test_no_line_of_the_code_is_longer_than_100_characters():
-    for name in ["common.py", "moons.py", "gaussian.py", "mnist.py", "translate.py", "evaluate.py",
-                 "test_fm.py"]:
+    for name in ["common.py", "moons.py", "gaussian.py", "mnist.py", "translate.py", "reflow.py",
+                 "evaluate.py", "test_fm.py"]:
         with open(os.path.join(HERE, name)) as f:
             long = [i for i, line in enumerate(f, 1) if len(line.rstrip("\n")) > 100]
         assert not long, (name, long)

@@ -31,105 +31,190 @@ import time
 
 import torch
 
-from common import (GRIDS, GUIDANCE, GUIDANCE_SHAPE, GUIDED_NFE, NO_LABEL, SCHEDULES, SHAPES,
-                    SOLVERS, STRIP, T_DISTS, atomic_save, autocast, blur, check_loss,
-                    check_weights, decay, die, fm_loss, generate, get_schedule, guidance,
-                    interrupted, labels_to_ask, load_images, load_model, make_dir, make_unet, nfe,
-                    non_negative_float, ot_pairing, pick_device, pick_dtype, plan, positive_float,
-                    positive_int, probability, progress, restore_state, resume, save_flow,
-                    save_grid, time_grid, to_unit, update_ema)
+# the lesson: the handout's maths (common.py's first part)
+from common import SCHEDULES, fm_loss, get_schedule, update_ema
+# the chapters: how t is drawn (README, section 3), samplers (section 3, appendix D), OT pairs
+# and noisy garments (section 4), labels and guidance (section 6)
+from common import (GRIDS, GUIDANCE, GUIDANCE_SHAPE, GUIDED_NFE, NO_LABEL, SHAPES, SOLVERS,
+                    STRIP, T_DISTS, draw_t, make_unet, ot_pairing, plan, time_grid)
+# plumbing, which a learner can skip
+from common import (Help, atomic_save, autocast, blur, check_guidance_flags, check_loss,
+                    check_memory, check_weights, decay, die, finite_float, generate, guidance,
+                    interrupted, labels_to_ask, load_images, load_model, make_dir, nfe,
+                    non_negative_float, pick_device, pick_dtype, positive_float, positive_int,
+                    probability, progress, restore_state, resume, save_flow, save_grid,
+                    step_memory, to_unit)
 
 # -----------------------------------------------------------------------------
-# settings: mnist.py's; test_fm.py lists the defaults in which the two differ, and why
+# settings: mnist.py's block; test_fm.py's DIFFERENCES lists the defaults in which the two
+# differ, and why
 parser = argparse.ArgumentParser(
-    description="Image-to-image translation with flow matching: Fashion-MNIST -> MNIST.")
+    description="Image-to-image translation with flow matching: Fashion-MNIST -> MNIST.",
+    formatter_class=Help)
 parser.error = die  # argparse's errors in one line, without its usage block
 add = parser.add_argument
-# linear: with --sigma 0.3, after 10 epochs FID 45.0 and 52.3 (two seeds) against 54.4 for cosine
-add("--schedule", default="linear", choices=list(SCHEDULES),
-    help="the path from x0 to x1 (Eq. 5) (default: %(default)s)")
-add("--epochs", type=positive_int, default=100,
-    help="passes over the training set (default: %(default)s)")
-add("--batch-size", type=positive_int, default=64,
-    help="images per optimiser step (default: %(default)s)")
-add("--lr", type=positive_float, default=1e-3, help="Adam's learning rate (default: %(default)s)")
-# uniform: after 10 epochs FID 95 against 153 with logit-normal t of mean 0 (both --schedule
-# cosine --sigma 0 --pairing random; README, section 4)
-add("--t-dist", default="uniform", choices=list(T_DISTS),
-    help="the distribution of t in training (the handout's: uniform) (default: %(default)s)")
-add("--t-mean", type=float, default=-0.5, help="logit-normal t: the mean of the normal (< 0: more "
-    "training near the garment end, > 0: near the digit end) (default: %(default)s)")
-add("--warmup", type=positive_int, default=None, help="optimiser steps over which the learning "
-    "rate rises linearly to --lr (default: none)")
-add("--clip", type=positive_float, default=None,
-    help="clip the norm of the gradient to this (default: none)")
-# ot, not the handout's random pairing: after 10 epochs (--schedule cosine --sigma 0) FID 79.0
-# against 95.0, chi2 435 against 148 (README, section 4)
-add("--pairing", default="ot", choices=["random", "ot"], help="which garment meets which "
-    "digit: drawn independently, or re-paired in each batch by optimal transport "
-    "(--conditional: within each class) (default: %(default)s)")
-# 0.3: after 10 epochs FID 54.4 against 79.0 without noise (cosine; README, section 4)
-add("--sigma", type=non_negative_float, default=0.3, help="Gaussian noise of this standard "
-    "deviation added to each garment, in training and sampling: x0 = garment + sigma * noise, "
-    "a density around each garment rather than 60,000 points (--sample and --resume: the "
-    "run's own) (default: %(default)s)")
-add("--conditional", action="store_true", help="learn each digit's class too (the label: ten "
-    "one-hot maps beside the time map, and a learned shift at each later block), replaced by "
-    "'no label' with probability --label-drop, so that one network learns both fields "
-    "classifier-free guidance mixes (README, section 6)")
-add("--label-drop", type=probability, default=0.1, metavar="P",
-    help="--conditional: how often a label is dropped in training (default: %(default)s)")
-add("--ema", type=decay, default=0.999, metavar="DECAY",
-    help="moving average of the weights, used for sampling (0: none) (default: %(default)s)")
-add("--nfe", type=positive_int, default=None, help="sample with at most this many network "
-    "evaluations an image, by the solver, grid and steps that measured best for it on "
-    f"mnist.py's models (README, appendix D) (default: 20; {GUIDED_NFE} for a guided "
-    "conditional model, whose solver evaluations take two network evaluations each)")
-add("--solver", default=None, choices=list(SOLVERS), help="instead of --nfe's choice: euler "
-    "(1 network evaluation a step), heun or midpoint (2), heun-euler (2, the last step 1)")
-add("--steps", type=positive_int, default=None,
-    help="instead of --nfe's choice: solver steps (Eq. 7 for Euler)")
-add("--grid", default=None, choices=list(GRIDS), help="instead of --nfe's choice: the times of "
-    "the steps, uniform, early (shorter steps first) or edm (Karras et al.)")
-add("--seed", type=int, default=0, help="seeds the training and, with --sample, the noise "
-    "of --sigma (default: %(default)s)")
-add("--limit", type=positive_int, default=None,
-    help="train on the first N images of each set only (quick runs)")
-add("--data", default="data", help="torchvision's data folder (MNIST/raw/ and FashionMNIST/raw/ "
-    "below it) (default: %(default)s)")
-add("--out", default=None, help="output folder (default: out/translate-SCHEDULE)")
-add("--device", default="auto",
-    help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps (default: %(default)s)")
-add("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-    help="auto: bf16 autocast on a CPU with native bf16 (AVX512-BF16 or AMX), float32 "
-    "elsewhere, GPUs included (README, appendix E) (default: %(default)s)")
-add("--resume", action="store_true",
-    help="continue OUT/ckpt.pt with its settings, but --epochs, --nfe, --guidance and "
-    "--guidance-shape as given here")
-add("--sample", type=positive_int, default=None, metavar="N", help="no training: translate the "
-    "first N Fashion-MNIST test images with OUT/ckpt.pt into OUT/samples.pt and .png")
-add("--raw", action="store_true",
-    help="with --sample: the trained weights, not their moving average")
-add("--digit", type=int, choices=range(10), default=None, metavar="D", help="with --sample, a "
-    "conditional model: turn each garment into this digit (default: 0, 1, ..., 9 in turn)")
-add("--guidance", type=non_negative_float, default=None, metavar="W", help="a conditional "
-    "model's field: v_u + W(t) (v_c - v_u); W = 1 is the conditional field, and another W "
-    "doubles the network evaluations (but a constant W = 0, the unconditional field) "
-    f"(default: {GUIDANCE:g})")
-add("--guidance-shape", default=None, choices=SHAPES, help="W(t) = 1 + (W - 1) t (ramp: the "
-    f"conditional field at t = 0, W at t = 1) or W (constant) (default: {GUIDANCE_SHAPE})")
-# --handout: the handout's t ~ U(0, 1), no moving average, Euler sampling, random pairing and
-# the garments as they are,
-# with the batch size and Euler steps its text leaves open (our choices: README)
+# the recipe
+add("--schedule", default="linear", choices=list(SCHEDULES), help="the path from x0 to x1 (Eq. 5)")
+add("--epochs", type=positive_int, default=100, help="passes over the training set")
+add("--batch-size", type=positive_int, default=64, help="images per optimiser step")
+add("--lr", type=positive_float, default=1e-3, help="Adam's learning rate")
+add("--t-dist", default="uniform", choices=list(T_DISTS), help="how t is drawn (draw_t)")
+add("--t-mean", type=finite_float, default=-0.5, help="logit-normal t: the normal's mean")
+add("--ema", type=decay, default=0.999, metavar="D", help="the weights' moving average (0: none)")
+add("--warmup", type=positive_int, metavar="N", help="the learning rate rises to --lr over N steps")
+add("--clip", type=positive_float, help="clip the norm of the gradient to this")
+add("--seed", type=int, default=0, help="seeds the training and --sample's noise (--sigma)")
+# the run
+add("--data", default="data", help="torchvision's data folder (MNIST/raw/, FashionMNIST/raw/)")
+add("--out", help="output folder (default: out/translate-SCHEDULE)")
+add("--limit", type=positive_int, help="train on the first N images of each set (quick runs)")
+add("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")
+add("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="auto: bf16 "
+    "autocast on a CPU with native bf16 (AVX512-BF16 or AMX), else float32 (README, appendix E)")
+add("--resume", action="store_true", help="continue OUT/ckpt.pt with its settings, but --epochs, "
+    "--nfe, --guidance and --guidance-shape as given here")
+# sampling: the pictures of every epoch, and --sample
+add("--sample", type=positive_int, metavar="N", help="no training: translate N test garments")
+add("--raw", action="store_true", help="with --sample: the trained weights, not their average")
+add("--nfe", type=positive_int, help="network evaluations an image, by the sampler measured best "
+    f"for them (default: 20; {GUIDED_NFE} guided, two a solver evaluation)")
+add("--solver", choices=list(SOLVERS), help="instead of --nfe's: euler (1 network evaluation a "
+    "step), heun or midpoint (2), heun-euler (2, the last step 1)")
+add("--steps", type=positive_int, help="instead of --nfe's: solver steps (Eq. 7 for Euler)")
+add("--grid", choices=list(GRIDS), help="instead of --nfe's: the steps' times (uniform, early: "
+    "shorter steps first, edm: Karras et al.)")
+# the handout's recipe, with the batch size and Euler steps its text leaves open (README)
 HANDOUT = {"t_dist": "uniform", "batch_size": 128, "ema": 0.0, "solver": "euler", "steps": 100,
-           "grid": "uniform", "pairing": "random", "sigma": 0.0}
-add("--handout", action="store_true", help="the handout's recipe as we run it: "
-    + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in HANDOUT.items())
-    + "; a setting given besides it wins")
+           "grid": "uniform", "pairing": "random", "sigma": 0.0}  # random pairs, bare garments
+add("--handout", action="store_true", help="the handout's recipe as we run it: " + " ".join(
+    f"--{k.replace('_', '-')} {v}" for k, v in HANDOUT.items()) + "; a setting given wins")
+# the chapters: OT pairs and noisy garments (README, section 4), labels and guidance (section 6)
+add("--pairing", default="ot", choices=["random", "ot"], help="which garment meets which digit: "
+    "drawn independently, or re-paired in each batch by optimal transport (by class)")
+add("--sigma", type=non_negative_float, default=0.3, help="x0 = garment + sigma * noise, in "
+    "training and sampling: a density around each garment (--sample, --resume: the run's own)")
+add("--conditional", action="store_true", help="learn each digit's class too (ten one-hot maps, "
+    "a learned shift at each later block), 'no label' with probability --label-drop")
+add("--label-drop", type=probability, default=0.1, metavar="P", help="how often a label is dropped")
+add("--guidance", type=non_negative_float, metavar="W", help="a conditional model's field "
+    f"v_u + W(t) (v_c - v_u); W = 1: v_c; other W: two evaluations (default: {GUIDANCE:g})")
+add("--guidance-shape", choices=SHAPES, help="W(t) = 1 + (W - 1) t (ramp: v_c at t = 0, W at "
+    f"t = 1) or W (constant) (default: {GUIDANCE_SHAPE})")
+add("--digit", type=int, choices=range(10), help="--sample: as this digit (default: each in turn)")
 
-# settings newer than some checkpoints: what a checkpoint saved before them trained with
-OLDER = {"t_dist": "uniform", "t_mean": 0.0, "warmup": None, "clip": None, "pairing": "random",
-         "conditional": False, "label_drop": 0.1, "sigma": 0.0}
+def main(argv=None):
+    args = parser.parse_args(argv)
+    if args.handout:  # HANDOUT's settings become the defaults; a setting given still wins
+        args = parser.parse_args(argv, argparse.Namespace(**HANDOUT))
+    args.out = args.out or f"out/translate-{args.schedule}"
+    ckpt_path = os.path.join(args.out, "ckpt.pt")
+    device = pick_device(args.device)
+    dtype = pick_dtype(args.dtype, device)  # bf16 autocast only where the CPU has it
+    if args.sample:  # no training: translate with a trained run
+        return draw(args, ckpt_path, device, dtype)
+    check_guidance_flags(args)  # --digit is for --sample, --guidance for a conditional model
+
+    # -------------------------------------------------------------------------
+    # set-up: a fresh U-Net, or with --resume the one in OUT/ckpt.pt and its settings
+    torch.manual_seed(args.seed)
+    model, ckpt = make_unet(args.conditional), None
+    if args.resume:
+        ckpt, args, model = resume(ckpt_path, args, "translate.py")
+    elif os.path.exists(ckpt_path):
+        die(f"{ckpt_path} exists: add --resume to continue that run, or choose another --out")
+    make_dir(args.out)
+
+    # -------------------------------------------------------------------------
+    # data: x1 ~ mu_1 the digits and their classes (N,), x0 ~ mu_0 the garments, each
+    # (N, 1, 28, 28) in [-1, 1]
+    x1_all, y_all = (a[: args.limit].to(device) for a in load_images("MNIST", args.data,
+                                                                      labels=True))
+    x0_all = load_images("FashionMNIST", args.data)[: args.limit].to(device)
+    N = len(x1_all)
+    check_memory(step_memory(model, min(args.batch_size, N)), f"--batch-size {args.batch_size}")
+    fixed = load_images("FashionMNIST", args.data, train=False)[:16]  # the same, every epoch
+    fixed_y = torch.arange(16) % 10 if args.conditional else None  # conditional: 0, 1, ..., 9, 0
+
+    # -------------------------------------------------------------------------
+    # model, optimiser and the moving average of the weights, as in mnist.py
+    model = model.to(device, memory_format=torch.channels_last)
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    ema = copy.deepcopy(model).requires_grad_(False) if args.ema else None
+    start = restore_state(ckpt, opt, ema, device) if ckpt else 0  # epochs done
+    schedule = get_schedule(args.schedule)
+    print(f"device {device}, dtype {str(dtype)[6:]}, schedule {args.schedule}, seed {args.seed}, "
+          f"{N} training images, {sum(p.numel() for p in model.parameters())} parameters")
+    # the sampler of the pictures: --nfe's (a conditional model's guided by --guidance)
+    w, shape, per, budget = guidance(args, args.conditional, ckpt_path, "translate.py")
+    solver, n_steps, grid = plan(budget, args.schedule, args.solver, args.steps, args.grid)
+    ts = time_grid(grid, n_steps, args.schedule)
+    print(f"pictures: {solver}, {n_steps} steps on the {grid} grid "
+          f"({nfe(solver, n_steps) * per} network evaluations)")
+
+    # -------------------------------------------------------------------------
+    # the training loop: mnist.py's, with a garment in place of the noise
+    batches = math.ceil(N / args.batch_size)  # optimiser steps an epoch
+    n, saved = start * batches, start  # optimiser steps so far; the epoch in OUT/ckpt.pt
+    try:
+        for epoch in range(start, args.epochs):
+            t0, total = time.time(), 0.0
+            for step, idx in enumerate(torch.randperm(N).split(args.batch_size), 1):
+                x1 = x1_all[idx.to(device)]  # (B, 1, 28, 28), digits
+                # x0: a garment drawn independently of the digit x1 (random pairing)
+                x0 = x0_all[torch.randint(len(x0_all), (len(x1),)).to(device)]
+                if args.sigma:               # the source a density: each garment plus noise
+                    x0 = x0 + args.sigma * torch.randn_like(x0)
+                y = y_all[idx.to(device)]    # the digits' classes
+                if args.pairing == "ot":     # re-paired, least total distance
+                    x0 = x0[ot_pairing(x0, x1, y if args.conditional else None)]
+                net = model
+                if args.conditional:         # section 6: each class "no label" with --label-drop
+                    y = torch.where(torch.rand(len(y), device=device) < args.label_drop,
+                                    NO_LABEL, y)
+                    net = lambda xt, t: model(xt, t, y)
+                t = draw_t(len(x1), args.t_dist, args.t_mean, device)  # each sample's time
+                with autocast(device, dtype):
+                    loss = fm_loss(net, x0, x1, schedule, t)            # Eq. 4
+                total += loss.item() * len(idx)
+                check_loss(total, loss, step, epoch + 1, args.lr)  # before it can spoil the weights
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if args.clip:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+                if args.warmup:  # from the step count, so that a resumed run goes on exactly
+                    opt.param_groups[0]["lr"] = args.lr * min(1, (n + 1) / args.warmup)
+                opt.step()
+                n += 1
+                if ema is not None:  # the decay warms up as (1 + n) / (10 + n): early weights fade
+                    update_ema(ema, model, min(args.ema, (1 + n) / (10 + n)))
+                progress(epoch + 1, args.epochs, step, batches, step * args.batch_size, total, t0)
+            dt = time.time() - t0
+            print(f"epoch {epoch + 1:3d}/{args.epochs} | loss {total / N:.4f} | "
+                  f"{N / dt:5.0f} img/s | {dt:6.1f} s", flush=True)
+
+            # outputs: the fixed garments and their translations, then the checkpoint (never
+            # with non-finite weights) and the sampling weights alone
+            sampler = ema if ema is not None else model
+            check_weights([model, sampler], epoch + 1, args.lr)
+            x = generate(sampler, blur(fixed, args.sigma), n_steps, device, dtype, solver, ts,
+                         y=fixed_y, w=w, shape=shape)
+            save_pairs(fixed, x, os.path.join(args.out, f"epoch{epoch + 1:03d}.png"))
+            atomic_save({
+                "script": "translate.py", "model": model.state_dict(),
+                "optimizer": opt.state_dict(), "config": vars(args),
+                **({"ema": ema.state_dict()} if ema is not None else {}),
+                "epoch": epoch + 1, "rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else [],
+            }, ckpt_path)
+            saved = epoch + 1
+            atomic_save({"script": "translate.py", "ema" if ema is not None else "model":
+                         sampler.state_dict(), "config": vars(args), "epoch": epoch + 1},
+                        os.path.join(args.out, f"epoch{epoch + 1:03d}.pt"))
+    except KeyboardInterrupt:  # Ctrl-C: one line, where the run stands and how to go on; exit 130
+        interrupted("translate.py", args, epoch + 1, saved, ckpt_path)
+
+# -----------------------------------------------------------------------------
+# --sample: no training, the test garments translated by a trained run
 
 def save_pairs(x0, x, path, width=16):
     """A PNG with rows of `width`: sources (x0, in [-1, 1]) above their results (x, in [0, 1])."""
@@ -191,122 +276,6 @@ def draw(args, ckpt_path, device, dtype):
         save_grid(torch.cat([to_unit(garments)[:, None], each], dim=1).flatten(0, 1),
                   os.path.join(args.out, "digits.png"), nrow=11)
         print(f"wrote {args.out}/digits.png (a row per garment: it, then it as 0, 1, ..., 9)")
-
-def main(argv=None):
-    args = parser.parse_args(argv)
-    if args.handout:  # HANDOUT's settings become the defaults
-        args = parser.parse_args(argv, argparse.Namespace(**HANDOUT))
-    args.out = args.out or f"out/translate-{args.schedule}"
-    ckpt_path = os.path.join(args.out, "ckpt.pt")
-    device = pick_device(args.device)
-    dtype = pick_dtype(args.dtype, device)
-
-    if args.sample:  # no training: draw from a trained run
-        return draw(args, ckpt_path, device, dtype)
-    if args.digit is not None:
-        die("--digit is for --sample; a conditional run's pictures ask for every digit")
-    for k in ("guidance", "guidance_shape"):
-        if getattr(args, k) is not None and not (args.conditional or args.resume):
-            die(f"--{k.replace('_', '-')} is for a conditional model: add --conditional")
-
-    # -------------------------------------------------------------------------
-    # set-up: a fresh U-Net, or with --resume the one in OUT/ckpt.pt and its settings
-    torch.manual_seed(args.seed)
-    model, ckpt = make_unet(args.conditional), None
-    if args.resume:
-        ckpt, args, model = resume(ckpt_path, args, "translate.py", OLDER)
-    elif os.path.exists(ckpt_path):
-        die(f"{ckpt_path} exists: add --resume to continue that run, or choose another --out")
-    make_dir(args.out)
-
-    # -------------------------------------------------------------------------
-    # data: x1 ~ mu_1 the digits and their classes (N,), x0 ~ mu_0 the garments, each
-    # (N, 1, 28, 28) in [-1, 1]
-    x1_all, y_all = (a[: args.limit].to(device) for a in load_images("MNIST", args.data,
-                                                                      labels=True))
-    x0_all = load_images("FashionMNIST", args.data)[: args.limit].to(device)
-    N = len(x1_all)
-    fixed = load_images("FashionMNIST", args.data, train=False)[:16]  # the same, every epoch
-    fixed_y = torch.arange(16) % 10 if args.conditional else None  # conditional: 0, 1, ..., 9, 0
-    w, shape, per, budget = guidance(args, args.conditional, ckpt_path, "translate.py")  # pictures
-    schedule = get_schedule(args.schedule)
-
-    # -------------------------------------------------------------------------
-    # model, optimiser and the moving average of the weights, as in mnist.py
-    model = model.to(device, memory_format=torch.channels_last)
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
-    ema = copy.deepcopy(model).requires_grad_(False) if args.ema else None
-    start = restore_state(ckpt, opt, ema, device) if ckpt else 0  # epochs done
-    print(f"device {device}, dtype {str(dtype).removeprefix('torch.')}, schedule {args.schedule}, "
-          f"seed {args.seed}, {N} training images, {sum(p.numel() for p in model.parameters())} "
-          f"parameters")
-    solver, n_steps, grid = plan(budget, args.schedule, args.solver, args.steps, args.grid)
-    ts = time_grid(grid, n_steps, args.schedule)  # the sampler of the pictures
-    print(f"pictures: {solver}, {n_steps} steps on the {grid} grid "
-          f"({nfe(solver, n_steps) * per} network evaluations)")
-
-    # -------------------------------------------------------------------------
-    # the training loop: mnist.py's, with a garment in place of the noise
-    batches = math.ceil(N / args.batch_size)  # optimiser steps an epoch
-    n, saved = start * batches, start  # optimiser steps so far; the epoch in OUT/ckpt.pt
-    try:
-        for epoch in range(start, args.epochs):
-            t0, total = time.time(), 0.0
-            for step, idx in enumerate(torch.randperm(N).split(args.batch_size), 1):
-                x1 = x1_all[idx.to(device)]   # (B, 1, 28, 28), digits
-                # x0: a garment drawn independently of the digit x1 (random pairing); with
-                # --pairing ot the batch's garments are then re-paired with its digits at the
-                # least total distance (a conditional model's: within each class)
-                x0 = x0_all[torch.randint(len(x0_all), (len(x1),)).to(device)]
-                if args.sigma:  # the source a density: each garment plus Gaussian noise
-                    x0 = x0 + args.sigma * torch.randn_like(x0)
-                y = y_all[idx.to(device)] if args.conditional else None  # the digits' classes
-                if args.pairing == "ot":
-                    x0 = x0[ot_pairing(x0, x1, y)]
-                net = model
-                if args.conditional:  # each class "no label" with probability --label-drop
-                    drop = torch.rand(len(y), device=device) < args.label_drop
-                    y = torch.where(drop, NO_LABEL, y)
-                    net = lambda xt, t: model(xt, t, y)
-                with autocast(device, dtype):
-                    loss = fm_loss(net, x0, x1, schedule, args.t_dist, args.t_mean)
-                total += loss.item() * len(idx)
-                check_loss(total, loss, step, epoch + 1, args.lr)  # before it can spoil the weights
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if args.clip:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
-                if args.warmup:  # from the step count, so that a resumed run goes on exactly
-                    opt.param_groups[0]["lr"] = args.lr * min(1, (n + 1) / args.warmup)
-                opt.step()
-                n += 1
-                if ema is not None:  # the decay warms up as (1 + n) / (10 + n): early weights fade
-                    update_ema(ema, model, min(args.ema, (1 + n) / (10 + n)))
-                progress(epoch + 1, args.epochs, step, batches, step * args.batch_size, total, t0)
-            dt = time.time() - t0
-            print(f"epoch {epoch + 1:3d}/{args.epochs} | loss {total / N:.4f} | "
-                  f"{N / dt:5.0f} img/s | {dt:6.1f} s", flush=True)
-
-            # outputs: the fixed garments and their translations, then the checkpoint (never
-            # with non-finite weights) and the sampling weights alone
-            sampler = ema if ema is not None else model
-            check_weights([model, sampler], epoch + 1, args.lr)
-            x = generate(sampler, blur(fixed, args.sigma), n_steps, device, dtype, solver, ts,
-                         y=fixed_y, w=w, shape=shape)
-            save_pairs(fixed, x, os.path.join(args.out, f"epoch{epoch + 1:03d}.png"))
-            atomic_save({
-                "script": "translate.py", "model": model.state_dict(),
-                "optimizer": opt.state_dict(), "config": vars(args),
-                **({"ema": ema.state_dict()} if ema is not None else {}),
-                "epoch": epoch + 1, "rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else [],
-            }, ckpt_path)
-            saved = epoch + 1
-            atomic_save({"script": "translate.py", "ema" if ema is not None else "model":
-                         sampler.state_dict(), "config": vars(args), "epoch": epoch + 1},
-                        os.path.join(args.out, f"epoch{epoch + 1:03d}.pt"))
-    except KeyboardInterrupt:  # Ctrl-C: one line, where the run stands and how to go on; exit 130
-        interrupted("translate.py", args, epoch + 1, saved, ckpt_path)
 
 if __name__ == "__main__":
     try:
