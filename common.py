@@ -1,7 +1,8 @@
 """
 What the nanoFM scripts share, in the order the README teaches it. First the handout's
-maths: the schedules, the flow matching loss and the moving average of the weights, Euler's
-sampler, the two networks (an MLP for 2D, the handout's U-Net for images). Then each
+maths: the schedules, the flow matching loss (and the moving average of the weights, our
+recipe's, not the handout's), Euler's sampler, the two networks (an MLP for 2D, the
+handout's U-Net for images). Then each
 chapter's maths, in the README's order: where training draws t (section 3), more solvers
 and time grids (section 3, appendix D), optimal transport pairing (section 4),
 classifier-free guidance (section 6), reflow's straightness (section 7), the flow as a
@@ -94,7 +95,8 @@ def euler(model, x0, steps, trajectory=False):
     return torch.stack(xs) if trajectory else x
 
 # -----------------------------------------------------------------------------
-# networks. Every model is called as model(xt, t) with t of shape (B,).
+# networks. Every model is called as model(xt, t) with t of shape (B,) (a conditional U-Net,
+# section 6: model(xt, t, y) with the labels y (B,)).
 
 class MLP(nn.Module):
     """The MLP of section 2: d + 1 inputs (the point and the time, last), three hidden
@@ -129,7 +131,7 @@ class UNet(nn.Module):
     """The U-Net of section 3, for 28x28 images, as the handout lists it (the 3x3 kernels of
     DoubleConv, padded to keep the sizes it lists, are our reading of its "already defined"
     code). The time enters as a constant extra input channel (the "time map"). With
-    n_classes > 0 (mnist.py --conditional) a label y enters the same way, as n_classes
+    n_classes > 0 (--conditional, make_unet) a label y enters the same way, as n_classes
     constant one-hot channels, and again at the input of each later block, as a learned
     number per channel and class added to every pixel (README, section 6); y = n_classes is
     "no label": all of them 0."""
@@ -153,17 +155,21 @@ class UNet(nn.Module):
     def forward(self, x, t, y=None):
         B, _, H, W = x.shape
         maps = [x, t.to(x.dtype).view(B, 1, 1, 1).expand(B, 1, H, W)]  # the image, the time map
-        if self.n_classes:  # and the label's: (B, n_classes, H, W), 1 in channel y
+        shift = [0, 0, 0, 0]  # the handout's U-Net: nothing added at the later blocks
+        if self.n_classes:    # section 6: the label's maps (B, n_classes, H, W), 1 in channel y,
             onehot = F.one_hot(y, self.n_classes + 1)[:, :self.n_classes].to(x.dtype)
             maps.append(onehot.view(B, -1, 1, 1).expand(B, self.n_classes, H, W))
-        shift = [table(y).to(x.dtype).view(B, -1, 1, 1) for table in self.label] \
-            if self.n_classes else [0, 0, 0, 0]       # the label at each later block
+            shift = [table(y).to(x.dtype).view(B, -1, 1, 1) for table in self.label]  # and shifts
         e1 = self.enc1(torch.cat(maps, dim=1))        # (B, 32, 28, 28)
         e2 = self.enc2(F.max_pool2d(e1, 2) + shift[0])  # (B, 64, 14, 14)
         m = self.mid(F.max_pool2d(e2, 2) + shift[1])  # (B, 64, 7, 7)
         d2 = self.dec2(self.up2(m) + e2 + shift[2])   # (B, 32, 14, 14), additive skip
         d1 = self.dec1(self.up1(d2) + e1 + shift[3])  # (B, 32, 28, 28), additive skip
         return self.out(d1)                           # (B, c_out, 28, 28)
+
+def make_unet(conditional=False):
+    """The handout's U-Net; a conditional one (section 6) reads the ten digits' labels too."""
+    return UNet(n_classes=10 if conditional else 0)
 
 # =============================================================================
 # the chapters' maths, in the README's order
@@ -347,15 +353,16 @@ def ot_pairing(x0, x1, y=None):
 # classifier-free guidance (section 6; Ho and Salimans 2022): one network, trained with the
 # label dropped now and then, gives the conditional field v_c and the unconditional v_u
 
-NO_LABEL = 10  # the label a conditional U-Net reads as "no label"
+NO_LABEL = 10  # the label a conditional U-Net (make_unet: n_classes 10) reads as "no label"
 # the defaults of --guidance and --guidance-shape, and of --nfe for a guided model (cosine:
 # 10 steps of heun-euler, plan): measured in README, section 6
 GUIDANCE, GUIDANCE_SHAPE, GUIDED_NFE = 4.0, "ramp", 40
 SHAPES = ("ramp", "constant")
 
-def make_unet(conditional=False):
-    """The handout's U-Net; a conditional one reads the ten digits' labels too."""
-    return UNet(n_classes=NO_LABEL if conditional else 0)
+def drop_labels(y, p):
+    """Training labels y (B,), each replaced by NO_LABEL with probability p: one network learns
+    the conditional field and the unconditional one."""
+    return torch.where(torch.rand(len(y), device=y.device) < p, NO_LABEL, y)
 
 def guided(model, y, w, shape=None):
     """The field v_u + W(t) (v_c - v_u) for labels y (B,), with W(t) = w ("constant") or
@@ -489,7 +496,8 @@ class Help(argparse.HelpFormatter):
     """--help with each setting's default after its text, as "(default: 20)" (not for a
     switch, nor for a setting whose default is none or is said in its text)."""
     def _get_help_string(self, action):
-        if action.default in (None, False, argparse.SUPPRESS) or "(default" in action.help:
+        if action.default is None or action.default is False or "(default" in action.help \
+                or action.default == argparse.SUPPRESS:
             return action.help
         return action.help + " (default: %(default)s)"
 
@@ -637,7 +645,8 @@ def load_images(name, root, train=True, labels=False):
     return (x, ds.targets) if labels else x
 
 def fixed_noise(n, seed):
-    """n noise images (n, 1, 28, 28) fixed by the seed: mnist.py and evaluate.py share them."""
+    """n noise images (n, 1, 28, 28) fixed by the seed: mnist.py, reflow.py and evaluate.py
+    share them."""
     return torch.randn(n, 1, 28, 28, generator=torch.Generator().manual_seed(seed))
 
 def blur(garments, sigma, seed=0):
@@ -708,7 +717,7 @@ def check_script(ckpt, path, scripts, hint=None):
     scripts = (scripts,) if isinstance(scripts, str) else tuple(scripts)
     wrote = written_by(ckpt)
     if wrote is not None and wrote not in scripts:
-        die(f"{path} was written by {wrote}, not {' or '.join(scripts)}"
+        die(f"{path} is a run of {wrote}, not of {' or '.join(scripts)}"
             f"{f': use {wrote}' if hint is None else hint}")
 
 def restore(model, weights, path):
@@ -819,17 +828,23 @@ def interrupted(script, args, epoch, saved, path):
     print(f"{script}: interrupted in epoch {epoch}; {where}", file=sys.stderr)
     raise SystemExit(130)
 
-def free_memory():
-    """Linux's MemAvailable in bytes; None where it is unknown."""
+def free_memory(device=None):
+    """The memory free on a CUDA device, or else Linux's MemAvailable, in bytes; None where it
+    is unknown (Apple's mps, other systems)."""
+    if device is not None and device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device is not None and device.type != "cpu":
+        return None
     try:
         with open("/proc/meminfo") as f:
             return next(int(l.split()[1]) * 1024 for l in f if l.startswith("MemAvailable:"))
     except (OSError, StopIteration, ValueError):
         return None
 
-def check_memory(need, what):
-    """One line if `need` bytes are more than the memory free (unknown: pass)."""
-    free = free_memory()
+def check_memory(need, what, device=None):
+    """One line if `need` bytes are more than the memory free (free_memory: the device's for
+    a GPU, else the machine's; unknown: pass)."""
+    free = free_memory(device)
     if free is not None and need > free:
         die(f"{what} needs {need / 2**30:.1f} GiB of memory, {free / 2**30:.1f} GiB is free: "
             f"ask for fewer")

@@ -67,11 +67,11 @@ add("--translation", action="store_true", help="translate.py's samples.pt or run
 # run folder only (RUN_ONLY, but --device: a samples.pt is scored where it is): what to sample
 add("--nfe", type=positive_int, nargs="+", default=[4, 6, 8, 10, 16, 20, 50, 100], help="run "
     "folder: the budgets of network evaluations to try (each solver takes as many steps as fit, "
-    "at least one; with --also, each run the sampler of mnist.py --nfe K)")
+    "at least one; with --also, each run the sampler of its script's --nfe K)")
 add("--grids", nargs="+", choices=list(GRIDS), default=list(GRIDS),
     help="run folder: the time grids to try (default: all)")
 add("--seeds", type=int, nargs="+", default=[0, 1], help="run folder: the sets of noise images to "
-    "sample from (those of mnist.py --sample --seed S)")
+    "sample from (those of mnist.py's and reflow.py's --sample --seed S)")
 add("--guidance", type=non_negative_float, nargs="+", metavar="W", help="conditional run folder: "
     "quality against classifier-free guidance instead: 1000 class-balanced digits for each W and "
     "shape, with mnist.py --sample's sampler, FID against the share read as asked "
@@ -216,7 +216,7 @@ def images_to_score(args):
             f"infinite); the model that drew them has diverged")
     if len(x) < 2 or x.min() < 0 or x.max() > 1:
         die(f"{args.samples}: expected at least 2 images with values in [0, 1] "
-            f"(mnist.py --sample N writes them)")
+            f"(the scripts' --sample N writes them)")
     if args.n and args.n > len(x):
         die(f"--n {args.n}: {args.samples} holds only {len(x)} images")
     return x[: args.n].float() * 2 - 1
@@ -581,8 +581,8 @@ def compare(args, device):
     compare.png, FID against network evaluations, a line per run; compare-samples.png, the
     first 8 images of the first noise set, a row for each run and budget."""
     runs, rows, pictures = [args.samples, *args.also], [], []
-    models = {run: load_model(os.path.join(run, "ckpt.pt"), device, False, SCRIPT[False],
-                              HINT[False]) for run in runs}
+    models = {run: load_model(os.path.join(run, "ckpt.pt"), device, False, SCRIPT[False], "")
+              for run in runs}
     for run, (model, config) in models.items():
         if config.get("conditional"):
             die(f"{run} is a conditional run: score it with --guidance W...")
@@ -615,7 +615,7 @@ def compare(args, device):
                 label=f"{run} (straightness {mine[0]['straightness']:.3f})")
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel("network evaluations per image (mnist.py --nfe)")
+    ax.set_xlabel("network evaluations per image (--nfe)")
     ax.set_ylabel("FID (mean over the noise sets)")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
@@ -667,7 +667,7 @@ def main(argv=None):
     if args.guidance and sweep_only:  # the guidance sweep samples as mnist.py --sample does
         die(f"--{sweep_only[0]} is for the sweep over solvers; --guidance samples with "
             f"mnist.py --sample's sampler")
-    if args.also and not args.curve:  # the comparison samples as mnist.py --sample does
+    if args.also and not args.curve:  # the comparison samples as each script's --sample does
         mine = [k for k in ("grids", "raw", "path", "guidance", "translation")
                 if getattr(args, k) != parser.get_default(k)]
         if mine:
@@ -705,7 +705,7 @@ def main(argv=None):
             return bits(args, model, device)
         if config.get("conditional"):
             die(f"{args.samples} is a conditional run: score it with --guidance W..., or draw "
-                f"with mnist.py --sample and score samples.pt (its labels are beside it)")
+                f"with its script's --sample and score samples.pt (its labels are beside it)")
         if args.path:
             return along_the_path(args, model, get_schedule(config.get("schedule", "cosine")),
                                   device, config.get("sigma", 0.0))

@@ -1,9 +1,9 @@
 """
 Flow matching on MNIST with the handout's small U-Net (section 3): noise -> digits.
 
-Train; after every epoch it writes an 8x8 grid of samples from the same fixed noise
-(OUT/epoch001.png, ...), the sampling weights (OUT/epoch001.pt, ...) and a checkpoint
-OUT/ckpt.pt:
+Train; after every epoch it writes a grid of samples from the same fixed noise (8x8; 8 of
+each digit with --conditional) (OUT/epoch001.png, ...), the sampling weights
+(OUT/epoch001.pt, ...) and a checkpoint OUT/ckpt.pt:
     python mnist.py --schedule cosine --epochs 20        # OUT = out/mnist-cosine
     python mnist.py --limit 2000 --epochs 2              # a one-minute look on a laptop CPU
 Continue an interrupted run, or draw samples from a trained one:
@@ -22,12 +22,11 @@ import time
 
 import torch
 
-# the lesson: the handout's maths (common.py's first part)
-from common import SCHEDULES, fm_loss, get_schedule, update_ema
-# the chapters: how t is drawn (README, section 3), samplers (section 3, appendix D), OT pairs
-# (section 4), labels and guidance (section 6), dequantised digits (section 8)
-from common import (GRIDS, GUIDANCE, GUIDANCE_SHAPE, GUIDED_NFE, NO_LABEL, SHAPES, SOLVERS,
-                    STRIP, T_DISTS, dequantize, draw_t, make_unet, ot_pairing, plan, time_grid)
+# the lesson: the handout's maths, and our recipe's moving average (common.py's first part)
+from common import SCHEDULES, fm_loss, get_schedule, make_unet, update_ema
+# the chapters: t (README, section 3), samplers (appendix D), OT (4), labels (6), dequantising (8)
+from common import (GRIDS, GUIDANCE, GUIDANCE_SHAPE, GUIDED_NFE, SHAPES, SOLVERS,
+                    STRIP, T_DISTS, dequantize, draw_t, drop_labels, ot_pairing, plan, time_grid)
 # plumbing, which a learner can skip
 from common import (Help, atomic_save, autocast, check_guidance_flags, check_loss, check_memory,
                     check_weights, decay, die, finite_float, fixed_noise, generate, guidance,
@@ -62,7 +61,7 @@ add("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda
 add("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="auto: bf16 "
     "autocast on a CPU with native bf16 (AVX512-BF16 or AMX), else float32 (README, appendix E)")
 add("--resume", action="store_true", help="continue OUT/ckpt.pt with its settings, but --epochs, "
-    "--nfe, --guidance and --guidance-shape as given here")
+    "--data, --device, --dtype, --nfe, --guidance, --guidance-shape as given here")
 # sampling: the pictures of every epoch, and --sample
 add("--sample", type=positive_int, metavar="N", help="no training: N digits into OUT/samples.pt")
 add("--raw", action="store_true", help="with --sample: the trained weights, not their average")
@@ -79,15 +78,16 @@ HANDOUT = {"t_dist": "uniform", "batch_size": 128, "ema": 0.0, "solver": "euler"
 add("--handout", action="store_true", help="the handout's recipe as we run it: " + " ".join(
     f"--{k.replace('_', '-')} {v}" for k, v in HANDOUT.items()) + "; a setting given wins")
 # the chapters: OT pairs (README, section 4), dequantised digits (8), labels and guidance (6)
-add("--pairing", default="random", choices=["random", "ot"], help="which noise meets which digit: "
-    "drawn independently, or re-paired in each batch by optimal transport (by class)")
+add("--pairing", default="random", choices=["random", "ot"], help="noise and digits paired "
+    "independently, or re-paired in each batch by optimal transport (--conditional: by class)")
 add("--dequantize", action="store_true", help="each digit's pixels moved uniformly within their "
     "grey level's bin, afresh every batch")
 add("--conditional", action="store_true", help="learn each digit's class too (ten one-hot maps, "
     "a learned shift at each later block), 'no label' with probability --label-drop")
 add("--label-drop", type=probability, default=0.1, metavar="P", help="how often a label is dropped")
 add("--guidance", type=non_negative_float, metavar="W", help="a conditional model's field "
-    f"v_u + W(t) (v_c - v_u); W = 1: v_c; other W: two evaluations (default: {GUIDANCE:g})")
+    f"v_u + W(t) (v_c - v_u); W = 1: v_c; another W (a constant 0 aside) takes two (default: "
+    f"{GUIDANCE:g})")
 add("--guidance-shape", choices=SHAPES, help="W(t) = 1 + (W - 1) t (ramp: v_c at t = 0, W at "
     f"t = 1) or W (constant) (default: {GUIDANCE_SHAPE})")
 add("--digit", type=int, choices=range(10), help="--sample this digit only (default: each in turn)")
@@ -119,14 +119,14 @@ def main(argv=None):
     x1_all, y_all = (a[: args.limit].to(device) for a in load_images("MNIST", args.data,
                                                                       labels=True))
     N = len(x1_all)
-    check_memory(step_memory(model, min(args.batch_size, N)), f"--batch-size {args.batch_size}")
+    need = step_memory(model, min(args.batch_size, N))  # a step's activations, gradients
+    check_memory(need, f"--batch-size {args.batch_size}", device)  # refused now, if too many
     # the same noise every epoch, so the grids can be compared (conditional: 8 of each digit)
     fixed = fixed_noise(80 if args.conditional else 64, args.seed)
     fixed_y = torch.arange(10).repeat_interleave(8) if args.conditional else None
 
     # -------------------------------------------------------------------------
-    # model, optimiser and the moving average of the weights. channels_last is the layout
-    # the fast conv kernels want.
+    # model, optimiser and the weights' moving average; channels_last: the fast conv kernels'
     model = model.to(device, memory_format=torch.channels_last)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     ema = copy.deepcopy(model).requires_grad_(False) if args.ema else None
@@ -153,13 +153,12 @@ def main(argv=None):
                 if args.dequantize:          # section 8: each pixel anywhere in its grey level
                     x1 = dequantize(x1)
                 x0 = torch.randn_like(x1)    # x0 ~ mu_0 = N(0, I), fresh noise for every batch
-                y = y_all[idx.to(device)]    # the digits' classes
+                y = y_all[idx.to(device)] if args.conditional else None  # section 6: classes
                 if args.pairing == "ot":     # section 4: re-paired, least total distance
-                    x0 = x0[ot_pairing(x0, x1, y if args.conditional else None)]
+                    x0 = x0[ot_pairing(x0, x1, y)]
                 net = model
-                if args.conditional:         # section 6: each class "no label" with --label-drop
-                    y = torch.where(torch.rand(len(y), device=device) < args.label_drop,
-                                    NO_LABEL, y)
+                if args.conditional:         # section 6: the class, or "no label" (--label-drop)
+                    y = drop_labels(y, args.label_drop)
                     net = lambda xt, t: model(xt, t, y)
                 t = draw_t(len(x1), args.t_dist, args.t_mean, device)  # each sample's time
                 with autocast(device, dtype):

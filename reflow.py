@@ -2,13 +2,14 @@
 Reflow (Liu et al. 2022; README, section 7): a straighter flow, for one or two network
 evaluations an image.
 
-A trained flow, the teacher (a run of mnist.py), carries noise x0 to digits x1; the pairs
-(x0, x1) are made once into OUT/pairs.pt. A student, which starts as the teacher, learns
-the straight lines between them: mnist.py's loop, with the pairs' x0 in place of fresh noise
-and the teacher's digits in place of the training digits. Two trajectories of a flow never
-meet, so these lines cross far less than random pairs do, and one Euler step follows them.
-Defaults: the linear schedule (its paths are the lines) and t = 0 for half the samples
-(--t-dist half-zero), where the loss asks for the whole step from noise alone.
+A trained flow, the teacher (a run of mnist.py; of reflow.py for a second reflow), carries
+noise x0 to digits x1; the pairs (x0, x1) are made once into OUT/pairs.pt. A student, which
+starts as the teacher, learns the straight lines between them: mnist.py's loop, with the
+pairs' x0 in place of fresh noise and the teacher's digits in place of the training digits.
+Two trajectories of a flow never meet, so these lines cross far less than random pairs do,
+and one Euler step follows them. Defaults: the linear schedule (its paths are the lines)
+and t = 0 for half the samples (--t-dist half-zero), where the target is the whole step,
+x1 - x0, from noise alone.
 
     python reflow.py --teacher weights/mnist-cosine          # pairs, 20 epochs: out/mnist-reflow
     python reflow.py --teacher weights/mnist-cosine --pairs 2000 --epochs 2   # a quick look
@@ -28,10 +29,10 @@ import time
 
 import torch
 
-# the lesson: the handout's maths (common.py's first part)
-from common import SCHEDULES, fm_loss, get_schedule, update_ema
+# the lesson: the handout's maths, and our recipe's moving average (common.py's first part)
+from common import SCHEDULES, fm_loss, get_schedule, make_unet, update_ema
 # the chapters: how t is drawn (README, sections 3 and 7), samplers (section 3, appendix D)
-from common import GRIDS, SOLVERS, T_DISTS, draw_t, make_unet, plan, time_grid
+from common import GRIDS, SOLVERS, T_DISTS, draw_t, plan, time_grid
 # plumbing, which a learner can skip
 from common import (Help, atomic_save, autocast, check_loss, check_memory,
                     check_weights, decay, die, finite_float, fixed_noise, generate, interrupted,
@@ -46,8 +47,8 @@ parser = argparse.ArgumentParser(description="Reflow: a straighter flow from a t
 parser.error = die  # argparse's errors in one line, without its usage block
 add = parser.add_argument
 # the teacher and its pairs
-add("--teacher", metavar="RUN", help="the trained mnist.py run (its OUT, or weights/mnist-cosine) "
-    "whose samples are the digits; its sampling weights start the student")
+add("--teacher", metavar="RUN", help="the trained run (OUT of mnist.py or reflow.py, or "
+    "weights/mnist-cosine) whose samples are the digits; its sampling weights start the student")
 add("--pairs", type=positive_int, default=60000, metavar="N", help="the noise images the teacher "
     "carries to digits, once, into OUT/pairs.pt")
 # the recipe
@@ -68,7 +69,7 @@ add("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda
 add("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="auto: bf16 "
     "autocast on a CPU with native bf16 (AVX512-BF16 or AMX), else float32 (README, appendix E)")
 add("--resume", action="store_true", help="continue OUT/ckpt.pt with its settings and pairs, "
-    "but --epochs and --nfe as given here")
+    "but --epochs, --device, --dtype and --nfe as given here")
 # sampling: the pictures of every epoch, and --sample
 add("--sample", type=positive_int, metavar="N", help="no training: N digits into OUT/samples.pt")
 add("--raw", action="store_true", help="with --sample: the trained weights, not their average")
@@ -89,7 +90,7 @@ def main(argv=None):
     if args.sample:  # no training: draw from a trained student
         return draw(args, ckpt_path, device, dtype)
     if args.teacher is None and not args.resume:
-        die("reflow.py needs --teacher RUN, the trained mnist.py run whose samples it learns")
+        die("reflow.py needs --teacher RUN, the trained run whose samples it learns")
     if args.teacher is not None:
         args.teacher = os.path.normpath(args.teacher)  # weights/x/ and weights/x: one teacher
 
@@ -111,7 +112,8 @@ def main(argv=None):
     # (N, 1, 28, 28), x1 in [-1, 1]
     x0_all, x1_all = (a.to(device) for a in make_pairs(args, device, dtype))
     N = len(x1_all)
-    check_memory(step_memory(model, min(args.batch_size, N)), f"--batch-size {args.batch_size}")
+    need = step_memory(model, min(args.batch_size, N))  # a step's activations, gradients
+    check_memory(need, f"--batch-size {args.batch_size}", device)  # refused now, if too many
     fixed = fixed_noise(64, args.seed)  # the same noise every epoch, so the grids compare
 
     # -------------------------------------------------------------------------
@@ -186,7 +188,7 @@ def load_teacher(run, device):
     """--teacher: the trained, unconditional run that reflow learns from (mnist.py's, or
     reflow.py's for a second reflow), and its settings."""
     teacher, config = load_model(os.path.join(run, "ckpt.pt"), device,
-                                 script=("mnist.py", "reflow.py"))
+                                 script=("mnist.py", "reflow.py"), hint="")
     if config.get("conditional"):
         die(f"--teacher {run} is a conditional run; reflow learns an unconditional one")
     return teacher, config

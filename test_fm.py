@@ -1,6 +1,7 @@
 """
-Tests of nanoFM: the maths against closed forms, then each script end to end on
-small settings (MNIST-shaped data is written by the tests as IDX files). Run:
+Tests of nanoFM, in the order the README teaches: the handout's maths against closed forms,
+each script end to end on small settings (MNIST-shaped data is written by the tests as IDX
+files), each chapter, then the plumbing. Run:
     python -m pytest
 """
 import contextlib
@@ -25,7 +26,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 class Killed(BaseException):
     """Raised in a test to stop a run dead, as a kill would (no handler catches it)."""
+
 SCHEDULES = [linear, cosine]
+
+# =============================================================================
+# the handout's maths, against closed forms
+# =============================================================================
 
 # -----------------------------------------------------------------------------
 # schedules (Eq. 5, questions 1 to 4)
@@ -68,7 +74,7 @@ def test_unknown_schedule_is_a_clear_error():
         get_schedule("sigmoid")
 
 # -----------------------------------------------------------------------------
-# the loss (Eq. 4 / 6) and the Euler sampler (Eq. 7)
+# the loss (Eq. 4, 6) and the moving average of the weights
 
 @pytest.mark.parametrize("schedule", SCHEDULES)
 def test_loss_is_zero_for_the_exact_velocity(schedule):
@@ -97,25 +103,16 @@ def test_loss_is_zero_for_the_exact_velocity(schedule):
     torch.manual_seed(3)
     assert torch.equal(seen[1], torch.rand(64, dtype=torch.float64))
 
-@pytest.mark.parametrize("t_dist,below_01", [("uniform", 0.1), ("logit-normal", 0.0140),
-                                              ("u-shaped", 0.1725), ("tail", 0.0576),
-                                              ("half-zero", 0.55), ("zero", 1.0)])
-def test_the_distribution_of_t_in_training(t_dist, below_01):
-    # P(t < 0.1): 0.1 for U(0, 1); Phi(logit(0.1)) = Phi(-2.197) = 0.0140 for sigmoid(N(0, 1));
-    # density 4 cosh(4 (t - 1/2)) / (2 sinh 2): (e^0.4 - 1 + e^4 - e^3.6) / (2 (e^4 - 1)) = 0.1725;
-    # half U(0, 1), half 1 - 0.001^u: 0.05 + 0.5 ln 0.9 / ln 0.001 = 0.0576, the mean
-    # 1/4 + (1 - 0.999 / ln 1000) / 2 = 0.6777, and P(t > 0.99) = 0.005 + 0.5 * 1/3 = 0.1717;
-    # half at 0, half U(0, 1): 0.5 + 0.5 * 0.1 = 0.55, and the mean 1/4; all at 0: 1, mean 0
+def test_update_ema_is_the_weighted_mean():
     torch.manual_seed(0)
-    t = common.draw_t(200_000, t_dist)
-    at_0 = {"half-zero": 0.5, "zero": 1.0}.get(t_dist, 0.0)  # the share exactly at t = 0
-    assert 0 <= t.min() and t.max() < 1
-    assert (t == 0).double().mean().item() == pytest.approx(at_0, abs=0.003)
-    assert (t < 0.1).double().mean().item() == pytest.approx(below_01, abs=0.004)  # 3.6 sd
-    mean = {"half-zero": 0.25, "zero": 0.0, "tail": 0.6777}.get(t_dist, 0.5)  # others: 1/2
-    assert t.mean().item() == pytest.approx(mean, abs=0.003)
-    if t_dist == "tail":
-        assert (t > 0.99).double().mean().item() == pytest.approx(0.1717, abs=0.004)
+    ema, model = MLP(n_hidden=8), MLP(n_hidden=8)
+    before = [p.clone() for p in ema.parameters()]
+    common.update_ema(ema, model, 0.75)
+    for e, b, p in zip(ema.parameters(), before, model.parameters()):
+        torch.testing.assert_close(e, 0.75 * b + 0.25 * p)
+
+# -----------------------------------------------------------------------------
+# Euler's sampler (Eq. 7)
 
 @pytest.mark.parametrize("steps", [1, 3, 10])
 def test_euler_is_exact_on_a_constant_field(steps):
@@ -142,25 +139,977 @@ def test_euler_time_is_a_batch_vector_from_0_to_1():
     euler(lambda x, t: seen.append(t.clone()) or torch.zeros_like(x), torch.zeros(3, 2), 4)
     assert [s.tolist() for s in seen] == [[i / 4] * 3 for i in range(4)]
 
-def test_straightness_is_0_for_straight_paths_and_the_closed_form_for_exponential_ones():
-    # straight lines at constant speed to one point x*: v = (x* - x) / (1 - t), S = 0
-    target = torch.randn(64, 5, dtype=torch.float64)
-    to_target = lambda x, t: (target - x) / (1 - t.view(-1, 1))
-    x0 = torch.randn(64, 5, dtype=torch.float64)
-    assert common.straightness(to_target, x0, 10) == pytest.approx(0, abs=1e-12)
-    # v = a x: x_t = x_0 e^(at), x_1 - x_0 = x_0 (e^a - 1), and E x_0^2 = 1 per dimension:
-    # S = int_0^1 (a e^(at) - (e^a - 1))^2 dt = a (e^(2a) - 1) / 2 - (e^a - 1)^2
-    a = 0.8
-    exact = a * (math.exp(2 * a) - 1) / 2 - (math.exp(a) - 1) ** 2
-    x0 = torch.randn(100_000, 1, dtype=torch.float64)
-    x0 = x0 / x0.pow(2).mean().sqrt()  # E x_0^2 = 1 exactly
-    S = common.straightness(lambda x, t: a * x, x0, 2000)
-    assert S == pytest.approx(exact, rel=2e-3)  # Euler's O(h) error
-
 @pytest.mark.parametrize("steps", [0, -3, 2.5])
 def test_euler_rejects_bad_steps(steps):
     with pytest.raises(ValueError, match="positive integer"):
         euler(lambda x, t: x, torch.zeros(2, 2), steps)
+
+def test_euler_on_the_exact_gaussian_field_has_the_predicted_discretisation_error():
+    # N(0, 1) -> N(1, 1), linear schedule, independent X_0, X_1: the exact velocity field is
+    # v_t(x) = 1 + a_t (x - t) with a_t = (2t - 1) / ((1 - t)^2 + t^2) (README, question 6).
+    # Euler keeps the mean exact and scales a deviation by (1 + h a_{t_i}) each step, so the
+    # variance it reaches is prod_i (1 + h a_{t_i})^2 instead of 1.
+    a = lambda t: (2 * t - 1) / ((1 - t) ** 2 + t ** 2)
+    field = lambda x, t: 1 + a(t)[:, None] * (x - t[:, None])
+    for steps in [2, 5, 10, 100]:
+        x = euler(field, torch.tensor([[0.0], [1.0]], dtype=torch.float64), steps)
+        predicted = math.prod((1 + a(i / steps) / steps) ** 2 for i in range(steps))
+        assert x[0].item() == pytest.approx(1.0, abs=1e-12)                       # the mean: exact
+        assert ((x[1] - x[0]) ** 2).item() == pytest.approx(predicted, rel=1e-12)  # the variance
+    assert predicted == pytest.approx(0.9746, abs=1e-4)  # 100 steps: the number in the README
+
+# -----------------------------------------------------------------------------
+# the networks: the MLP of section 2, the U-Net of section 3
+
+def test_mlp_shapes_and_negative_outputs():
+    torch.manual_seed(0)
+    model = MLP(d=2, n_hidden=32)
+    assert [m.in_features for m in model.net if isinstance(m, torch.nn.Linear)] == [3, 32, 32, 32]
+    x, t = torch.randn(1000, 2), torch.rand(1000)
+    out = model(x, t)
+    assert out.shape == (1000, 2)
+    # the handout's final ReLU would make both of these impossible: velocities need both signs
+    assert (out < 0).any()
+    with torch.no_grad():
+        model.net[-1].weight.neg_(), model.net[-1].bias.neg_()
+    torch.testing.assert_close(model(x, t), -out)  # the output layer is affine, no ReLU
+
+def test_unet_layers_and_parameter_count():
+    model = UNet()
+    conv = lambda cin, cout, k: cin * cout * k * k + cout
+    double = lambda cin, cout: conv(cin, cout, 3) + conv(cout, cout, 3)
+    expected = (double(2, 32) + double(32, 64) + double(64, 64)   # encoder and bottleneck
+                + conv(64, 64, 2) + double(64, 32)                # up to 14x14
+                + conv(32, 32, 2) + double(32, 32)                # up to 28x28
+                + conv(32, 1, 1))                                 # 1x1 output
+    assert sum(p.numel() for p in model.parameters()) == expected == 205_953
+    shapes = {}
+    for name in ["enc1", "enc2", "mid", "up2", "dec2", "up1", "dec1", "out"]:
+        getattr(model, name).register_forward_hook(
+            lambda m, i, o, name=name: shapes.__setitem__(name, tuple(o.shape[1:])))
+    model(torch.randn(3, 1, 28, 28), torch.rand(3))
+    assert shapes == {"enc1": (32, 28, 28), "enc2": (64, 14, 14), "mid": (64, 7, 7),
+                      "up2": (64, 14, 14), "dec2": (32, 14, 14), "up1": (32, 28, 28),
+                      "dec1": (32, 28, 28), "out": (1, 28, 28)}
+    assert model.enc1.net[0].in_channels == 2  # the image and the time map
+
+def test_unet_forward_matches_the_handouts_network_written_out():
+    # the same weights through a plain functional version of the handout's U-Net: the image
+    # and the time map t in, two max-pools, additive skips, a 1x1 convolution out. Dropping a
+    # skip, or feeding anything but t as the second channel, changes the output.
+    torch.manual_seed(0)
+    model = UNet().double()
+    x, t = (torch.randn(3, 1, 28, 28, dtype=torch.float64),
+            torch.tensor([0.0, 0.3, 0.9], dtype=torch.float64))
+    def double(block, h):
+        c1, c2 = block.net[0], block.net[2]
+        h = F.relu(F.conv2d(h, c1.weight, c1.bias, padding=1))
+        return F.relu(F.conv2d(h, c2.weight, c2.bias, padding=1))
+    up = lambda m, h: F.conv_transpose2d(h, m.weight, m.bias, stride=2)
+    tmap = t.view(3, 1, 1, 1) * torch.ones(3, 1, 28, 28, dtype=torch.float64)
+    e1 = double(model.enc1, torch.cat([x, tmap], 1))
+    e2 = double(model.enc2, F.max_pool2d(e1, 2))
+    m = double(model.mid, F.max_pool2d(e2, 2))
+    d2 = double(model.dec2, up(model.up2, m) + e2)
+    d1 = double(model.dec1, up(model.up1, d2) + e1)
+    expected = F.conv2d(d1, model.out.weight, model.out.bias)
+    torch.testing.assert_close(model(x, t), expected, rtol=0, atol=1e-12)
+    # and the time matters: the same images at other times give other velocities
+    assert not torch.allclose(model(x, t), model(x, t.flip(0)))
+
+def test_the_unconditional_unet_is_the_handouts_layer_for_layer():
+    # without --conditional nothing of the label is there: the same tensors as ever, in the
+    # same order (so the same initial weights for a seed), and the handout's forward pass
+    torch.manual_seed(0)
+    model = UNet()
+    blocks = ["enc1", "enc2", "mid", "up2", "dec2", "up1", "dec1", "out"]
+    assert [k.split(".")[0] for k in model.state_dict()] == \
+        [b for b in blocks for _ in range(2 if b in ("up2", "up1", "out") else 4)]
+    x, t = torch.randn(3, 1, 28, 28), torch.rand(3)
+    e1 = model.enc1(torch.cat([x, t.view(3, 1, 1, 1).expand(3, 1, 28, 28)], 1))
+    e2 = model.enc2(F.max_pool2d(e1, 2))
+    d2 = model.dec2(model.up2(model.mid(F.max_pool2d(e2, 2))) + e2)
+    assert torch.equal(model(x, t), model.out(model.dec1(model.up1(d2) + e1)))
+
+# -----------------------------------------------------------------------------
+# the README's code is this code
+
+def readme_snippets():
+    """The python blocks of the README's section 0, as written there."""
+    with open(os.path.join(HERE, "README.md")) as f:
+        text = f.read()
+    section = text[text.index("## 0. "):text.index("## 1. ")]
+    return re.findall(r"```python\n(.*?)```", section, re.S)
+
+@pytest.mark.parametrize("shape", [(64, 2), (8, 1, 28, 28)])
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_the_readme_snippets_are_fm_loss_and_euler(shape, schedule):
+    loss_block, euler_block = readme_snippets()
+    torch.manual_seed(0)
+    model = MLP() if len(shape) == 2 else UNet()
+    x0, x1 = torch.randn(shape), torch.randn(shape)
+    names = {"torch": torch, "model": model, "x0": x0, "x1": x1, "schedule": schedule, "steps": 5}
+    torch.manual_seed(1)
+    exec(loss_block, names)  # as written in the README
+    torch.manual_seed(1)
+    assert names["loss"].item() == fm_loss(model, x0, x1, schedule).item()
+    with torch.no_grad():
+        exec(euler_block, names)
+    torch.testing.assert_close(names["x"], euler(model, x0, 5), rtol=0, atol=0)
+
+# =============================================================================
+# each script end to end, on small data
+# =============================================================================
+
+# -----------------------------------------------------------------------------
+# the 2D scripts: moons.py, gaussian.py
+
+def moon_distance(points, n=4000):
+    """Distance of each point to the nearest point of the noise-free moons (centred as in
+    moons.py)."""
+    theta = torch.linspace(0, math.pi, n // 2)
+    upper = torch.stack([torch.cos(theta), torch.sin(theta)], 1)
+    lower = torch.stack([1 - torch.cos(theta), 0.5 - torch.sin(theta)], 1)
+    curve = torch.cat([upper, lower]) - torch.tensor([0.5, 0.25])
+    return torch.cdist(points, curve).min(dim=1).values
+
+def test_moons_training_learns_the_moons(tmp_path):
+    import moons
+    out = moons.main(["--iters", "1500", "--n-samples", "1000", "--steps", "50", "--gif", "0",
+                      "--out", str(tmp_path)])
+    losses = out["losses"]
+    # the loss has a floor near 1 (the spread of X_1 - X_0 given X_t), far below the start
+    assert sum(losses[-100:]) / 100 < 0.8 * sum(losses[:20]) / 20
+    assert moon_distance(out["samples"]).median() < 0.1               # the moons' own noise is 0.05
+    assert moon_distance(torch.randn(1000, 2)).median() > 0.3         # the source is far from them
+    assert (tmp_path / "moons.png").stat().st_size > 10_000
+    # the learned density integrates to 1 over the grid, and is high on the moons, low off them
+    assert out["mass"] == pytest.approx(1, abs=0.03)
+    g = torch.linspace(-2.5, 2.5, 100)
+    grid = torch.stack(torch.meshgrid(g, g, indexing="xy"), dim=-1).reshape(-1, 2)
+    on = moon_distance(grid) < 0.05
+    assert out["log_p"].flatten()[on].mean() > out["log_p"].flatten()[~on].mean() + 3
+    assert (tmp_path / "density.png").stat().st_size > 10_000
+
+def test_gaussian_variance_follows_the_theory_along_the_flow(tmp_path):
+    import gaussian
+    results = gaussian.main(["--iters", "300", "--steps", "10", "--n-samples", "2000",
+                             "--out", str(tmp_path)])
+    for name in ["linear", "cosine"]:  # the generated points reach the target's mean (1, 1)
+        assert results[name]["mean"].tolist() == pytest.approx([1, 1], abs=0.15)
+    with open(tmp_path / "variance.csv") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["schedule", "t", "var_measured", "var_theory"]
+    assert [r[0] for r in rows[1:]] == ["linear"] * 11 + ["cosine"] * 11
+    for name, block in [("linear", rows[1:12]), ("cosine", rows[12:])]:
+        t = [float(r[1]) for r in block]
+        assert t == pytest.approx([i / 10 for i in range(11)])
+        theory = [float(r[3]) for r in block]
+        assert theory == pytest.approx([(1 - s) ** 2 + s ** 2 if name == "linear" else 1
+                                        for s in t], abs=1e-5)
+    # the flow itself: linear dips towards 1/2 in the middle (its Euler value with 10 steps
+    # on the exact field is 0.44), cosine stays near 1 all the way
+    linear_var, cosine_var = [float(r[2]) for r in rows[1:12]], [float(r[2]) for r in rows[12:]]
+    assert linear_var[5] == pytest.approx(0.44, abs=0.08) and max(linear_var[4:7]) < 0.6
+    assert all(v == pytest.approx(1, abs=0.12) for v in cosine_var)
+    # at t = 1 linear ends below 1 (Euler on the exact field, 10 steps: 0.7726), cosine at 1
+    assert (linear_var[-1] == pytest.approx(0.77, abs=0.08)
+            and cosine_var[-1] == pytest.approx(1, abs=0.12))
+    assert (tmp_path / "variance.png").exists()
+    # the learned flow as a density: the held-out points' mean log-density near the exact one
+    # (-(1 + ln 2 pi) = -2.838 in expectation); learned - exact estimates -KL(p || q) <= 0.
+    # (Here int div v dt = 2 log(1 / 1) = 0 along every path: the closed-form tests above,
+    # and the moons' density, check that term.)
+    for name in ["linear", "cosine"]:
+        r = results[name]
+        assert r["exact_log_p"] == pytest.approx(-1 - math.log(2 * math.pi), abs=0.03)
+        assert r["log_p"] == pytest.approx(r["exact_log_p"], abs=0.05)
+
+# -----------------------------------------------------------------------------
+# mnist.py, on small IDX files written here (torchvision reads them as the real ones)
+
+def write_idx(root, name, n_train=48, n_test=16, seed=0, classes=False):
+    """root/name/raw/ with the four IDX files: random dots, labels 0..9. With classes=True
+    each label also has its own bright bar, so that a classifier can learn them."""
+    raw = root / name / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    for prefix, n in [("train", n_train), ("t10k", n_test)]:
+        images = (torch.rand(n, 28, 28, generator=g) > 0.8).to(torch.uint8) * 255
+        labels = torch.arange(n, dtype=torch.uint8) % 10
+        if classes:
+            for i, k in enumerate(labels.tolist()):
+                r, c = 3 + 12 * (k // 5), 1 + 5 * (k % 5)
+                images[i, r:r + 8, c:c + 5] = 255
+        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(struct.pack(">IIII", 0x0803, n, 28, 28)
+                                                          + images.numpy().tobytes())
+        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(struct.pack(">II", 0x0801, n)
+                                                          + labels.numpy().tobytes())
+    return root
+
+@pytest.fixture
+def mnist_data(tmp_path):
+    return write_idx(tmp_path / "data", "MNIST")
+
+def run_mnist(data, out, *extra):
+    import mnist
+    return mnist.main(["--data", str(data), "--out", str(out), "--batch-size", "16",
+                       "--nfe", "3", "--device", "cpu", *extra])
+
+def expect_error(message, fn, *args):
+    with pytest.raises(SystemExit) as e:
+        fn(*args)
+    assert message in str(e.value.code) and "\n" not in str(e.value.code), e.value.code
+
+def test_load_images_reads_idx_files_into_minus_one_one(mnist_data):
+    x = common.load_images("MNIST", str(mnist_data))
+    assert x.shape == (48, 1, 28, 28) and x.dtype == torch.float32
+    assert set(x.unique().tolist()) == {-1.0, 1.0}  # 0 -> -1, 255 -> 1
+
+def test_mnist_trains_writes_grid_and_checkpoint_then_samples(mnist_data, tmp_path, capsys):
+    out = tmp_path / "out"
+    run_mnist(mnist_data, out, "--epochs", "1", "--schedule", "linear")
+    log = capsys.readouterr().out
+    line = [l for l in log.splitlines() if l.startswith("epoch")][0]
+    assert "epoch   1/1 | loss " in line and " img/s | " in line
+    assert math.isfinite(float(line.split("loss ")[1].split()[0]))
+    assert (out / "epoch001.png").exists()
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["epoch"] == 1 and ckpt["config"]["schedule"] == "linear"
+    assert not list(out.glob("*.tmp*"))
+    # the moving average of the weights, next to them
+    assert ckpt["ema"].keys() == ckpt["model"].keys()
+    assert not torch.equal(ckpt["ema"]["out.bias"], ckpt["model"]["out.bias"])
+
+    run_mnist(mnist_data, out, "--sample", "10")
+    x = torch.load(out / "samples.pt", weights_only=True)
+    assert x.shape == (10, 1, 28, 28) and x.dtype == torch.float32
+    assert x.min() >= 0 and x.max() <= 1
+    assert (out / "samples.png").exists()
+
+def test_mnist_resumed_after_a_kill_ends_with_the_same_weights(mnist_data, tmp_path, monkeypatch):
+    import mnist
+    extra = ["--t-dist", "logit-normal", "--lr", "2e-3", "--warmup", "5", "--clip", "1.0",
+             "--t-mean", "0.3"]
+    run_mnist(mnist_data, tmp_path / "a", "--epochs", "3", *extra)  # never interrupted
+    # the same run, killed in the middle of epoch 2 (48 images / 16 = 3 steps an epoch)
+    calls = {"n": 0}
+    def dying_loss(*a):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise Killed  # as if the process were killed: nothing after this line runs
+        return fm_loss(*a)
+    monkeypatch.setattr(mnist, "fm_loss", dying_loss)
+    with pytest.raises(Killed):
+        run_mnist(mnist_data, tmp_path / "b", "--epochs", "3", *extra)
+    assert torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["epoch"] == 1
+    monkeypatch.setattr(mnist, "fm_loss", fm_loss)
+    run_mnist(mnist_data, tmp_path / "b", "--epochs", "3", "--resume")
+    a = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)
+    assert a["epoch"] == b["epoch"] == 3
+    assert a["optimizer"]["param_groups"][0]["lr"] == b["optimizer"]["param_groups"][0]["lr"]
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+        assert torch.equal(a["ema"][k], b["ema"][k]), k
+
+def test_warmup_clip_and_the_mean_of_t_follow_their_definitions(mnist_data, tmp_path, monkeypatch):
+    import mnist
+    # warm-up: the learning rate of step n (from 1) is lr * n / warmup, then lr
+    seen, norms, ts = [], [], []
+    real_step = torch.optim.Adam.step
+    def spy(self, *a, **k):
+        seen.append(self.param_groups[0]["lr"])
+        norms.append(
+            torch.cat([p.grad.flatten() for p in self.param_groups[0]["params"]]).norm().item())
+        return real_step(self, *a, **k)
+    monkeypatch.setattr(torch.optim.Adam, "step", spy)
+    real_draw = common.draw_t
+    monkeypatch.setattr(mnist, "draw_t", lambda n, d, mean, device:
+                        ts.append(mean) or real_draw(n, d, mean, device))
+    run_mnist(mnist_data, tmp_path / "a", "--epochs", "2", "--warmup", "4", "--lr", "0.01",
+              "--clip", "0.05", "--t-mean", "0.5")
+    assert seen == pytest.approx([0.0025, 0.005, 0.0075, 0.01, 0.01, 0.01])
+    assert set(ts) == {0.5}
+    clipped, norms[:] = norms[:], []
+    # the same first step without --clip: its gradient is longer than 0.05, and the clipped
+    # run's Adam saw it scaled to exactly 0.05; no step saw more
+    run_mnist(mnist_data, tmp_path / "b", "--epochs", "1", "--warmup", "4", "--lr", "0.01",
+              "--t-mean", "0.5")
+    assert norms[0] > 0.1 and clipped[0] == pytest.approx(0.05, rel=1e-4)
+    assert max(clipped) <= 0.05 * (1 + 1e-4)
+    # t ~ sigmoid(N(m, 1)): P(t > 1/2) = Phi(m)
+    torch.manual_seed(0)
+    t = common.draw_t(200_000, "logit-normal", 0.5)
+    assert (t > 0.5).double().mean().item() == pytest.approx(0.6915, abs=0.003)
+
+def test_ema_in_training_follows_its_warm_up_and_sampling_uses_it(mnist_data, tmp_path,
+                                                                  monkeypatch):
+    # record the weights after each of the 3 optimiser steps; the EMA starts from the initial ones
+    import mnist
+    snapshots = []
+    real_update = common.update_ema
+    def spy(ema, model, decay):
+        snapshots.append((decay, [p.detach().clone() for p in model.parameters()]))
+        real_update(ema, model, decay)
+    monkeypatch.setattr(mnist, "update_ema", spy)
+    torch.manual_seed(0)
+    initial = [p.clone() for p in UNet().parameters()]  # run_mnist seeds 0 the same way
+    run_mnist(mnist_data, tmp_path / "a", "--epochs", "1")
+    assert [d for d, _ in snapshots] == pytest.approx([2 / 11, 3 / 12, 4 / 13])
+    expected = initial
+    for d, weights in snapshots:
+        expected = [d * e + (1 - d) * w for e, w in zip(expected, weights)]
+    ckpt = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)
+    for (name, _), e in zip(UNet().named_parameters(), expected):
+        torch.testing.assert_close(ckpt["ema"][name], e)
+    # sampling takes the average by default, the trained weights with --raw
+    (ema_model, _), (raw_model, _) = (common.load_model(tmp_path / "a" / "ckpt.pt", "cpu", raw)
+                                      for raw in (False, True))
+    assert torch.equal(ema_model.out.bias, ckpt["ema"]["out.bias"])
+    assert torch.equal(raw_model.out.bias, ckpt["model"]["out.bias"])
+    # --ema 0: no average in the checkpoint
+    run_mnist(mnist_data, tmp_path / "b", "--epochs", "1", "--ema", "0")
+    assert "ema" not in torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)
+
+def flow_cells(path, rows, cols, scale=2):
+    """The 28x28 cells of flow.png (a band of 12 * scale pixels for the times on top), in [0, 1]."""
+    from PIL import Image
+    img = torch.tensor(np.array(Image.open(path)),
+                       dtype=torch.float64)[12 * scale::scale, ::scale] / 255
+    return png_cells_of(img, rows, cols)
+
+def gif_frames(path):
+    """The frames of a GIF in [0, 1], and how long each is shown (ms)."""
+    from PIL import Image, ImageSequence
+    frames = [(np.array(f.convert("L")), f.info["duration"])
+              for f in ImageSequence.Iterator(Image.open(path))]
+    return [torch.tensor(f, dtype=torch.float64) / 255 for f, _ in frames], [ms for _, ms in frames]
+
+def png_cells_of(img, rows, cols):
+    """The 28x28 cells (padding 2) of a picture (H, W) that make_grid/save_image laid out:
+    (rows, cols, 28, 28)."""
+    assert img.shape == (30 * rows + 2, 30 * cols + 2)
+    return torch.stack([torch.stack([img[30 * r + 2:30 * r + 30, 30 * c + 2:30 * c + 30]
+                                     for c in range(cols)])
+                        for r in range(rows)])
+
+def test_mnist_sample_with_nfe_writes_the_flow_from_noise_to_the_digits(mnist_data, tmp_path,
+                                                                        capsys):
+    out = tmp_path / "o"
+    run_mnist(mnist_data, out, "--epochs", "1")
+    capsys.readouterr()
+    run_mnist(mnist_data, out, "--sample", "10", "--nfe", "6")
+    solver, steps, grid = common.plan(6, "cosine")
+    assert (f"{solver}, {steps} steps on the {grid} grid ({common.nfe(solver, steps)} "
+            "network evaluations each)" in capsys.readouterr().out)
+    x = torch.load(out / "samples.pt", weights_only=True)
+    noise = common.to_unit(common.fixed_noise(10, 0))
+    # flow.png: a row per sample (8), a column per time; the first column is the noise, the last
+    # the digit
+    cells = flow_cells(out / "flow.png", 8, steps + 1)
+    torch.testing.assert_close(cells[:, 0], noise[:8, 0].double(), rtol=0, atol=0.5 / 255 + 1e-9)
+    torch.testing.assert_close(cells[:, -1], x[:8, 0].double(), rtol=0, atol=0.5 / 255 + 1e-9)
+    # flow.gif: the ten samples on their way, held at the end
+    frames, ms = gif_frames(out / "flow.gif")
+    assert len(frames) == steps + 1 and ms[-1] > 5 * ms[0]  # a frame a state, the last held
+    first, last = (png_cells_of(f, 2, 8) for f in (frames[0], frames[-1]))
+    torch.testing.assert_close(first.flatten(0, 1)[:10], noise[:, 0].double(),
+                               rtol=0, atol=0.5 / 255 + 1e-9)
+    torch.testing.assert_close(last.flatten(0, 1)[:10], x[:, 0].double(),
+                               rtol=0, atol=0.5 / 255 + 1e-9)
+
+def test_the_weights_alone_sample_but_do_not_resume(mnist_data, tmp_path, capsys):
+    run_mnist(mnist_data, tmp_path / "run", "--epochs", "2")
+    small = tmp_path / "weights"
+    small.mkdir()
+    (small / "ckpt.pt").write_bytes(
+        (tmp_path / "run" / "epoch002.pt").read_bytes())  # what the repository keeps
+    assert (small / "ckpt.pt").stat().st_size < 1_000_000
+    ckpt = torch.load(small / "ckpt.pt", weights_only=True)
+    assert set(ckpt) == {"script", "ema", "config", "epoch"} and ckpt["epoch"] == 2
+    assert ckpt["script"] == "mnist.py"
+    run_mnist(mnist_data, small, "--sample", "6")
+    run_mnist(mnist_data, tmp_path / "run", "--sample", "6")
+    assert torch.equal(torch.load(small / "samples.pt", weights_only=True),
+                       torch.load(tmp_path / "run" / "samples.pt",
+                                  weights_only=True))  # the averaged weights
+    expect_error("holds weights only, no optimiser state: it can --sample, not --resume",
+                 run_mnist, mnist_data, small, "--resume")
+    expect_error("holds only the moving average of the weights; --raw needs a run's ckpt.pt",
+                 run_mnist, mnist_data, small, "--sample", "6", "--raw")
+
+@pytest.mark.parametrize("script", ["mnist", "translate"])
+def test_handout_sets_the_handouts_recipe_and_a_setting_given_wins(both_data, tmp_path, script,
+                                                                   monkeypatch):
+    import importlib
+    module = importlib.import_module(script)
+    run = {"mnist": run_mnist, "translate": run_translate}[script]
+    expected = {"t_dist": "uniform", "batch_size": 128, "ema": 0.0, "solver": "euler", "steps": 100,
+                "grid": "uniform",
+                **({"pairing": "random", "sigma": 0.0} if script == "translate" else {})}
+    assert module.HANDOUT == expected
+    # the same run as the explicit flags, but for --batch-size 16, given besides --handout
+    run(both_data, tmp_path / "a", "--epochs", "1", "--handout", "--steps", "2")
+    run(both_data, tmp_path / "b", "--epochs", "1", "--t-dist", "uniform", "--ema", "0", "--solver",
+        "euler", "--steps", "2", "--grid", "uniform", "--pairing", "random",
+        *(["--sigma", "0"] if script == "translate" else []))
+    a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in "ab")
+    assert {k: a["config"][k] for k in expected} == {**expected, "batch_size": 16, "steps": 2}
+    assert "ema" not in a and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    # without a setting given, HANDOUT's own (batches of 128: one short batch of 48 here)
+    # (its pictures' sampler recorded, not run: 100 Euler steps on the uniform grid)
+    seen = []
+    monkeypatch.setattr(module, "generate", lambda model, x0, steps, device, dtype, solver, ts,
+                        **k: seen.append((solver, steps, ts)) or torch.zeros(len(x0), 1, 28, 28))
+    module.main(["--data", str(both_data), "--out", str(tmp_path / "c"), "--device", "cpu",
+                 "--epochs", "1", "--handout"])
+    c = torch.load(tmp_path / "c" / "ckpt.pt", weights_only=True)
+    assert {k: c["config"][k] for k in expected} == expected and c["config"]["handout"] is True
+    assert [(s, n) for s, n, _ in seen] == [("euler", 100)]
+    assert torch.equal(seen[0][2], common.time_grid("uniform", 100))
+
+def test_the_lines_of_mnist_py_the_readme_names_are_the_training_loop():
+    with open(os.path.join(HERE, "README.md")) as f:
+        first, last = map(int, re.search(r"`mnist.py` lines\s+(\d+)-(\d+)", f.read()).groups())
+    with open(os.path.join(HERE, "mnist.py")) as f:
+        lines = f.read().splitlines()[first - 1:last]
+    assert lines[0].strip().startswith("for epoch in range(") and "update_ema(" in lines[-1]
+    for part in ["for step, idx in", "x1 = x1_all[", "x0 = torch.randn_like(x1)", "t = draw_t(",
+                 "fm_loss(", "loss.backward()", "opt.step()"]:
+        assert any(part in line for line in lines), part
+
+def test_mnist_bad_input_is_a_clear_error(mnist_data, tmp_path, monkeypatch):
+    import torchvision
+    # no data and no network: name the folder and the four files
+    monkeypatch.setattr(torchvision.datasets.MNIST, "mirrors", ["http://127.0.0.1:9/"])
+    empty = tmp_path / "empty"
+    expect_error(f"MNIST is not in {empty / 'MNIST' / 'raw'} and could not be downloaded",
+                 run_mnist, empty, tmp_path / "o1")
+    expect_error("t10k-labels-idx1-ubyte there", run_mnist, empty, tmp_path / "o1")
+    expect_error("invalid choice: 'sigmoid'", run_mnist, mnist_data, tmp_path / "o2",
+                 "--schedule", "sigmoid")
+    expect_error("argument --ema: invalid decay value: '1.5'", run_mnist, mnist_data,
+                 tmp_path / "o2", "--ema", "1.5")
+    expect_error("invalid choice: 'rk4'", run_mnist, mnist_data, tmp_path / "o2", "--solver", "rk4")
+    expect_error("argument --lr: invalid positive_float value: '-0.001'", run_mnist, mnist_data,
+                 tmp_path / "o2", "--lr", "-0.001")
+    for flag, value, kind in [("--guidance", "inf", "non_negative_float"),
+                              ("--guidance", "nan", "non_negative_float"),
+                              ("--lr", "inf", "positive_float"),
+                              ("--t-mean", "nan", "finite_float")]:
+        expect_error(f"argument {flag}: invalid {kind} value: '{value}'", run_mnist, mnist_data,
+                     tmp_path / "o2", flag, value)  # a number, and a finite one
+    expect_error("no checkpoint at", run_mnist, mnist_data, tmp_path / "o3", "--sample", "4")
+    expect_error("no checkpoint at", run_mnist, mnist_data, tmp_path / "o3", "--resume")
+    # a checkpoint of another network, a corrupt file
+    (tmp_path / "o4").mkdir()
+    torch.save({"model": MLP().state_dict()}, tmp_path / "o4" / "ckpt.pt")
+    expect_error("does not hold weights for this script's UNet", run_mnist, mnist_data,
+                 tmp_path / "o4", "--sample", "4")
+    expect_error("does not hold weights for this script's UNet", run_mnist, mnist_data,
+                 tmp_path / "o4", "--resume")
+    torch.save({"model": UNet().state_dict()}, tmp_path / "o4" / "ckpt.pt")  # weights, no settings
+    expect_error("has no training settings to resume from", run_mnist, mnist_data,
+                 tmp_path / "o4", "--resume")
+    (tmp_path / "o4" / "ckpt.pt").write_bytes(b"not a checkpoint")
+    expect_error("cannot read checkpoint", run_mnist, mnist_data, tmp_path / "o4", "--sample", "4")
+    (tmp_path / "o4" / "ckpt.pt").write_bytes(
+        bytes(torch.randint(0, 256, (5000,), dtype=torch.uint8).tolist()))
+    expect_error("not a file that torch.save wrote, or a damaged one", run_mnist, mnist_data,
+                 tmp_path / "o4", "--resume")
+    # an existing run is never overwritten by a fresh one
+    (tmp_path / "o4" / "ckpt.pt").write_bytes(b"not a checkpoint")
+    expect_error("ckpt.pt exists: add --resume", run_mnist, mnist_data, tmp_path / "o4")
+    assert (tmp_path / "o4" / "ckpt.pt").read_bytes() == b"not a checkpoint"
+
+# -----------------------------------------------------------------------------
+# translate.py: Fashion-MNIST -> MNIST
+
+@pytest.fixture
+def both_data(tmp_path):
+    return write_idx(write_idx(tmp_path / "data", "MNIST"),
+                     "FashionMNIST", n_train=40, n_test=24, seed=1)
+
+def run_translate(data, out, *extra):
+    import translate
+    return translate.main(["--data", str(data), "--out", str(out), "--batch-size", "16",
+                           "--nfe", "3", "--device", "cpu", *extra])
+
+def png_cells(path, rows, cols):
+    """The 28x28 cells of a picture that save_image wrote (padding 2), in [0, 1]:
+    (rows, cols, 28, 28)."""
+    from PIL import Image
+    img = torch.tensor(np.array(Image.open(path).convert("L")), dtype=torch.float64) / 255
+    return png_cells_of(img, rows, cols)
+
+def training_starts(monkeypatch, data, out, *extra):
+    """The x0 of every training batch of a translate.py run, (N, 784)."""
+    starts = []
+    def recording_loss(model, x0, x1, *rest):
+        starts.append(x0.flatten(1))
+        return fm_loss(model, x0, x1, *rest)
+    import translate
+    monkeypatch.setattr(translate, "fm_loss", recording_loss)
+    run_translate(data, out, *extra)
+    return torch.cat(starts)
+
+def test_translate_starts_from_garments_and_writes_pictures(both_data, tmp_path, monkeypatch):
+    garments = common.load_images("FashionMNIST", str(both_data)).flatten(1)
+    out = tmp_path / "out"
+    x0 = training_starts(monkeypatch, both_data, out, "--epochs", "1", "--sigma", "0")
+    assert len(x0) == 48  # one start per MNIST training image
+    # every x0 is a Fashion-MNIST training image (not noise, not a digit)
+    assert (torch.cdist(x0, garments).min(dim=1).values == 0).all()
+    # the picture: the 16 fixed test garments on top, their translations below
+    test_garments = common.to_unit(common.load_images("FashionMNIST", str(both_data), train=False))
+    cells = png_cells(out / "epoch001.png", 2, 16)
+    torch.testing.assert_close(cells[0], test_garments[:16, 0].double(),
+                               rtol=0, atol=0.5 / 255 + 1e-9)
+
+    run_translate(both_data, out, "--sample", "10")
+    x = torch.load(out / "samples.pt", weights_only=True)
+    assert x.shape == (10, 1, 28, 28) and x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1
+    cells = png_cells(out / "samples.png", 2, 10)  # sources above their translations
+    torch.testing.assert_close(cells[0], test_garments[:10, 0].double(),
+                               rtol=0, atol=0.5 / 255 + 1e-9)
+    torch.testing.assert_close(cells[1], x[:, 0].double(), rtol=0, atol=0.5 / 255 + 1e-9)
+    # 20 images: a full row of 16 pairs, then 4 pairs padded with black
+    run_translate(both_data, out, "--sample", "20")
+    x = torch.load(out / "samples.pt", weights_only=True)
+    cells = png_cells(out / "samples.png", 4, 16)
+    torch.testing.assert_close(cells[2, :4], test_garments[16:20, 0].double(),
+                               rtol=0, atol=0.5 / 255 + 1e-9)
+    torch.testing.assert_close(cells[3, :4], x[16:20, 0].double(), rtol=0, atol=0.5 / 255 + 1e-9)
+    assert cells[2:, 4:].max() == 0
+    expect_error("--sample 25: Fashion-MNIST has only 24 test images", run_translate, both_data,
+                 out, "--sample", "25")
+
+def test_translate_flow_starts_from_the_garments(both_data, tmp_path):
+    out = tmp_path / "o"
+    run_translate(both_data, out, "--epochs", "1", "--sigma", "0")  # the garments themselves
+    run_translate(both_data, out, "--sample", "8", "--solver", "euler", "--steps", "12",
+                  "--grid", "uniform")
+    x = torch.load(out / "samples.pt", weights_only=True)
+    garments = common.to_unit(common.load_images("FashionMNIST", str(both_data), train=False))
+    cells = flow_cells(out / "flow.png", 8, 10)  # about ten of the 13 times
+    torch.testing.assert_close(cells[:, 0], garments[:8, 0].double(), rtol=0, atol=0.5 / 255 + 1e-9)
+    torch.testing.assert_close(cells[:, -1], x[:8, 0].double(), rtol=0, atol=0.5 / 255 + 1e-9)
+
+def test_translate_sigma_starts_from_each_garment_plus_gaussian_noise(both_data, tmp_path,
+                                                                     monkeypatch):
+    garments = common.load_images("FashionMNIST", str(both_data)).flatten(1)
+    out = tmp_path / "out"
+    x0 = training_starts(monkeypatch, both_data, out, "--epochs", "1", "--sigma", "0.5")
+    # the garments lie 1.28 apart (mean squared pixel), the noise 0.25 from its own
+    noise = x0 - garments[torch.cdist(x0, garments).argmin(dim=1)]
+    assert abs(noise.mean()) < 0.02 and abs(noise.std() - 0.5) < 0.02
+    # sampling starts from the test garments plus 0.5 times the noise of --seed
+    test_garments = common.load_images("FashionMNIST", str(both_data), train=False)[:8]
+    for seed in (0, 1):
+        run_translate(both_data, out, "--sample", "8", "--seed", str(seed), "--solver", "euler",
+                      "--steps", "12", "--grid", "uniform")
+        cells = flow_cells(out / "flow.png", 8, 10)
+        start = common.to_unit(test_garments + 0.5 * common.fixed_noise(8, seed))
+        torch.testing.assert_close(cells[:, 0], start[:, 0].double(), rtol=0,
+                                   atol=0.5 / 255 + 1e-9)
+        cells = png_cells(out / "samples.png", 2, 8)  # above: the garments themselves
+        torch.testing.assert_close(cells[0], common.to_unit(test_garments)[:, 0].double(),
+                                   rtol=0, atol=0.5 / 255 + 1e-9)
+    assert torch.equal(common.blur(test_garments, 0.0, 1), test_garments)
+
+def test_translate_ot_pairing_reorders_the_same_garments_to_a_shorter_total(both_data, tmp_path,
+                                                                            monkeypatch):
+    import translate
+    batches = {}
+    def recording_loss(model, x0, x1, *rest):
+        batches.setdefault(recording_loss.run, []).append((x0.flatten(1).clone(),
+                                                           x1.flatten(1).clone()))
+        return fm_loss(model, x0, x1, *rest)
+    monkeypatch.setattr(translate, "fm_loss", recording_loss)
+    for pairing in ["random", "ot"]:
+        recording_loss.run = pairing
+        run_translate(both_data, tmp_path / pairing, "--epochs", "1", "--pairing", pairing)
+    cost = lambda x0, x1: (x0 - x1).pow(2).sum().item()
+    for (r0, r1), (o0, o1) in zip(batches["random"], batches["ot"]):
+        assert torch.equal(r1, o1)  # the same digits, in the same order
+        assert sorted(map(tuple, r0.tolist())) == sorted(map(tuple, o0.tolist()))  # the same
+                                                                                   # garments
+        assert cost(o0, o1) <= cost(r0, r1) + 1e-6
+    assert sum(cost(*b) for b in batches["ot"]) < sum(cost(*b) for b in batches["random"])
+
+def test_translate_pairs_at_random_and_resumes_exactly(both_data, tmp_path, monkeypatch):
+    import translate
+    digits = common.load_images("MNIST", str(both_data)).flatten(1)
+    garments = common.load_images("FashionMNIST", str(both_data)).flatten(1)
+    pairs = []
+    def recording_loss(model, x0, x1, *rest):
+        pairs.extend(zip(torch.cdist(x1.flatten(1), digits).argmin(1).tolist(),
+                         torch.cdist(x0.flatten(1), garments).argmin(1).tolist()))
+        return fm_loss(model, x0, x1, *rest)
+    monkeypatch.setattr(translate, "fm_loss", recording_loss)
+    run_translate(both_data, tmp_path / "a", "--epochs", "2", "--pairing", "random")
+    first, second = dict(pairs[:48]), dict(pairs[48:])
+    assert sorted(first) == sorted(second) == list(range(48))  # every digit once an epoch
+    # a digit meets another garment in the next epoch (random: 39 times in 40)
+    assert sum(first[d] != second[d] for d in range(48)) >= 40
+    # killed in the middle of epoch 2, resumed: the same weights as the run above
+    calls = {"n": 0}
+    def dying_loss(*a):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise Killed
+        return fm_loss(*a)
+    monkeypatch.setattr(translate, "fm_loss", dying_loss)
+    with pytest.raises(Killed):
+        run_translate(both_data, tmp_path / "b", "--epochs", "2", "--pairing", "random")
+    monkeypatch.setattr(translate, "fm_loss", fm_loss)
+    # as a checkpoint from before --pairing existed: it resumes with the random pairing it
+    # trained with
+    ckpt = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)
+    del ckpt["config"]["pairing"]
+    torch.save(ckpt, tmp_path / "b" / "ckpt.pt")
+    run_translate(both_data, tmp_path / "b", "--epochs", "2", "--resume")
+    a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in "ab")
+    assert all(torch.equal(a["model"][k], b["model"][k]) and torch.equal(a["ema"][k], b["ema"][k])
+               for k in a["model"])
+
+def test_translate_without_fashion_mnist_is_a_clear_error(mnist_data, tmp_path, monkeypatch):
+    import torchvision
+    monkeypatch.setattr(torchvision.datasets.FashionMNIST, "mirrors", ["http://127.0.0.1:9/"])
+    expect_error(f"FashionMNIST is not in {mnist_data / 'FashionMNIST' / 'raw'}", run_translate,
+                 mnist_data, tmp_path / "o")
+
+# -----------------------------------------------------------------------------
+# evaluate.py: the Frechet distance against closed forms, then the script
+
+def random_covariance(d, seed):
+    a = torch.randn(d, d, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    return a @ a.T + 0.1 * torch.eye(d, dtype=torch.float64)
+
+def test_frechet_distance_closed_forms():
+    from evaluate import frechet_distance
+    s, mu = random_covariance(6, 0), torch.randn(6, dtype=torch.float64)
+    assert frechet_distance(mu, s, mu, s) == pytest.approx(0, abs=1e-9)
+    # s2 = c^2 s1: (s1 s2)^(1/2) = c s1, so the distance is |dmu|^2 + (1 - c)^2 Tr(s1)
+    shift = torch.tensor([1.0, -2.0, 0, 0, 0, 0.5], dtype=torch.float64)
+    assert frechet_distance(mu, s, mu + shift, 9 * s) == pytest.approx(5.25 + 4 * s.trace().item(),
+                                                                       rel=1e-9)
+    # diagonal covariances: sum of (sqrt(a_i) - sqrt(b_i))^2
+    a, b = (torch.tensor([1.0, 4.0, 0.25], dtype=torch.float64),
+            torch.tensor([9.0, 1.0, 0.25], dtype=torch.float64))
+    z = torch.zeros(3, dtype=torch.float64)
+    assert frechet_distance(z, torch.diag(a), z, torch.diag(b)) == pytest.approx(4 + 1 + 0)
+    # 2x2 covariances that do not commute: Tr sqrt(s1 s2) = sqrt(Tr(s1 s2) + 2 sqrt(det s1 det s2)),
+    # which the classic mistake Tr(sqrt(s1) sqrt(s2)) does not give
+    s1 = torch.tensor([[2.0, 1.0], [1.0, 2.0]], dtype=torch.float64)
+    s2 = torch.tensor([[1.0, 0.0], [0.0, 4.0]], dtype=torch.float64)
+    tr_sqrt = math.sqrt(torch.trace(s1 @ s2).item()
+                        + 2 * math.sqrt(torch.det(s1).item() * torch.det(s2).item()))
+    z2 = torch.zeros(2, dtype=torch.float64)
+    assert frechet_distance(z2, s1, z2, s2) == pytest.approx(4 + 5 - 2 * tr_sqrt, rel=1e-9)
+    # symmetric in its two arguments, also for covariances that do not commute
+    s2 = random_covariance(6, 1)
+    assert frechet_distance(mu, s, z.new_zeros(6), s2) == pytest.approx(
+        frechet_distance(z.new_zeros(6), s2, mu, s), rel=1e-9)
+
+def test_independence_chi2_closed_forms():
+    from evaluate import independence_chi2
+    # rows proportional to each other: exactly independent
+    assert independence_chi2(torch.tensor([[10, 20, 30], [1, 2, 3]])) == (pytest.approx(0), 2)
+    # each row all in its own column: chi2 = N (k - 1) for N samples and k classes
+    assert independence_chi2(torch.eye(4, dtype=torch.long) * 25) == (pytest.approx(100 * 3), 9)
+    # an empty row and column do not count
+    assert independence_chi2(torch.tensor([[5, 0, 5], [0, 0, 0],
+                                           [5, 0, 5]])) == (pytest.approx(0), 1)
+
+def test_coverage_counts_effective_classes():
+    from evaluate import coverage
+    assert coverage(torch.arange(1000) % 10) == pytest.approx(1.0)
+    assert coverage(torch.full((50,), 3)) == pytest.approx(0.1)
+    assert coverage(torch.arange(1000) % 5) == pytest.approx(0.5)
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory):
+    """Small MNIST-like data whose classes can be learned, and evaluate.py's first call on
+    200 of its training images ('real'), which trains and caches the classifier."""
+    import evaluate
+    tmp = tmp_path_factory.mktemp("evaluate")
+    data = write_idx(write_idx(tmp / "data", "MNIST", n_train=300, n_test=200, classes=True),
+                     "FashionMNIST", n_train=40, n_test=60, seed=1)
+    run = lambda *args: evaluate.main([*args, "--data", str(data), "--classifier",
+                                       str(tmp / "classifier.pt"), "--epochs", "8",
+                                       "--device", "cpu"])
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        real = run("real", "--n", "200")
+    return run, data, real, buf.getvalue()
+
+def test_evaluate_real_images_score_near_zero_and_noise_far(evaluated, tmp_path, capsys):
+    run, data, real, log = evaluated
+    assert "(trained now): MNIST test accuracy 100.00%" in log  # the bars are easy to tell apart
+    last = dict(kv.split("=") for kv in log.strip().splitlines()[-1].split())
+    assert last.keys() == {"n", "fid", "confidence", "coverage", "accuracy"} and last["n"] == "200"
+    assert real["confidence"] > 0.9 and real["coverage"] > 0.99 and real["fid"] < 5
+    noise = run("noise", "--n", "200")
+    assert "(cached)" in capsys.readouterr().out
+    assert noise["fid"] > 100 * real["fid"]
+    # a samples.pt that holds the very reference images scores 0
+    test_images = common.load_images("MNIST", str(data), train=False)
+    torch.save(common.to_unit(test_images), tmp_path / "samples.pt")
+    same = run(str(tmp_path / "samples.pt"))
+    assert same["n"] == 200 and same["fid"] == pytest.approx(0, abs=1e-6)
+    assert same["counts"].tolist() == [20] * 10
+
+def test_evaluate_translation_table(evaluated, tmp_path, capsys):
+    import evaluate
+    run = evaluated[0]
+    torch.save(torch.rand(60, 1, 28, 28), tmp_path / "samples.pt")
+    run(str(tmp_path / "samples.pt"), "--translation")
+    out = capsys.readouterr().out
+    rows = [l for l in out.splitlines() if l.startswith("  ")]
+    assert [r.split()[0] for r in rows] == ["T-shirt", "Trouser", "Pullover", "Dress", "Coat",
+                                            "Sandal", "Shirt", "Sneaker", "Bag", "Boot"]
+    for r in rows:  # each row: ten shares that add up to 100 %, then its count (6 of each label)
+        shares = [float(v) for v in r.split()[1:11]]
+        assert sum(shares) == pytest.approx(100, abs=3) and r.split()[-1] == "6"
+    # the printed chi2 is the table's, against independence, with (10 - 1) (digits seen - 1) dof
+    table = torch.tensor([[round(float(v) * 6 / 100) for v in r.split()[1:11]] for r in rows])
+    chi2, dof = evaluate.independence_chi2(table)
+    assert dof == 9 * ((table.sum(0) > 0).sum().item() - 1)
+    m = re.search(r"^chi2 = (\d+\.\d) with (\d+) degrees of freedom: about (\d+) \+- (\d+) if",
+                  out, re.M)
+    assert (m and float(m.group(1)) == pytest.approx(chi2, abs=0.05)
+            and int(m.group(2)) == int(m.group(3)) == dof)
+    assert int(m.group(4)) == round(math.sqrt(2 * dof))
+    # a translation that is its own garment is at distance 0; the line says so, next to another's
+    garments = common.load_images("FashionMNIST", str(evaluated[1]), train=False)
+    torch.save(common.to_unit(garments), tmp_path / "same.pt")
+    r = run(str(tmp_path / "same.pt"), "--translation")
+    assert r["distance"] == pytest.approx(0, abs=1e-6)
+    assert re.search(r"^distance from its own garment 0.0000, from another's \d+\.\d{4}",
+                     capsys.readouterr().out, re.M)
+
+def test_evaluate_sweeps_a_run_over_solvers_grids_and_network_evaluations(evaluated, tmp_path,
+                                                                          capsys, monkeypatch):
+    import shutil, evaluate
+    run, data = evaluated[:2]
+    out = tmp_path / "run"
+    run_mnist(data, out, "--epochs", "1", "--limit", "48")
+    rows = run(str(out), "--nfe", "1", "3", "--n", "20", "--seeds", "0", "1")
+    assert len(rows) == 2 * 3 * 4 * 2  # noise sets x grids x solvers x budgets
+    assert [(r["solver"], r["steps"], r["nfe"])
+            for r in rows if r["seed"] == 0 and r["grid"] == "uniform"] == [
+        ("euler", 1, 1), ("euler", 3, 3), ("heun", 1, 2), ("heun", 1, 2),
+        ("midpoint", 1, 2), ("midpoint", 1, 2), ("heun-euler", 1, 1), ("heun-euler", 2, 3)]
+    with open(out / "nfe.csv") as f:
+        assert [r["fid"] for r in csv.DictReader(f)] == [str(r["fid"]) for r in rows]
+    assert (out / "nfe.png").stat().st_size > 10_000
+    # --raw scores the trained weights, not their average, into files of its own
+    raw = run(str(out), "--nfe", "1", "--n", "20", "--raw", "--seeds", "0")
+    assert len(raw) == 3 * 4 and raw[0]["fid"] != rows[0]["fid"]
+    with open(out / "nfe-raw.csv") as f:
+        assert [r["fid"] for r in csv.DictReader(f)] == [str(r["fid"]) for r in raw]
+    with open(out / "nfe.csv") as f:
+        assert len(list(csv.DictReader(f))) == 48
+    # the sweep samples what mnist.py --sample draws, from the same noise
+    euler3 = [r for r in rows
+              if (r["seed"], r["grid"], r["solver"], r["nfe"]) == (1, "early", "euler", 3)][0]
+    run_mnist(data, out, "--sample", "20", "--solver", "euler", "--steps", "3", "--grid", "early",
+              "--seed", "1")
+    assert run(str(out / "samples.pt"))["fid"] == pytest.approx(euler3["fid"], abs=1e-3)
+    # --curve: the weights of every epoch, each with the sampler of --nfe 10
+    run_mnist(data, out, "--epochs", "2", "--resume")
+    curve = run(str(out), "--curve", "--n", "20", "--seeds", "0")
+    assert [r["epoch"] for r in curve] == [1, 2]
+    run_mnist(data, out, "--sample", "20", "--nfe", "10")  # the last epoch's averaged weights
+    assert run(str(out / "samples.pt"))["fid"] == pytest.approx(curve[-1]["fid"], abs=1e-3)
+    assert (out / "curve.png").stat().st_size > 10_000
+    # --also: another run's curve beside it, the same numbers for the same weights
+    shutil.copytree(out, tmp_path / "copy")
+    os.remove(tmp_path / "copy" / "curve.csv")  # (scored afresh)
+    both = run(str(out), "--curve", "--n", "20", "--seeds", "0", "--also", str(tmp_path / "copy"))
+    with open(tmp_path / "copy" / "curve.csv") as f:
+        assert ([float(r["fid"]) for r in csv.DictReader(f)] == [r["fid"] for r in both]
+                == [r["fid"] for r in curve])
+    # scores in curve.csv are read back, not sampled again, unless the weights are newer
+    sampled = []
+    real_generate = evaluate.generate
+    monkeypatch.setattr(evaluate, "generate",
+                        lambda *a, **k: sampled.append(1) or real_generate(*a, **k))
+    assert run(str(out), "--curve", "--n", "20", "--seeds", "0") == curve and sampled == []
+    later = os.path.getmtime(out / "curve.csv") + 10
+    os.utime(out / "epoch002.pt", (later, later))
+    assert run(str(out), "--curve", "--n", "20", "--seeds", "0") == curve and len(sampled) == 1
+    # another noise set is sampled; so is epoch 2 again, its weights still newer than the csv
+    rows = run(str(out), "--curve", "--n", "20", "--seeds", "0", "1")
+    assert [r for r in rows if r["seed"] == 0] == curve and len(sampled) == 1 + 3
+    # --path: along 100 Euler steps from the first noise set; at t = 1 nothing is left to guess
+    path = run(str(out), "--path", "--n", "20", "--seeds", "0")
+    assert [r["t"] for r in path] == [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9,
+                                      0.95, 0.99, 1.0]
+    assert path[0]["rms"] == pytest.approx(common.fixed_noise(20, 0).pow(2).mean().sqrt().item(),
+                                           rel=1e-5)
+    assert path[-1]["decided"] is None and all(0 <= r["decided"] <= 1 for r in path[:-1])
+    assert all(math.isfinite(r["dv/dt"]) for r in path[1:-1])
+    printed = [l for l in capsys.readouterr().out.splitlines() if l.startswith("straightness ")]
+    model, _ = common.load_model(out / "ckpt.pt", torch.device("cpu"))
+    S = common.straightness(model, common.fixed_noise(20, 0))  # the same 100 Euler steps
+    assert float(printed[-1].split()[1]) == pytest.approx(S, abs=1e-4)
+    # a curve.csv cut short in its last row, or written in another precision: scored again
+    before = os.path.getmtime(out / "epoch001.pt")
+    os.utime(out / "epoch002.pt", (before, before))  # (no longer newer than the scores)
+    run(str(out), "--curve", "--n", "20", "--seeds", "0", "1")
+    text = (out / "curve.csv").read_text()
+    (out / "curve.csv").write_text(text[:-5])
+    sampled.clear()
+    assert run(str(out), "--curve", "--n", "20", "--seeds", "0", "1") == rows and len(sampled) == 1
+    # (each precision named, so that this holds whatever --dtype auto takes on this CPU)
+    rows32 = run(str(out), "--curve", "--n", "20", "--seeds", "0", "--dtype", "float32")
+    sampled.clear()
+    assert run(str(out), "--curve", "--n", "20", "--seeds", "0", "--dtype", "float32") == rows32
+    assert sampled == [] and [r["dtype"] for r in rows32] == ["float32"] * 2
+    rows16 = run(str(out), "--curve", "--n", "20", "--seeds", "0", "--dtype", "bfloat16")
+    assert len(sampled) == 2 and [r["dtype"] for r in rows16] == ["bfloat16"] * 2
+
+def test_guess_x1_is_the_end_of_a_single_path():
+    # through x_t = alpha x0 + beta x1 with velocity dalpha x0 + dbeta x1, the guess is x1
+    import evaluate
+    x0, x1 = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64)
+    for schedule in SCHEDULES:
+        for t in [0.0, 0.1, 0.5, 0.9]:
+            a, b, da, db = schedule(torch.tensor(t, dtype=torch.float64))
+            guess = evaluate.guess_x1(schedule, torch.tensor(t, dtype=torch.float64),
+                                      a * x0 + b * x1, da * x0 + db * x1)
+            torch.testing.assert_close(guess, x1)
+
+def test_evaluate_path_of_a_translation_starts_from_the_garments(evaluated, tmp_path):
+    run, data = evaluated[:2]
+    run_translate(data, tmp_path / "t", "--epochs", "1", "--limit", "40", "--sigma", "0")
+    path = run(str(tmp_path / "t"), "--path", "--translation", "--n", "20")
+    garments = common.load_images("FashionMNIST", str(data), train=False)[:20]
+    assert path[0]["rms"] == pytest.approx(garments.pow(2).mean().sqrt().item(), rel=1e-5)
+
+def test_evaluate_curve_of_a_translation_scores_the_link_and_starts_as_translate_does(
+        evaluated, tmp_path, capsys, monkeypatch):
+    import csv, evaluate
+    run, data = evaluated[:2]
+    out = tmp_path / "t"
+    run_translate(data, out, "--epochs", "2", "--limit", "40", "--sigma", "0.3")
+    curve = run(str(out), "--curve", "--translation", "--n", "20")
+    assert [r["epoch"] for r in curve] == [1, 2]
+    # the last epoch's row: translate.py --sample --nfe 10 of the same weights, scored
+    run_translate(data, out, "--sample", "20", "--nfe", "10")
+    capsys.readouterr()
+    r = run(str(out / "samples.pt"), "--translation")
+    chi2 = float(re.search(r"^chi2 = (\d+\.\d)", capsys.readouterr().out, re.M).group(1))
+    assert curve[-1]["fid"] == pytest.approx(r["fid"], abs=1e-3)
+    assert curve[-1]["own"] == pytest.approx(r["distance"], abs=1e-4)
+    assert curve[-1]["chi2"] == pytest.approx(chi2, abs=0.15) and curve[-1]["other"] > 0
+    # read back, not sampled again; a curve.csv without the link (older) is scored again
+    sampled = []
+    real_generate = evaluate.generate
+    monkeypatch.setattr(evaluate, "generate",
+                        lambda *a, **k: sampled.append(1) or real_generate(*a, **k))
+    assert run(str(out), "--curve", "--translation", "--n", "20") == curve and sampled == []
+    with open(out / "curve.csv") as f:
+        rows = list(csv.DictReader(f))
+    with open(out / "curve.csv", "w", newline="") as f:
+        keep = ["epoch", "seed", "n", "sampler", "dtype", "fid", "confidence", "coverage"]
+        writer = csv.DictWriter(f, fieldnames=keep, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    assert run(str(out), "--curve", "--translation", "--n", "20") == curve and len(sampled) == 2
+    # --path too starts from the garments plus the run's --sigma noise
+    path = run(str(out), "--path", "--translation", "--n", "20")
+    garments = common.load_images("FashionMNIST", str(data), train=False)[:20]
+    start = garments + 0.3 * common.fixed_noise(20, 0)
+    assert path[0]["rms"] == pytest.approx(start.pow(2).mean().sqrt().item(), rel=1e-5)
+
+def test_evaluate_bad_input_is_a_clear_error(tmp_path):
+    import evaluate
+    eval_data = write_idx(tmp_path / "data", "MNIST")
+    run_evaluate = lambda data, tmp, *args: evaluate.main(
+        [*args, "--data", str(data), "--classifier", str(tmp / "cls" / "classifier.pt"),
+         "--device", "cpu"])
+    s = tmp_path / "samples.pt"
+    expect_error(f"no file or run folder {tmp_path / 'missing.pt'}", run_evaluate, eval_data,
+                 tmp_path, str(tmp_path / "missing.pt"))
+    expect_error("no checkpoint at", run_evaluate, eval_data, tmp_path,
+                 str(tmp_path))  # a folder, no run
+    for what in ("real", str(tmp_path)):  # images or a run folder: FID needs two images
+        expect_error("--n 1: FID needs at least 2 images", run_evaluate, eval_data, tmp_path,
+                     what, "--n", "1")
+    expect_error("holds no epochNNN.pt", run_evaluate, eval_data, tmp_path, str(tmp_path),
+                 "--curve")
+    torch.save(torch.rand(5, 3, 32, 32), s)
+    expect_error("does not hold images: expected a float tensor (N, 1, 28, 28), got (5, 3, 32, 32)",
+                 run_evaluate, eval_data, tmp_path, str(s))
+    torch.save(torch.rand(5, 1, 28, 28) * 2 - 1, s)
+    expect_error("values in [0, 1]", run_evaluate, eval_data, tmp_path, str(s))
+    torch.save(torch.rand(5, 1, 28, 28), s)
+    expect_error("--n 9: ", run_evaluate, eval_data, tmp_path, str(s), "--n", "9")
+    expect_error("--translation needs translate.py's samples.pt or run folder", run_evaluate,
+                 eval_data, tmp_path, "real", "--translation")
+    (tmp_path / "cls").mkdir()
+    (tmp_path / "cls" / "classifier.pt").write_bytes(b"garbage")
+    expect_error("cannot read checkpoint", run_evaluate, eval_data, tmp_path, str(s))
+    torch.save({"model": UNet().state_dict()}, tmp_path / "cls" / "classifier.pt")
+    expect_error("is not an evaluate.py classifier", run_evaluate, eval_data, tmp_path, str(s))
+
+def test_evaluate_refuses_what_it_would_ignore_and_images_that_are_not_finite(tmp_path):
+    import evaluate
+    s = tmp_path / "samples.pt"
+    x = torch.rand(5, 1, 28, 28)
+    x[2, 0, 3, 4] = float("nan")
+    torch.save(x, s)
+    ev = lambda *a: evaluate.main([*a, "--data", str(tmp_path), "--classifier",
+                                   str(tmp_path / "c.pt")])
+    expect_error(f"{s}: 1 values are not finite (NaN or infinite)", ev, str(s))
+    torch.save(torch.rand(5, 1, 28, 28), s)
+    for flags in [["--curve"], ["--path"], ["--raw"], ["--curve", "--also", "x"], ["--nfe", "4"],
+                  ["--grids", "edm"], ["--seeds", "3"], ["--dtype", "float32"]]:
+        expect_error(f"{flags[0]} is for a run folder; {s} is not one", ev, str(s), *flags)
+    expect_error("--grids is not for runs side by side (--also without --curve)", ev,
+                 str(tmp_path), "--also", "x", "--grids", "edm")
+    expect_error("--raw and --curve: the epochs' files (epochNNN.pt) hold only the moving average",
+                 ev, str(tmp_path), "--curve", "--raw")
+    assert not (tmp_path / "c.pt").exists()
+
+# =============================================================================
+# the chapters, in the README's order
+# =============================================================================
+
+# -----------------------------------------------------------------------------
+# where training draws t (section 3)
+
+@pytest.mark.parametrize("t_dist,below_01", [("uniform", 0.1), ("logit-normal", 0.0140),
+                                              ("u-shaped", 0.1725), ("tail", 0.0576),
+                                              ("half-zero", 0.55), ("zero", 1.0)])
+def test_the_distribution_of_t_in_training(t_dist, below_01):
+    # P(t < 0.1): 0.1 for U(0, 1); Phi(logit(0.1)) = Phi(-2.197) = 0.0140 for sigmoid(N(0, 1));
+    # density 4 cosh(4 (t - 1/2)) / (2 sinh 2): (e^0.4 - 1 + e^4 - e^3.6) / (2 (e^4 - 1)) = 0.1725;
+    # half U(0, 1), half 1 - 0.001^u: 0.05 + 0.5 ln 0.9 / ln 0.001 = 0.0576, the mean
+    # 1/4 + (1 - 0.999 / ln 1000) / 2 = 0.6777, and P(t > 0.99) = 0.005 + 0.5 * 1/3 = 0.1717;
+    # half at 0, half U(0, 1): 0.5 + 0.5 * 0.1 = 0.55, and the mean 1/4; all at 0: 1, mean 0
+    torch.manual_seed(0)
+    t = common.draw_t(200_000, t_dist)
+    at_0 = {"half-zero": 0.5, "zero": 1.0}.get(t_dist, 0.0)  # the share exactly at t = 0
+    assert 0 <= t.min() and t.max() < 1
+    assert (t == 0).double().mean().item() == pytest.approx(at_0, abs=0.003)
+    assert (t < 0.1).double().mean().item() == pytest.approx(below_01, abs=0.004)  # 3.6 sd
+    mean = {"half-zero": 0.25, "zero": 0.0, "tail": 0.6777}.get(t_dist, 0.5)  # others: 1/2
+    assert t.mean().item() == pytest.approx(mean, abs=0.003)
+    if t_dist == "tail":
+        assert (t > 0.99).double().mean().item() == pytest.approx(0.1717, abs=0.004)
+
+def test_unknown_distribution_of_t_is_a_clear_error():
+    with pytest.raises(ValueError,
+                       match="unknown distribution of t 'beta'; known: uniform, logit-normal"):
+        common.draw_t(2, "beta")
+
+# -----------------------------------------------------------------------------
+# more solvers and time grids (section 3, appendix D)
 
 @pytest.mark.parametrize("solver,ratio",
                          [("euler", 2), ("heun", 4), ("midpoint", 4), ("heun-euler", 4)])
@@ -266,6 +1215,14 @@ def test_heun_calls_the_network_twice_a_step_at_both_ends():
                   torch.zeros(3, 2), 4, "heun")
     assert seen == pytest.approx([0, 0.25, 0.25, 0.5, 0.5, 0.75, 0.75, 1.0])
 
+def test_unknown_solver_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown solver 'rk4'; known solvers: "
+                                         "euler, heun, midpoint, heun-euler"):
+        common.sample(lambda x, t: x, torch.zeros(2, 2), 3, "rk4")
+
+# -----------------------------------------------------------------------------
+# optimal transport pairing (section 4)
+
 def test_ot_pairing_is_the_permutation_of_least_total_squared_distance():
     import itertools
     g = torch.Generator().manual_seed(0)
@@ -323,7 +1280,383 @@ def test_a_conditional_run_pairs_by_ot_within_the_digits_classes(both_data, tmp_
                 assert y is None
 
 # -----------------------------------------------------------------------------
-# the flow as a density: log-likelihoods against closed forms
+# asking for a digit: the conditional U-Net and classifier-free guidance (section 6)
+
+def test_the_conditional_unet_reads_the_label_as_maps_and_at_each_later_block():
+    torch.manual_seed(0)
+    plain, cond = UNet(), UNet(n_classes=10)
+    # 10 more inputs to the first 3x3 convolution, and (10 + 1) x channels for 4 blocks
+    assert sum(p.numel() for p in cond.parameters()) == 205_953 + 10 * 32 * 9 + 11 * 192
+    assert all(torch.equal(table.weight, torch.zeros(11, c))
+               for table, c in zip(cond.label, (32, 64, 64, 32)))  # they start at 0
+    with torch.no_grad():  # as after training
+        for table in cond.label:
+            table.weight[:10].normal_()
+    x, t = torch.randn(11, 1, 28, 28), torch.rand(11)
+    y = torch.arange(11)  # 0..9, and 10: "no label"
+    assert cond(x, t, y).shape == (11, 1, 28, 28)
+    # "no label" is all ten maps and the vectors at 0: a U-Net whose label weights are cut out
+    assert torch.equal(cond.label[0](torch.tensor([10])), torch.zeros(1, 32))
+    with torch.no_grad():
+        plain.load_state_dict({k: (v[:, :2] if k == "enc1.net.0.weight" else v)
+                               for k, v in cond.state_dict().items() if "label" not in k})
+    torch.testing.assert_close(cond(x, t, torch.full((11,), common.NO_LABEL)), plain(x, t))
+    # and the later blocks read the label: with the label maps' weights at 0, y still counts
+    with torch.no_grad():
+        cond.enc1.net[0].weight[:, 2:] = 0
+    x, t = x[:1].expand(2, -1, -1, -1), t[:1].expand(2)
+    v = cond(x, t, torch.tensor([3, 7]))
+    assert not torch.allclose(v[0], v[1])
+
+def test_a_conditional_checkpoint_from_before_the_label_shifts_still_samples(tmp_path):
+    torch.manual_seed(0)
+    model = UNet(n_classes=10)  # its label shifts start at 0: the older U-Net exactly
+    older = {k: v for k, v in model.state_dict().items() if not k.startswith("label.")}
+    torch.save({"script": "mnist.py", "ema": older, "config": {"conditional": True}},
+               tmp_path / "ckpt.pt")
+    loaded, _ = common.load_model(str(tmp_path / "ckpt.pt"), torch.device("cpu"))
+    x, t, y = torch.randn(2, 1, 28, 28), torch.rand(2), torch.tensor([3, 10])
+    torch.testing.assert_close(loaded(x, t, y), model(x, t, y))  # (loaded: channels_last)
+
+def test_guidance_mixes_the_two_fields_and_0_and_1_are_them_exactly():
+    torch.manual_seed(0)
+    model = UNet(n_classes=10).double()
+    x, t = torch.randn(4, 1, 28, 28, dtype=torch.float64), torch.rand(4, dtype=torch.float64)
+    y = torch.tensor([3, 1, 4, 1])
+    v_c, v_u = model(x, t, y), model(x, t, torch.full_like(y, common.NO_LABEL))
+    for shape in ("constant", "ramp"):  # W = 1: the conditional field, either shape
+        assert torch.equal(common.guided(model, y, 1, shape)(x, t), v_c)
+    assert torch.equal(common.guided(model, y, 0, "constant")(x, t), v_u)
+    torch.testing.assert_close(common.guided(model, y, 2.5, "constant")(x, t),
+                               v_u + 2.5 * (v_c - v_u))
+    # the ramp W(t) = 1 + (W - 1) t, the default
+    w_t = (1 + 3 * t).view(4, 1, 1, 1)
+    torch.testing.assert_close(common.guided(model, y, 4)(x, t), v_u + w_t * (v_c - v_u))
+    ends = torch.tensor([0.0, 1.0, 0.0, 1.0], dtype=torch.float64)  # the conditional field, W
+    v_c, v_u = model(x, ends, y), model(x, ends, torch.full_like(y, common.NO_LABEL))
+    torch.testing.assert_close(common.guided(model, y, 4)(x, ends),
+                               torch.stack([v_c[0], v_u[1] + 4 * (v_c[1] - v_u[1]), v_c[2],
+                                            v_u[3] + 4 * (v_c[3] - v_u[3])]))
+    torch.testing.assert_close(common.guided(model, y, 0)(x, ends), torch.stack(
+        [v_c[0], v_u[1], v_c[2], v_u[3]]))  # ramp to 0: from the conditional field to v_u
+    assert [common.evaluations_per_step(w, "constant") for w in (0, 1, 2.5)] == [1, 1, 2]
+    assert [common.evaluations_per_step(w, "ramp") for w in (0, 1, 2.5)] == [2, 1, 2]
+    with pytest.raises(ValueError, match="unknown guidance shape 'cosine'; known: ramp, constant"):
+        common.guided(model, y, 2, "cosine")
+    # what a sampling really evaluates: rows through the network = nfe x per x B
+    rows = []
+    def counted(x, t, labels):
+        rows.append(len(x))
+        return model(x, t, labels)
+    for w, shape in [(4, "ramp"), (0, "ramp"), (1, "ramp"), (0, "constant"), (2, "constant")]:
+        rows.clear()
+        common.sample(common.guided(counted, y, w, shape), x, 3, "heun-euler")
+        assert sum(rows) == common.nfe("heun-euler", 3) * common.evaluations_per_step(w, shape) * 4
+
+def test_conditional_training_drops_the_label_at_the_rate_asked(mnist_data, tmp_path, monkeypatch):
+    import mnist
+    seen = []
+    real_forward = UNet.forward
+    def spy(self, x, t, y=None):
+        if self.training and torch.is_grad_enabled():
+            seen.append(y.clone())
+        return real_forward(self, x, t, y)
+    monkeypatch.setattr(UNet, "forward", spy)
+    for drop, share in [("0", 0.0), ("1", 1.0), ("0.5", 0.5)]:
+        seen.clear()
+        run_mnist(mnist_data, tmp_path / drop, "--epochs", "4", "--conditional", "--label-drop",
+                  drop, "--ema", "0")
+        y = torch.cat(seen)
+        assert len(y) == 4 * 48
+        assert (y == common.NO_LABEL).double().mean().item() == pytest.approx(share, abs=0.12)
+        if drop == "0":  # each epoch sees every digit once, with its own class
+            labels = common.load_images("MNIST", str(mnist_data), labels=True)[1]
+            assert sorted(torch.cat(seen[:3]).tolist()) == sorted(labels.tolist())
+
+def test_conditional_sampling_asks_for_each_digit_in_turn_and_writes_the_labels(mnist_data,
+                                                                                tmp_path, capsys):
+    import mnist
+    out = tmp_path / "c"
+    run_mnist(mnist_data, out, "--epochs", "1", "--conditional")
+    ckpt = torch.load(out / "epoch001.pt", weights_only=True)
+    assert ckpt["config"]["conditional"] is True
+    capsys.readouterr()
+    run_mnist(mnist_data, out, "--sample", "12", "--guidance", "2", "--nfe", "6")
+    printed = capsys.readouterr().out
+    assert "(6 network evaluations each, two a solver evaluation: guidance 2, ramp)" in printed
+    assert torch.load(out / "samples-labels.pt", weights_only=True).tolist() == [*range(10), 0, 1]
+    run_mnist(mnist_data, out, "--sample", "5", "--digit", "7")
+    assert torch.load(out / "samples-labels.pt", weights_only=True).tolist() == [7] * 5
+    from PIL import Image
+    assert Image.open(out / "strip.png").size == (30 * 8 + 2, 30 * 5 + 2)  # a row per W
+    assert "rows: guidance 1, 2, 4, 6, 8, ramp" in capsys.readouterr().out
+    # the default budget: GUIDED_NFE when guided (10 steps of heun-euler: 19 solver
+    # evaluations, two network evaluations each), 20 when W = 1 takes one
+    for flags, expect in [([], "heun-euler, 10 steps on the early grid (38 network evaluations "
+                           "each, two a solver evaluation: guidance 4, ramp)"),
+                          (["--guidance-shape", "constant", "--guidance", "0"],
+                           "heun-euler, 10 steps on the early grid (19 network evaluations each)"),
+                          (["--guidance", "1"], "(19 network evaluations each)")]:
+        mnist.main(["--data", str(mnist_data), "--out", str(out), "--device", "cpu", "--sample",
+                    "3", *flags])  # run_mnist would give --nfe
+        assert expect in capsys.readouterr().out
+    # bad input, one line each
+    expect_error("argument --digit: invalid choice: 12", run_mnist, mnist_data, out, "--sample",
+                 "4", "--digit", "12")
+    expect_error("argument --guidance: invalid non_negative_float value: '-1'", run_mnist,
+                 mnist_data, out, "--sample", "4", "--guidance", "-1")
+    run_mnist(mnist_data, tmp_path / "u", "--epochs", "1")
+    expect_error("--digit: ", run_mnist, mnist_data, tmp_path / "u", "--sample", "4", "--digit",
+                 "3")
+    expect_error("is not a conditional model (mnist.py --conditional trains one)", run_mnist,
+                 mnist_data, tmp_path / "u", "--sample", "4", "--guidance", "2")
+    expect_error("--guidance: ", run_mnist, mnist_data, tmp_path / "u", "--resume", "--epochs", "2",
+                 "--guidance", "2")  # resuming an unconditional run: refused, not ignored
+    expect_error("--guidance-shape: ", run_mnist, mnist_data, tmp_path / "u", "--sample", "4",
+                 "--guidance-shape", "constant")
+    expect_error("--guidance-shape is for a conditional model: add --conditional", run_mnist,
+                 mnist_data, tmp_path / "v", "--epochs", "1", "--guidance-shape", "constant")
+    expect_error("argument --guidance-shape: invalid choice: 'cosine'", run_mnist, mnist_data,
+                 out, "--sample", "4", "--guidance-shape", "cosine")
+
+def test_a_resumed_conditional_run_samples_its_pictures_as_asked_now(mnist_data, tmp_path,
+                                                                   capsys, monkeypatch):
+    import mnist
+    # the pictures' sampler, recorded as each run calls it (and not run: the lines say it)
+    seen = []
+    monkeypatch.setattr(mnist, "generate", lambda model, x0, steps, device, dtype, solver, ts,
+                        **k: seen.append((solver, steps, k["w"], k["shape"]))
+                        or torch.zeros(len(x0), 1, 28, 28))
+    out = tmp_path / "c"
+    run_mnist(mnist_data, out, "--epochs", "1", "--conditional", "--guidance-shape", "constant")
+    assert "pictures: euler, 1 steps on the early grid (2 network evaluations)" in \
+        capsys.readouterr().out  # --nfe 3 with guidance's two: one Euler step
+    mnist.main(["--data", str(mnist_data), "--out", str(out), "--batch-size", "16", "--device",
+                "cpu", "--resume", "--epochs", "2"])  # --nfe and the shape: today's defaults
+    assert "pictures: heun-euler, 10 steps on the early grid (38 network evaluations)" in \
+        capsys.readouterr().out
+    run_mnist(mnist_data, out, "--resume", "--epochs", "3", "--guidance", "1")
+    assert "pictures: euler, 3 steps on the early grid (3 network evaluations)" in \
+        capsys.readouterr().out
+    assert seen == [("euler", 1, 4.0, "constant"), ("heun-euler", 10, 4.0, "ramp"),
+                    ("euler", 3, 1.0, "ramp")]
+
+def test_translate_draws_a_chosen_digit_as_mnist_py_does(both_data, tmp_path, capsys):
+    import translate
+    out = tmp_path / "t"
+    run_translate(both_data, out, "--epochs", "1", "--conditional")
+    capsys.readouterr()
+    translate.main(["--data", str(both_data), "--out", str(out), "--device", "cpu", "--sample",
+                    "3", "--digit", "5", "--guidance-shape", "constant"])
+    printed = capsys.readouterr().out
+    assert "midpoint, 10 steps on the early grid (40 network evaluations each, two a solver " \
+        "evaluation: guidance 4, constant)" in printed  # the linear schedule's sampler
+    assert "rows: guidance 0, 1, 1.5, 2, 3, constant" in printed
+    assert torch.load(out / "samples-labels.pt", weights_only=True).tolist() == [5] * 3
+    # without --digit: digits.png, each of the first 8 garments, then it as 0, 1, ..., 9
+    run_translate(both_data, out, "--sample", "8", "--digit", "3")
+    threes = torch.load(out / "samples.pt", weights_only=True)
+    run_translate(both_data, out, "--sample", "2")
+    cells = png_cells(out / "digits.png", 8, 11)
+    garments = common.to_unit(common.load_images("FashionMNIST", str(both_data), train=False))
+    torch.testing.assert_close(cells[:, 0], garments[:8, 0].double(), rtol=0,
+                               atol=0.5 / 255 + 1e-9)
+    torch.testing.assert_close(cells[:, 4], threes[:, 0].double(), rtol=0, atol=0.5 / 255 + 1e-9)
+    assert not torch.equal(cells[:, 4], cells[:, 5])  # a 3 is not a 4
+    run_translate(both_data, tmp_path / "u", "--epochs", "1")
+    expect_error("--guidance-shape: ", run_translate, both_data, tmp_path / "u", "--sample", "2",
+                 "--guidance-shape", "ramp")
+    expect_error("--guidance-shape is for a conditional model: add --conditional", run_translate,
+                 both_data, tmp_path / "v", "--epochs", "1", "--guidance-shape", "ramp")
+
+def test_evaluate_reads_the_labels_asked_and_sweeps_the_guidance(evaluated, tmp_path, capsys):
+    run, data = evaluated[:2]
+    out = tmp_path / "c"
+    run_mnist(data, out, "--epochs", "1", "--limit", "48", "--conditional")
+    # a samples.pt with its labels beside it: the share read as the digit asked
+    run_mnist(data, out, "--sample", "20")
+    labels = torch.load(out / "samples-labels.pt", weights_only=True)
+    r = run(str(out / "samples.pt"))
+    hits = (r["pred"] == labels).double()
+    assert r["asked"] == pytest.approx(hits.mean().item())
+    per = re.search(r"read as the digit asked, per digit \(%\)  (.*)", capsys.readouterr().out)
+    assert [float(p.split(":")[1]) for p in per.group(1).split()] == pytest.approx(
+        [100 * hits[labels == d].mean().item() for d in range(10)], abs=0.05)
+    # the real test digits, their own labels beside them: all read as asked
+    images, classes = common.load_images("MNIST", str(data), train=False, labels=True)
+    torch.save(common.to_unit(images), tmp_path / "real.pt")
+    torch.save(classes, tmp_path / "real-labels.pt")
+    assert run(str(tmp_path / "real.pt"))["asked"] == 1.0
+    # --guidance: each W and shape from the same noise, with mnist.py --sample's sampler
+    rows = run(str(out), "--guidance", "0", "1", "2", "--guidance-shape", "ramp", "constant",
+               "--n", "20", "--seeds", "0")
+    assert [(r["shape"], r["guidance"], r["nfe"]) for r in rows] == [
+        ("ramp", 0, 38), ("ramp", 1, 19), ("ramp", 2, 38),
+        ("constant", 0, 19), ("constant", 1, 19), ("constant", 2, 38)]
+    assert rows[1]["fid"] == rows[4]["fid"]  # W = 1: the conditional field, either shape
+    assert rows[0]["fid"] != rows[3]["fid"]  # W = 0: from v_c to v_u (ramp) or v_u throughout
+    assert (out / "guidance.png").stat().st_size > 10_000
+    with open(out / "guidance.csv") as f:
+        assert [float(r["fid"]) for r in csv.DictReader(f)] == [r["fid"] for r in rows]
+    expect_error("is a conditional run: score it with --guidance", run, str(out))
+    expect_error("is a conditional run: score it with --guidance", run, str(out), "--path")
+    run_mnist(data, tmp_path / "u", "--epochs", "1", "--limit", "48")
+    expect_error("is not a conditional run", run, str(tmp_path / "u"), "--guidance", "2")
+    expect_error("--guidance-shape is for the sweep over --guidance W...: add --guidance", run,
+                 str(out), "--guidance-shape", "constant")
+    expect_error("--guidance-shape is for the sweep over --guidance W...: add --guidance", run,
+                 str(out / "samples.pt"), "--guidance-shape", "ramp")
+    expect_error("--nfe is for the sweep over solvers; --guidance samples with mnist.py --sample's",
+                 run, str(out), "--guidance", "2", "--nfe", "4")
+
+# -----------------------------------------------------------------------------
+# reflow: straightness, reflow.py (section 7)
+
+def test_straightness_is_0_for_straight_paths_and_the_closed_form_for_exponential_ones():
+    # straight lines at constant speed to one point x*: v = (x* - x) / (1 - t), S = 0
+    target = torch.randn(64, 5, dtype=torch.float64)
+    to_target = lambda x, t: (target - x) / (1 - t.view(-1, 1))
+    x0 = torch.randn(64, 5, dtype=torch.float64)
+    assert common.straightness(to_target, x0, 10) == pytest.approx(0, abs=1e-12)
+    # v = a x: x_t = x_0 e^(at), x_1 - x_0 = x_0 (e^a - 1), and E x_0^2 = 1 per dimension:
+    # S = int_0^1 (a e^(at) - (e^a - 1))^2 dt = a (e^(2a) - 1) / 2 - (e^a - 1)^2
+    a = 0.8
+    exact = a * (math.exp(2 * a) - 1) / 2 - (math.exp(a) - 1) ** 2
+    x0 = torch.randn(100_000, 1, dtype=torch.float64)
+    x0 = x0 / x0.pow(2).mean().sqrt()  # E x_0^2 = 1 exactly
+    S = common.straightness(lambda x, t: a * x, x0, 2000)
+    assert S == pytest.approx(exact, rel=2e-3)  # Euler's O(h) error
+
+def run_reflow(out, *extra):
+    import reflow
+    return reflow.main(["--out", str(out), "--batch-size", "16", "--nfe", "3", "--device", "cpu",
+                        *extra])
+
+def test_reflow_learns_the_teachers_samples_of_its_noise_and_resume_reuses_them(
+        mnist_data, tmp_path, monkeypatch):
+    import reflow
+    teacher, student = tmp_path / "teacher", tmp_path / "student"
+    run_mnist(mnist_data, teacher, "--epochs", "1")
+    # the loss gets each pair's own noise and digit: record what the loop hands it
+    seen = []
+    def recording_loss(model, x0, x1, *rest):
+        seen.append((x0.clone(), x1.clone()))
+        return fm_loss(model, x0, x1, *rest)
+    monkeypatch.setattr(reflow, "fm_loss", recording_loss)
+    run_reflow(student, "--teacher", str(teacher), "--pairs", "12", "--epochs", "1", "--lr", "1e-9")
+    # the pairs: fixed noise none of --sample's noise sets holds, and the teacher's samples of
+    # it with its --nfe 20 sampler (float16: to 1e-3), within Euler's error of its flow
+    pairs = torch.load(student / "pairs.pt", weights_only=True)
+    x0 = common.fixed_noise(12, reflow.PAIR_SEED)
+    assert pairs["teacher"] == str(teacher) and pairs["x1"].dtype == torch.float16
+    assert not any(torch.equal(x0[:2], common.fixed_noise(2, seed)) for seed in range(10))
+    model, config = common.load_model(teacher / "ckpt.pt", torch.device("cpu"))
+    cpu, dtype = torch.device("cpu"), common.pick_dtype("auto", torch.device("cpu"))
+    solver, steps, grid = common.plan(20, config["schedule"])
+    ts = common.time_grid(grid, steps, config["schedule"])
+    x1 = common.generate(model, x0, steps, cpu, dtype, solver, ts) * 2 - 1
+    torch.testing.assert_close(pairs["x1"].float(), x1, rtol=0, atol=1e-3)
+    fine = common.generate(model, x0, 400, cpu, torch.float32) * 2 - 1  # Euler, 400 steps
+    assert (pairs["x1"].float() - fine).abs().mean() < 0.05
+    # every pair once an epoch, each noise image with the digit the teacher carried it to
+    got0, got1 = (torch.cat([p[i] for p in seen]) for i in (0, 1))
+    assert len(got0) == 12
+    match = torch.cdist(got0.flatten(1), x0.flatten(1)).argmin(1)  # which pair's noise
+    assert sorted(match.tolist()) == list(range(12))
+    torch.testing.assert_close(got0, x0[match], rtol=0, atol=0)
+    torch.testing.assert_close(got1, pairs["x1"].float()[match], rtol=0, atol=0)
+    # the student starts as the teacher (its averaged weights), with reflow.py's own settings
+    ckpt = torch.load(student / "ckpt.pt", weights_only=True)
+    assert ckpt["script"] == "reflow.py"
+    assert ckpt["config"]["schedule"] == "linear" and ckpt["config"]["t_dist"] == "half-zero"
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(ckpt["model"][k], v, rtol=0, atol=1e-6)
+    # --resume reads the pairs back: the teacher is not needed, the file is not rewritten
+    monkeypatch.setattr(reflow, "load_teacher", lambda *a: pytest.fail("asked for the teacher"))
+    before = (student / "pairs.pt").stat().st_mtime_ns
+    run_reflow(student, "--resume", "--epochs", "2")
+    assert (student / "pairs.pt").stat().st_mtime_ns == before
+    assert torch.load(student / "ckpt.pt", weights_only=True)["epoch"] == 2
+    # its checkpoint samples with one Euler step with --nfe 1, from the noise of --seed
+    run_reflow(student, "--sample", "4", "--nfe", "1")
+    student_model, _ = common.load_model(student / "ckpt.pt", cpu)
+    one_step = common.generate(student_model, common.fixed_noise(4, 0), 1, cpu, dtype, "euler",
+                               common.time_grid("uniform", 1))
+    assert torch.equal(torch.load(student / "samples.pt", weights_only=True), one_step)
+    # a setting given wins over reflow.py's defaults
+    monkeypatch.undo()
+    run_reflow(tmp_path / "given", "--teacher", str(teacher), "--pairs", "12", "--epochs", "1",
+               "--t-dist", "uniform")
+    config = torch.load(tmp_path / "given" / "ckpt.pt", weights_only=True)["config"]
+    assert (config["schedule"], config["t_dist"]) == ("linear", "uniform")
+    # other pairs in OUT are never taken for these
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "pairs.pt").write_bytes((student / "pairs.pt").read_bytes())
+    expect_error("holds other pairs than those of --teacher", run_reflow, tmp_path / "other",
+                 "--teacher", str(teacher), "--pairs", "10")
+
+def test_a_reflow_run_of_mnist_py_is_reflow_py_s(mnist_data, tmp_path):
+    # a student that mnist.py --pairing reflow wrote, before reflow.py (weights/mnist-reflow is
+    # one): reflow.py samples and resumes it, mnist.py sends it there
+    run_mnist(mnist_data, tmp_path / "teacher", "--epochs", "1")
+    run_reflow(tmp_path / "old", "--teacher", str(tmp_path / "teacher"), "--pairs", "12",
+               "--epochs", "1")
+    ckpt = torch.load(tmp_path / "old" / "ckpt.pt", weights_only=True)
+    ckpt["script"], ckpt["config"]["pairing"] = "mnist.py", "reflow"
+    torch.save(ckpt, tmp_path / "old" / "ckpt.pt")
+    assert common.written_by(ckpt) == "reflow.py"
+    run_reflow(tmp_path / "old", "--sample", "4", "--nfe", "1")
+    run_reflow(tmp_path / "old", "--resume", "--epochs", "2")
+    assert torch.load(tmp_path / "old" / "ckpt.pt", weights_only=True)["script"] == "reflow.py"
+    ckpt["epoch"] = 1
+    torch.save(ckpt, tmp_path / "old" / "ckpt.pt")
+    expect_error("is a run of reflow.py, not of mnist.py: use reflow.py", run_mnist, mnist_data,
+                 tmp_path / "old", "--sample", "4")
+
+def test_reflow_bad_input_is_one_line(mnist_data, tmp_path):
+    expect_error(f"no checkpoint at {tmp_path / 'nothing' / 'ckpt.pt'}", run_reflow,
+                 tmp_path / "o", "--teacher", str(tmp_path / "nothing"))
+    expect_error("reflow.py needs --teacher RUN", run_reflow, tmp_path / "o")
+    for flag in ("--pairing", "--conditional", "--dequantize", "--limit", "--data"):
+        expect_error(f"unrecognized arguments: {flag}", run_reflow, tmp_path / "o", "--teacher",
+                     str(tmp_path), flag)  # noise and the teacher's digits, nothing else
+    expect_error("unrecognized arguments: --teacher", run_mnist, mnist_data, tmp_path / "o",
+                 "--teacher", str(tmp_path))
+    run_mnist(mnist_data, tmp_path / "cond", "--epochs", "1", "--conditional", "--limit", "16")
+    expect_error("is a conditional run; reflow learns an unconditional one", run_reflow,
+                 tmp_path / "o", "--teacher", str(tmp_path / "cond"))
+    run_translate(write_idx(mnist_data, "FashionMNIST", n_train=40, n_test=24, seed=1),
+                  tmp_path / "t", "--epochs", "1", "--limit", "16")
+    expect_error("is a run of translate.py, not of mnist.py or reflow.py", run_reflow,
+                 tmp_path / "o", "--teacher", str(tmp_path / "t"))
+    assert not (tmp_path / "o" / "ckpt.pt").exists()
+
+def test_evaluate_sets_runs_side_by_side_with_their_own_samplers_and_straightness(evaluated,
+                                                                                 tmp_path):
+    import evaluate
+    run, data = evaluated[:2]
+    teacher, student = tmp_path / "teacher", tmp_path / "student"
+    run_mnist(data, teacher, "--epochs", "1", "--limit", "48")
+    run_reflow(student, "--epochs", "1", "--teacher", str(teacher), "--pairs", "16")
+    rows = run(str(student), "--also", str(teacher), "--nfe", "1", "2", "--n", "20")
+    # each run with the sampler mnist.py --sample --nfe K takes for it, on both noise sets
+    samplers = {(str(d), k): "-".join(map(str, common.plan(k, schedule, reflowed=d == student)))
+                for d, schedule in ((student, "linear"), (teacher, "cosine")) for k in (1, 2)}
+    assert [(r["run"], r["nfe"], r["sampler"], r["seed"]) for r in rows] == [
+        (str(d), k, samplers[str(d), k], seed) for d in (student, teacher) for k in (1, 2)
+        for seed in (0, 1)]
+    for d in (student, teacher):  # Liu et al.'s straightness, from the first noise set
+        model, _ = common.load_model(d / "ckpt.pt", torch.device("cpu"))
+        s = common.straightness(model, common.fixed_noise(20, 0))
+        assert {r["straightness"] for r in rows if r["run"] == str(d)} == {round(s, 4)}
+    with open(student / "compare.csv") as f:
+        assert [r["fid"] for r in csv.DictReader(f)] == [str(r["fid"]) for r in rows]
+    assert (student / "compare.png").stat().st_size > 10_000
+    from PIL import Image  # 8 images a row: a row for each run and budget
+    assert Image.open(student / "compare-samples.png").size == (8 * 30 + 2, 4 * 30 + 2)
+
+# -----------------------------------------------------------------------------
+# the flow as a density (section 8)
 
 def gaussian_flow(m0, s0, m1, s1, schedule):
     """The exact marginal field carrying N(m0, s0^2 I) to N(m1, s1^2 I) along Eq. 5 with
@@ -436,439 +1769,6 @@ def test_dequantisation_stays_in_each_grey_levels_bin_and_a_uniform_density_is_8
         assert common.bits_per_dim(torch.tensor(-d * math.log(2 + 2 / 255)), d).item() == \
             pytest.approx(8)
 
-def test_unknown_distribution_of_t_is_a_clear_error():
-    with pytest.raises(ValueError,
-                       match="unknown distribution of t 'beta'; known: uniform, logit-normal"):
-        common.draw_t(2, "beta")
-
-def test_unknown_solver_is_a_clear_error():
-    with pytest.raises(ValueError, match="unknown solver 'rk4'; known solvers: "
-                                         "euler, heun, midpoint, heun-euler"):
-        common.sample(lambda x, t: x, torch.zeros(2, 2), 3, "rk4")
-
-# -----------------------------------------------------------------------------
-# networks
-
-def test_mlp_shapes_and_negative_outputs():
-    torch.manual_seed(0)
-    model = MLP(d=2, n_hidden=32)
-    assert [m.in_features for m in model.net if isinstance(m, torch.nn.Linear)] == [3, 32, 32, 32]
-    x, t = torch.randn(1000, 2), torch.rand(1000)
-    out = model(x, t)
-    assert out.shape == (1000, 2)
-    # the handout's final ReLU would make both of these impossible: velocities need both signs
-    assert (out < 0).any()
-    with torch.no_grad():
-        model.net[-1].weight.neg_(), model.net[-1].bias.neg_()
-    torch.testing.assert_close(model(x, t), -out)  # the output layer is affine, no ReLU
-
-def test_unet_layers_and_parameter_count():
-    model = UNet()
-    conv = lambda cin, cout, k: cin * cout * k * k + cout
-    double = lambda cin, cout: conv(cin, cout, 3) + conv(cout, cout, 3)
-    expected = (double(2, 32) + double(32, 64) + double(64, 64)   # encoder and bottleneck
-                + conv(64, 64, 2) + double(64, 32)                # up to 14x14
-                + conv(32, 32, 2) + double(32, 32)                # up to 28x28
-                + conv(32, 1, 1))                                 # 1x1 output
-    assert sum(p.numel() for p in model.parameters()) == expected == 205_953
-    shapes = {}
-    for name in ["enc1", "enc2", "mid", "up2", "dec2", "up1", "dec1", "out"]:
-        getattr(model, name).register_forward_hook(
-            lambda m, i, o, name=name: shapes.__setitem__(name, tuple(o.shape[1:])))
-    model(torch.randn(3, 1, 28, 28), torch.rand(3))
-    assert shapes == {"enc1": (32, 28, 28), "enc2": (64, 14, 14), "mid": (64, 7, 7),
-                      "up2": (64, 14, 14), "dec2": (32, 14, 14), "up1": (32, 28, 28),
-                      "dec1": (32, 28, 28), "out": (1, 28, 28)}
-    assert model.enc1.net[0].in_channels == 2  # the image and the time map
-
-def test_unet_forward_matches_the_handouts_network_written_out():
-    # the same weights through a plain functional version of the handout's U-Net: the image
-    # and the time map t in, two max-pools, additive skips, a 1x1 convolution out. Dropping a
-    # skip, or feeding anything but t as the second channel, changes the output.
-    torch.manual_seed(0)
-    model = UNet().double()
-    x, t = (torch.randn(3, 1, 28, 28, dtype=torch.float64),
-            torch.tensor([0.0, 0.3, 0.9], dtype=torch.float64))
-    def double(block, h):
-        c1, c2 = block.net[0], block.net[2]
-        h = F.relu(F.conv2d(h, c1.weight, c1.bias, padding=1))
-        return F.relu(F.conv2d(h, c2.weight, c2.bias, padding=1))
-    up = lambda m, h: F.conv_transpose2d(h, m.weight, m.bias, stride=2)
-    tmap = t.view(3, 1, 1, 1) * torch.ones(3, 1, 28, 28, dtype=torch.float64)
-    e1 = double(model.enc1, torch.cat([x, tmap], 1))
-    e2 = double(model.enc2, F.max_pool2d(e1, 2))
-    m = double(model.mid, F.max_pool2d(e2, 2))
-    d2 = double(model.dec2, up(model.up2, m) + e2)
-    d1 = double(model.dec1, up(model.up1, d2) + e1)
-    expected = F.conv2d(d1, model.out.weight, model.out.bias)
-    torch.testing.assert_close(model(x, t), expected, rtol=0, atol=1e-12)
-    # and the time matters: the same images at other times give other velocities
-    assert not torch.allclose(model(x, t), model(x, t.flip(0)))
-
-# -----------------------------------------------------------------------------
-# the 2D scripts, small and fast
-
-def moon_distance(points, n=4000):
-    """Distance of each point to the nearest point of the noise-free moons (centred as in
-    moons.py)."""
-    theta = torch.linspace(0, math.pi, n // 2)
-    upper = torch.stack([torch.cos(theta), torch.sin(theta)], 1)
-    lower = torch.stack([1 - torch.cos(theta), 0.5 - torch.sin(theta)], 1)
-    curve = torch.cat([upper, lower]) - torch.tensor([0.5, 0.25])
-    return torch.cdist(points, curve).min(dim=1).values
-
-def test_moons_training_learns_the_moons(tmp_path):
-    import moons
-    out = moons.main(["--iters", "1500", "--n-samples", "1000", "--steps", "50", "--gif", "0",
-                      "--out", str(tmp_path)])
-    losses = out["losses"]
-    # the loss has a floor near 1 (the spread of X_1 - X_0 given X_t), far below the start
-    assert sum(losses[-100:]) / 100 < 0.8 * sum(losses[:20]) / 20
-    assert moon_distance(out["samples"]).median() < 0.1               # the moons' own noise is 0.05
-    assert moon_distance(torch.randn(1000, 2)).median() > 0.3         # the source is far from them
-    assert (tmp_path / "moons.png").stat().st_size > 10_000
-    # the learned density integrates to 1 over the grid, and is high on the moons, low off them
-    assert out["mass"] == pytest.approx(1, abs=0.03)
-    g = torch.linspace(-2.5, 2.5, 100)
-    grid = torch.stack(torch.meshgrid(g, g, indexing="xy"), dim=-1).reshape(-1, 2)
-    on = moon_distance(grid) < 0.05
-    assert out["log_p"].flatten()[on].mean() > out["log_p"].flatten()[~on].mean() + 3
-    assert (tmp_path / "density.png").stat().st_size > 10_000
-
-def test_gaussian_variance_follows_the_theory_along_the_flow(tmp_path):
-    import gaussian
-    results = gaussian.main(["--iters", "300", "--steps", "10", "--n-samples", "2000",
-                             "--out", str(tmp_path)])
-    for name in ["linear", "cosine"]:  # the generated points reach the target's mean (1, 1)
-        assert results[name]["mean"].tolist() == pytest.approx([1, 1], abs=0.15)
-    with open(tmp_path / "variance.csv") as f:
-        rows = list(csv.reader(f))
-    assert rows[0] == ["schedule", "t", "var_measured", "var_theory"]
-    assert [r[0] for r in rows[1:]] == ["linear"] * 11 + ["cosine"] * 11
-    for name, block in [("linear", rows[1:12]), ("cosine", rows[12:])]:
-        t = [float(r[1]) for r in block]
-        assert t == pytest.approx([i / 10 for i in range(11)])
-        theory = [float(r[3]) for r in block]
-        assert theory == pytest.approx([(1 - s) ** 2 + s ** 2 if name == "linear" else 1
-                                        for s in t], abs=1e-5)
-    # the flow itself: linear dips towards 1/2 in the middle (its Euler value with 10 steps
-    # on the exact field is 0.44), cosine stays near 1 all the way
-    linear_var, cosine_var = [float(r[2]) for r in rows[1:12]], [float(r[2]) for r in rows[12:]]
-    assert linear_var[5] == pytest.approx(0.44, abs=0.08) and max(linear_var[4:7]) < 0.6
-    assert all(v == pytest.approx(1, abs=0.12) for v in cosine_var)
-    # at t = 1 linear ends below 1 (Euler on the exact field, 10 steps: 0.7726), cosine at 1
-    assert (linear_var[-1] == pytest.approx(0.77, abs=0.08)
-            and cosine_var[-1] == pytest.approx(1, abs=0.12))
-    assert (tmp_path / "variance.png").exists()
-    # the learned flow as a density: the held-out points' mean log-density near the exact one
-    # (-(1 + ln 2 pi) = -2.838 in expectation); learned - exact estimates -KL(p || q) <= 0.
-    # (Here int div v dt = 2 log(1 / 1) = 0 along every path: the closed-form tests above,
-    # and the moons' density, check that term.)
-    for name in ["linear", "cosine"]:
-        r = results[name]
-        assert r["exact_log_p"] == pytest.approx(-1 - math.log(2 * math.pi), abs=0.03)
-        assert r["log_p"] == pytest.approx(r["exact_log_p"], abs=0.05)
-
-@pytest.mark.parametrize("script,args,message", [
-    ("moons.py", ["--schedule", "sigmoid"], "invalid choice: 'sigmoid'"),
-    ("moons.py", ["--steps", "0"], "argument --steps: invalid positive_int value: '0'"),
-    ("gaussian.py", ["--iters", "-5"], "argument --iters: invalid positive_int value: '-5'"),
-    ("moons.py", ["--lr", "0"], "argument --lr: invalid positive_float value: '0'"),
-    ("moons.py", ["--device", "cuda:7"], "is not available on this machine"),
-    ("gaussian.py", ["--out", "README.md/run"], "cannot write to the folder README.md/run"),
-])
-def test_bad_input_is_one_line_and_a_non_zero_exit(script, args, message):
-    r = subprocess.run([sys.executable, os.path.join(HERE, script), *args], capture_output=True,
-                       text=True, cwd=HERE)
-    assert r.returncode != 0
-    assert r.stderr.count("\n") == 1 and message in r.stderr, r.stderr
-    assert "Traceback" not in r.stderr
-
-# -----------------------------------------------------------------------------
-# mnist.py on small IDX files written here (torchvision reads them as the real ones)
-
-def write_idx(root, name, n_train=48, n_test=16, seed=0, classes=False):
-    """root/name/raw/ with the four IDX files: random dots, labels 0..9. With classes=True
-    each label also has its own bright bar, so that a classifier can learn them."""
-    raw = root / name / "raw"
-    raw.mkdir(parents=True, exist_ok=True)
-    g = torch.Generator().manual_seed(seed)
-    for prefix, n in [("train", n_train), ("t10k", n_test)]:
-        images = (torch.rand(n, 28, 28, generator=g) > 0.8).to(torch.uint8) * 255
-        labels = torch.arange(n, dtype=torch.uint8) % 10
-        if classes:
-            for i, k in enumerate(labels.tolist()):
-                r, c = 3 + 12 * (k // 5), 1 + 5 * (k % 5)
-                images[i, r:r + 8, c:c + 5] = 255
-        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(struct.pack(">IIII", 0x0803, n, 28, 28)
-                                                          + images.numpy().tobytes())
-        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(struct.pack(">II", 0x0801, n)
-                                                          + labels.numpy().tobytes())
-    return root
-
-@pytest.fixture
-def mnist_data(tmp_path):
-    return write_idx(tmp_path / "data", "MNIST")
-
-def run_mnist(data, out, *extra):
-    import mnist
-    return mnist.main(["--data", str(data), "--out", str(out), "--batch-size", "16",
-                       "--nfe", "3", "--device", "cpu", *extra])
-
-def test_load_images_reads_idx_files_into_minus_one_one(mnist_data):
-    x = common.load_images("MNIST", str(mnist_data))
-    assert x.shape == (48, 1, 28, 28) and x.dtype == torch.float32
-    assert set(x.unique().tolist()) == {-1.0, 1.0}  # 0 -> -1, 255 -> 1
-
-def test_mnist_trains_writes_grid_and_checkpoint_then_samples(mnist_data, tmp_path, capsys):
-    out = tmp_path / "out"
-    run_mnist(mnist_data, out, "--epochs", "1", "--schedule", "linear")
-    log = capsys.readouterr().out
-    line = [l for l in log.splitlines() if l.startswith("epoch")][0]
-    assert "epoch   1/1 | loss " in line and " img/s | " in line
-    assert math.isfinite(float(line.split("loss ")[1].split()[0]))
-    assert (out / "epoch001.png").exists()
-    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
-    assert ckpt["epoch"] == 1 and ckpt["config"]["schedule"] == "linear"
-    assert not list(out.glob("*.tmp*"))
-    # the moving average of the weights, next to them
-    assert ckpt["ema"].keys() == ckpt["model"].keys()
-    assert not torch.equal(ckpt["ema"]["out.bias"], ckpt["model"]["out.bias"])
-
-    run_mnist(mnist_data, out, "--sample", "10")
-    x = torch.load(out / "samples.pt", weights_only=True)
-    assert x.shape == (10, 1, 28, 28) and x.dtype == torch.float32
-    assert x.min() >= 0 and x.max() <= 1
-    assert (out / "samples.png").exists()
-
-def test_mnist_resumed_after_a_kill_ends_with_the_same_weights(mnist_data, tmp_path, monkeypatch):
-    import mnist
-    extra = ["--t-dist", "logit-normal", "--lr", "2e-3", "--warmup", "5", "--clip", "1.0",
-             "--t-mean", "0.3"]
-    run_mnist(mnist_data, tmp_path / "a", "--epochs", "3", *extra)  # never interrupted
-    # the same run, killed in the middle of epoch 2 (48 images / 16 = 3 steps an epoch)
-    calls = {"n": 0}
-    def dying_loss(*a):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise Killed  # as if the process were killed: nothing after this line runs
-        return fm_loss(*a)
-    monkeypatch.setattr(mnist, "fm_loss", dying_loss)
-    with pytest.raises(Killed):
-        run_mnist(mnist_data, tmp_path / "b", "--epochs", "3", *extra)
-    assert torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["epoch"] == 1
-    monkeypatch.setattr(mnist, "fm_loss", fm_loss)
-    run_mnist(mnist_data, tmp_path / "b", "--epochs", "3", "--resume")
-    a = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)
-    b = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)
-    assert a["epoch"] == b["epoch"] == 3
-    assert a["optimizer"]["param_groups"][0]["lr"] == b["optimizer"]["param_groups"][0]["lr"]
-    for k in a["model"]:
-        assert torch.equal(a["model"][k], b["model"][k]), k
-        assert torch.equal(a["ema"][k], b["ema"][k]), k
-
-def test_warmup_clip_and_the_mean_of_t_follow_their_definitions(mnist_data, tmp_path, monkeypatch):
-    import mnist
-    # warm-up: the learning rate of step n (from 1) is lr * n / warmup, then lr
-    seen, norms, ts = [], [], []
-    real_step = torch.optim.Adam.step
-    def spy(self, *a, **k):
-        seen.append(self.param_groups[0]["lr"])
-        norms.append(
-            torch.cat([p.grad.flatten() for p in self.param_groups[0]["params"]]).norm().item())
-        return real_step(self, *a, **k)
-    monkeypatch.setattr(torch.optim.Adam, "step", spy)
-    real_draw = common.draw_t
-    monkeypatch.setattr(mnist, "draw_t", lambda n, d, mean, device:
-                        ts.append(mean) or real_draw(n, d, mean, device))
-    run_mnist(mnist_data, tmp_path / "a", "--epochs", "2", "--warmup", "4", "--lr", "0.01",
-              "--clip", "0.05", "--t-mean", "0.5")
-    assert seen == pytest.approx([0.0025, 0.005, 0.0075, 0.01, 0.01, 0.01])
-    assert set(ts) == {0.5}
-    clipped, norms[:] = norms[:], []
-    # the same first step without --clip: its gradient is longer than 0.05, and the clipped
-    # run's Adam saw it scaled to exactly 0.05; no step saw more
-    run_mnist(mnist_data, tmp_path / "b", "--epochs", "1", "--warmup", "4", "--lr", "0.01",
-              "--t-mean", "0.5")
-    assert norms[0] > 0.1 and clipped[0] == pytest.approx(0.05, rel=1e-4)
-    assert max(clipped) <= 0.05 * (1 + 1e-4)
-    # t ~ sigmoid(N(m, 1)): P(t > 1/2) = Phi(m)
-    torch.manual_seed(0)
-    t = common.draw_t(200_000, "logit-normal", 0.5)
-    assert (t > 0.5).double().mean().item() == pytest.approx(0.6915, abs=0.003)
-
-def test_update_ema_is_the_weighted_mean():
-    torch.manual_seed(0)
-    ema, model = MLP(n_hidden=8), MLP(n_hidden=8)
-    before = [p.clone() for p in ema.parameters()]
-    common.update_ema(ema, model, 0.75)
-    for e, b, p in zip(ema.parameters(), before, model.parameters()):
-        torch.testing.assert_close(e, 0.75 * b + 0.25 * p)
-
-def test_ema_in_training_follows_its_warm_up_and_sampling_uses_it(mnist_data, tmp_path,
-                                                                  monkeypatch):
-    # record the weights after each of the 3 optimiser steps; the EMA starts from the initial ones
-    import mnist
-    snapshots = []
-    real_update = common.update_ema
-    def spy(ema, model, decay):
-        snapshots.append((decay, [p.detach().clone() for p in model.parameters()]))
-        real_update(ema, model, decay)
-    monkeypatch.setattr(mnist, "update_ema", spy)
-    torch.manual_seed(0)
-    initial = [p.clone() for p in UNet().parameters()]  # run_mnist seeds 0 the same way
-    run_mnist(mnist_data, tmp_path / "a", "--epochs", "1")
-    assert [d for d, _ in snapshots] == pytest.approx([2 / 11, 3 / 12, 4 / 13])
-    expected = initial
-    for d, weights in snapshots:
-        expected = [d * e + (1 - d) * w for e, w in zip(expected, weights)]
-    ckpt = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)
-    for (name, _), e in zip(UNet().named_parameters(), expected):
-        torch.testing.assert_close(ckpt["ema"][name], e)
-    # sampling takes the average by default, the trained weights with --raw
-    (ema_model, _), (raw_model, _) = (common.load_model(tmp_path / "a" / "ckpt.pt", "cpu", raw)
-                                      for raw in (False, True))
-    assert torch.equal(ema_model.out.bias, ckpt["ema"]["out.bias"])
-    assert torch.equal(raw_model.out.bias, ckpt["model"]["out.bias"])
-    # --ema 0: no average in the checkpoint
-    run_mnist(mnist_data, tmp_path / "b", "--epochs", "1", "--ema", "0")
-    assert "ema" not in torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)
-
-def expect_error(message, fn, *args):
-    with pytest.raises(SystemExit) as e:
-        fn(*args)
-    assert message in str(e.value.code) and "\n" not in str(e.value.code), e.value.code
-
-def test_mnist_bad_input_is_a_clear_error(mnist_data, tmp_path, monkeypatch):
-    import torchvision
-    # no data and no network: name the folder and the four files
-    monkeypatch.setattr(torchvision.datasets.MNIST, "mirrors", ["http://127.0.0.1:9/"])
-    empty = tmp_path / "empty"
-    expect_error(f"MNIST is not in {empty / 'MNIST' / 'raw'} and could not be downloaded",
-                 run_mnist, empty, tmp_path / "o1")
-    expect_error("t10k-labels-idx1-ubyte there", run_mnist, empty, tmp_path / "o1")
-    expect_error("invalid choice: 'sigmoid'", run_mnist, mnist_data, tmp_path / "o2",
-                 "--schedule", "sigmoid")
-    expect_error("argument --ema: invalid decay value: '1.5'", run_mnist, mnist_data,
-                 tmp_path / "o2", "--ema", "1.5")
-    expect_error("invalid choice: 'rk4'", run_mnist, mnist_data, tmp_path / "o2", "--solver", "rk4")
-    expect_error("argument --lr: invalid positive_float value: '-0.001'", run_mnist, mnist_data,
-                 tmp_path / "o2", "--lr", "-0.001")
-    for flag, value, kind in [("--guidance", "inf", "non_negative_float"),
-                              ("--guidance", "nan", "non_negative_float"),
-                              ("--lr", "inf", "positive_float"),
-                              ("--t-mean", "nan", "finite_float")]:
-        expect_error(f"argument {flag}: invalid {kind} value: '{value}'", run_mnist, mnist_data,
-                     tmp_path / "o2", flag, value)  # a number, and a finite one
-    expect_error("no checkpoint at", run_mnist, mnist_data, tmp_path / "o3", "--sample", "4")
-    expect_error("no checkpoint at", run_mnist, mnist_data, tmp_path / "o3", "--resume")
-    # a checkpoint of another network, a corrupt file
-    (tmp_path / "o4").mkdir()
-    torch.save({"model": MLP().state_dict()}, tmp_path / "o4" / "ckpt.pt")
-    expect_error("does not hold weights for this script's UNet", run_mnist, mnist_data,
-                 tmp_path / "o4", "--sample", "4")
-    expect_error("does not hold weights for this script's UNet", run_mnist, mnist_data,
-                 tmp_path / "o4", "--resume")
-    torch.save({"model": UNet().state_dict()}, tmp_path / "o4" / "ckpt.pt")  # weights, no settings
-    expect_error("has no training settings to resume from", run_mnist, mnist_data,
-                 tmp_path / "o4", "--resume")
-    (tmp_path / "o4" / "ckpt.pt").write_bytes(b"not a checkpoint")
-    expect_error("cannot read checkpoint", run_mnist, mnist_data, tmp_path / "o4", "--sample", "4")
-    (tmp_path / "o4" / "ckpt.pt").write_bytes(
-        bytes(torch.randint(0, 256, (5000,), dtype=torch.uint8).tolist()))
-    expect_error("not a file that torch.save wrote, or a damaged one", run_mnist, mnist_data,
-                 tmp_path / "o4", "--resume")
-    # an existing run is never overwritten by a fresh one
-    (tmp_path / "o4" / "ckpt.pt").write_bytes(b"not a checkpoint")
-    expect_error("ckpt.pt exists: add --resume", run_mnist, mnist_data, tmp_path / "o4")
-    assert (tmp_path / "o4" / "ckpt.pt").read_bytes() == b"not a checkpoint"
-
-def run_reflow(out, *extra):
-    import reflow
-    return reflow.main(["--out", str(out), "--batch-size", "16", "--nfe", "3", "--device", "cpu",
-                        *extra])
-
-def test_reflow_learns_the_teachers_samples_of_its_noise_and_resume_reuses_them(
-        mnist_data, tmp_path, monkeypatch):
-    import reflow
-    teacher, student = tmp_path / "teacher", tmp_path / "student"
-    run_mnist(mnist_data, teacher, "--epochs", "1")
-    # the loss gets each pair's own noise and digit: record what the loop hands it
-    seen = []
-    def recording_loss(model, x0, x1, *rest):
-        seen.append((x0.clone(), x1.clone()))
-        return fm_loss(model, x0, x1, *rest)
-    monkeypatch.setattr(reflow, "fm_loss", recording_loss)
-    run_reflow(student, "--teacher", str(teacher), "--pairs", "12", "--epochs", "1", "--lr", "1e-9")
-    # the pairs: fixed noise none of --sample's noise sets holds, and the teacher's samples of
-    # it with its --nfe 20 sampler (float16: to 1e-3), within Euler's error of its flow
-    pairs = torch.load(student / "pairs.pt", weights_only=True)
-    x0 = common.fixed_noise(12, reflow.PAIR_SEED)
-    assert pairs["teacher"] == str(teacher) and pairs["x1"].dtype == torch.float16
-    assert not any(torch.equal(x0[:2], common.fixed_noise(2, seed)) for seed in range(10))
-    model, config = common.load_model(teacher / "ckpt.pt", torch.device("cpu"))
-    cpu, dtype = torch.device("cpu"), common.pick_dtype("auto", torch.device("cpu"))
-    solver, steps, grid = common.plan(20, config["schedule"])
-    ts = common.time_grid(grid, steps, config["schedule"])
-    x1 = common.generate(model, x0, steps, cpu, dtype, solver, ts) * 2 - 1
-    torch.testing.assert_close(pairs["x1"].float(), x1, rtol=0, atol=1e-3)
-    fine = common.generate(model, x0, 400, cpu, torch.float32) * 2 - 1  # Euler, 400 steps
-    assert (pairs["x1"].float() - fine).abs().mean() < 0.05
-    # every pair once an epoch, each noise image with the digit the teacher carried it to
-    got0, got1 = (torch.cat([p[i] for p in seen]) for i in (0, 1))
-    assert len(got0) == 12
-    match = torch.cdist(got0.flatten(1), x0.flatten(1)).argmin(1)  # which pair's noise
-    assert sorted(match.tolist()) == list(range(12))
-    torch.testing.assert_close(got0, x0[match], rtol=0, atol=0)
-    torch.testing.assert_close(got1, pairs["x1"].float()[match], rtol=0, atol=0)
-    # the student starts as the teacher (its averaged weights), with reflow.py's own settings
-    ckpt = torch.load(student / "ckpt.pt", weights_only=True)
-    assert ckpt["script"] == "reflow.py"
-    assert ckpt["config"]["schedule"] == "linear" and ckpt["config"]["t_dist"] == "half-zero"
-    for k, v in model.state_dict().items():
-        torch.testing.assert_close(ckpt["model"][k], v, rtol=0, atol=1e-6)
-    # --resume reads the pairs back: the teacher is not needed, the file is not rewritten
-    monkeypatch.setattr(reflow, "load_teacher", lambda *a: pytest.fail("asked for the teacher"))
-    before = (student / "pairs.pt").stat().st_mtime_ns
-    run_reflow(student, "--resume", "--epochs", "2")
-    assert (student / "pairs.pt").stat().st_mtime_ns == before
-    assert torch.load(student / "ckpt.pt", weights_only=True)["epoch"] == 2
-    # its checkpoint samples with one Euler step with --nfe 1, from the noise of --seed
-    run_reflow(student, "--sample", "4", "--nfe", "1")
-    student_model, _ = common.load_model(student / "ckpt.pt", cpu)
-    one_step = common.generate(student_model, common.fixed_noise(4, 0), 1, cpu, dtype, "euler",
-                               common.time_grid("uniform", 1))
-    assert torch.equal(torch.load(student / "samples.pt", weights_only=True), one_step)
-    # a setting given wins over reflow.py's defaults
-    monkeypatch.undo()
-    run_reflow(tmp_path / "given", "--teacher", str(teacher), "--pairs", "12", "--epochs", "1",
-               "--t-dist", "uniform")
-    config = torch.load(tmp_path / "given" / "ckpt.pt", weights_only=True)["config"]
-    assert (config["schedule"], config["t_dist"]) == ("linear", "uniform")
-    # other pairs in OUT are never taken for these
-    (tmp_path / "other").mkdir()
-    (tmp_path / "other" / "pairs.pt").write_bytes((student / "pairs.pt").read_bytes())
-    expect_error("holds other pairs than those of --teacher", run_reflow, tmp_path / "other",
-                 "--teacher", str(teacher), "--pairs", "10")
-
-def test_a_reflow_run_of_mnist_py_is_reflow_py_s(mnist_data, tmp_path):
-    # a student that mnist.py --pairing reflow wrote, before reflow.py (weights/mnist-reflow is
-    # one): reflow.py samples and resumes it, mnist.py sends it there
-    run_mnist(mnist_data, tmp_path / "teacher", "--epochs", "1")
-    run_reflow(tmp_path / "old", "--teacher", str(tmp_path / "teacher"), "--pairs", "12",
-               "--epochs", "1")
-    ckpt = torch.load(tmp_path / "old" / "ckpt.pt", weights_only=True)
-    ckpt["script"], ckpt["config"]["pairing"] = "mnist.py", "reflow"
-    torch.save(ckpt, tmp_path / "old" / "ckpt.pt")
-    assert common.written_by(ckpt) == "reflow.py"
-    run_reflow(tmp_path / "old", "--sample", "4", "--nfe", "1")
-    run_reflow(tmp_path / "old", "--resume", "--epochs", "2")
-    assert torch.load(tmp_path / "old" / "ckpt.pt", weights_only=True)["script"] == "reflow.py"
-    ckpt["epoch"] = 1
-    torch.save(ckpt, tmp_path / "old" / "ckpt.pt")
-    expect_error("was written by reflow.py, not mnist.py: use reflow.py", run_mnist, mnist_data,
-                 tmp_path / "old", "--sample", "4")
-
 def test_dequantize_trains_on_each_digit_moved_within_its_grey_levels_bins(mnist_data, tmp_path,
                                                                           monkeypatch):
     import mnist
@@ -887,26 +1787,143 @@ def test_dequantize_trains_on_each_digit_moved_within_its_grey_levels_bins(mnist
     assert not torch.equal(moved[:48].flatten().sort().values,  # afresh each epoch
                            moved[48:].flatten().sort().values)
 
-def test_reflow_bad_input_is_one_line(mnist_data, tmp_path):
-    expect_error(f"no checkpoint at {tmp_path / 'nothing' / 'ckpt.pt'}", run_reflow,
-                 tmp_path / "o", "--teacher", str(tmp_path / "nothing"))
-    expect_error("reflow.py needs --teacher RUN", run_reflow, tmp_path / "o")
-    for flag in ("--pairing", "--conditional", "--dequantize", "--limit", "--data"):
-        expect_error(f"unrecognized arguments: {flag}", run_reflow, tmp_path / "o", "--teacher",
-                     str(tmp_path), flag)  # noise and the teacher's digits, nothing else
-    expect_error("unrecognized arguments: --teacher", run_mnist, mnist_data, tmp_path / "o",
-                 "--teacher", str(tmp_path))
-    run_mnist(mnist_data, tmp_path / "cond", "--epochs", "1", "--conditional", "--limit", "16")
-    expect_error("is a conditional run; reflow learns an unconditional one", run_reflow,
-                 tmp_path / "o", "--teacher", str(tmp_path / "cond"))
-    run_translate(write_idx(mnist_data, "FashionMNIST", n_train=40, n_test=24, seed=1),
-                  tmp_path / "t", "--epochs", "1", "--limit", "16")
-    expect_error("was written by translate.py, not mnist.py or reflow.py", run_reflow,
-                 tmp_path / "o", "--teacher", str(tmp_path / "t"))
-    assert not (tmp_path / "o" / "ckpt.pt").exists()
+def test_evaluate_bpd_of_a_run(evaluated, tmp_path, capsys):
+    run, data = evaluated[:2]
+    out = tmp_path / "run"
+    run_mnist(data, out, "--epochs", "1", "--limit", "48")
+    capsys.readouterr()
+    r = run(str(out), "--bpd", "--n", "6", "--steps", "4")
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert re.match(r"bpd \d+\.\d{4} \+- \d+\.\d{4} \(standard error over the images, "
+                    r"dequantisations and probes; 4 midpoint steps moved it by "
+                    r"[+-]\d+\.\d{4} from 2\)$", last), last
+    # the figure is the mean of the six images' own, each from common.log_likelihood
+    model, _ = common.load_model(str(out / "ckpt.pt"), "cpu")
+    g = torch.Generator().manual_seed(0)
+    x = common.dequantize(common.load_images("MNIST", str(data), train=False)[:6], g)
+    log_p = common.log_likelihood(model, x, 4, common.rademacher(x.shape, g))
+    bits = common.bits_per_dim(log_p.double(), 784)
+    assert r["bpd"] == pytest.approx(bits.mean().item(), rel=1e-4)
+    assert r["se"] == pytest.approx(bits.std().item() / math.sqrt(6), rel=1e-3)
+    g = torch.Generator().manual_seed(0)
+    common.dequantize(x, g)  # the same draws: the images' dequantisation, then their probes
+    half = common.bits_per_dim(common.log_likelihood(model, x, 2, common.rademacher(x.shape, g))
+                               .double(), 784)
+    assert r["half"] == pytest.approx(half.mean().item(), rel=1e-4)
+    expect_error("--bpd is for one run folder of digits alone", run, str(out), "--bpd", "--curve")
+    expect_error("--steps is for --bpd", run, str(out), "--steps", "10")
+    expect_error("--n 201: MNIST has only 200 test images", run, str(out), "--bpd", "--n", "201")
+    expect_error("--dtype is for sampling; --bpd integrates in float32", run, str(out), "--bpd",
+                 "--dtype", "float32")
+    expect_error("--steps 1: --bpd compares the figure with half the steps", run, str(out),
+                 "--bpd", "--steps", "1")
+    expect_error("--bpd is for a run folder", run, "real", "--bpd")
+    run_mnist(data, tmp_path / "cond", "--epochs", "1", "--limit", "16", "--conditional")
+    expect_error("is a conditional run; --bpd measures an unconditional model's density", run,
+                 str(tmp_path / "cond"), "--bpd")
+
+# =============================================================================
+# the plumbing
+# =============================================================================
 
 # -----------------------------------------------------------------------------
-# long runs: progress, divergence, Ctrl-C, damaged data, impossible requests
+# bad input: one line, a non-zero exit, nothing lost
+
+@pytest.mark.parametrize("script,args,message", [
+    ("moons.py", ["--schedule", "sigmoid"], "invalid choice: 'sigmoid'"),
+    ("gaussian.py", ["--out", "README.md/run"], "cannot write to the folder README.md/run"),
+])
+def test_bad_input_is_one_line_and_a_non_zero_exit(script, args, message):
+    # as a user sees it: a process of its own, its exit status and stderr (die: SystemExit)
+    r = subprocess.run([sys.executable, os.path.join(HERE, script), *args], capture_output=True,
+                       text=True, cwd=HERE)
+    assert r.returncode != 0
+    assert r.stderr.count("\n") == 1 and message in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+
+@pytest.mark.parametrize("script,args,message", [
+    ("moons", ["--steps", "0"], "argument --steps: invalid positive_int value: '0'"),
+    ("gaussian", ["--iters", "-5"], "argument --iters: invalid positive_int value: '-5'"),
+    ("moons", ["--lr", "0"], "argument --lr: invalid positive_float value: '0'"),
+    ("moons", ["--device", "cuda:7"], "is not available on this machine"),
+])
+def test_the_2d_scripts_refuse_bad_settings_in_one_line(script, args, message):
+    # the same SystemExit as above, from the script's main() in this process (a process each
+    # would take seconds to import torch)
+    import importlib
+    expect_error(message, importlib.import_module(script).main, args)
+
+@pytest.mark.parametrize("damage,message", [
+    ("truncate", "is damaged (1000 bytes, not an IDX file of the size its header gives)"),
+    ("flip a header bit", "is damaged (37648 bytes, not an IDX file of the size its header gives)"),
+    ("random bytes", "is damaged (37648 bytes, not an IDX file of the size its header gives)"),
+])
+def test_damaged_data_is_named_in_one_line(mnist_data, tmp_path, damage, message):
+    f = mnist_data / "MNIST" / "raw" / "train-images-idx3-ubyte"
+    data = bytearray(f.read_bytes())
+    if damage == "truncate":
+        data = data[:1000]
+    elif damage == "flip a header bit":
+        data[11] ^= 0x04  # 28 rows -> 24
+    else:
+        data = bytearray(torch.randint(0, 256, (len(data),),
+                                       generator=torch.Generator().manual_seed(3),
+                                       dtype=torch.uint8).numpy().tobytes())
+    f.write_bytes(bytes(data))
+    expect_error(f"{f} {message}; delete it so that it is downloaded again, or copy it again",
+                 run_mnist, mnist_data, tmp_path / "o", "--epochs", "1")
+
+def test_a_file_of_the_official_size_with_another_md5_is_damaged(tmp_path):
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    f = raw / "t10k-labels-idx1-ubyte"  # the official test labels are 10,000 bytes after the header
+    f.write_bytes(struct.pack(">II", 0x0801, 10000) + bytes(10000))
+    expect_error(f"{f} is damaged (the official file's size, but not its MD5)", common.load_images,
+                 "MNIST", str(tmp_path))
+
+def test_impossible_requests_are_one_line_and_leave_the_checkpoint(mnist_data, tmp_path,
+                                                                   monkeypatch):
+    run_mnist(mnist_data, tmp_path / "o", "--epochs", "1")
+    before = (tmp_path / "o" / "ckpt.pt").read_bytes()
+    # more samples than memory can hold
+    expect_error("--sample 100000000 needs 584.1 GiB of memory", run_mnist, mnist_data,
+                 tmp_path / "o", "--sample", "100000000")
+    # an output folder that cannot be written (a path under a regular file)
+    (tmp_path / "file").write_text("not a folder")
+    expect_error(f"cannot write to the folder {tmp_path / 'file' / 'run'}", run_mnist, mnist_data,
+                 tmp_path / "file" / "run")
+    # a full disk while saving the next checkpoint
+    def full_disk(obj, f, *a, **k):
+        open(f, "wb").write(b"half a checkpoint")  # what a full disk leaves behind
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(torch, "save", full_disk)
+    expect_error(f"cannot write {tmp_path / 'o' / 'ckpt.pt'} ([Errno 28] No space left on device); "
+                 "what was there is unchanged",
+                 run_mnist, mnist_data, tmp_path / "o", "--epochs", "2", "--resume")
+    assert (tmp_path / "o" / "ckpt.pt").read_bytes() == before
+    assert not list((tmp_path / "o").glob("*.tmp*"))
+
+def test_a_training_batch_that_cannot_fit_is_refused_before_any_step(mnist_data, tmp_path,
+                                                                     monkeypatch):
+    import mnist
+    # what a step needs: each layer's output and its gradient, in float32, for each image
+    per_image = common.step_memory(UNet(), 1)
+    assert common.step_memory(UNet(), 64) == 64 * per_image
+    assert 2 * 4 * 300_000 < per_image < 2 * 4 * 400_000  # the U-Net's maps: about 350,000 numbers
+    assert common.step_memory(UNet(n_classes=10), 1) > per_image  # the label's maps too
+    # a full MNIST batch of 60,000 images needs more than this machine's 24 GiB
+    assert common.step_memory(UNet(), 60_000) > 24 * 2**30
+    monkeypatch.setattr(common, "free_memory", lambda device: 20 * per_image)  # 20 images' room
+    monkeypatch.setattr(mnist, "fm_loss", lambda *a: pytest.fail("a step was taken"))
+    expect_error(f"--batch-size 32 needs {32 * per_image / 2**30:.1f} GiB of memory", run_mnist,
+                 mnist_data, tmp_path / "o", "--batch-size", "32", "--epochs", "1")
+    assert not (tmp_path / "o" / "ckpt.pt").exists()
+    # a batch larger than the data is a step over all of it: 48 images here
+    expect_error(f"--batch-size 1000 needs {48 * per_image / 2**30:.1f} GiB", run_mnist,
+                 mnist_data, tmp_path / "o", "--batch-size", "1000", "--epochs", "1")
+
+# -----------------------------------------------------------------------------
+# long runs: progress, divergence, Ctrl-C, resuming, checkpoints
 
 def test_progress_inside_an_epoch_at_least_every_tenth(mnist_data, tmp_path, capsys):
     run_mnist(mnist_data, tmp_path / "o", "--epochs", "2",
@@ -1001,43 +2018,6 @@ def test_ctrl_c_names_the_checkpoint_and_the_resume_command_then_resumes_exactly
     assert a["epoch"] == b["epoch"] == saved + 1
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_mnist_on_cuda_trains_samples_and_its_checkpoint_loads_on_a_cpu(mnist_data, tmp_path,
-                                                                        capsys):
-    # the suite runs on the CPU (the references above are CPU arithmetic); this is the GPU's path
-    run_mnist(mnist_data, tmp_path, "--epochs", "2", "--device", "cuda")
-    assert capsys.readouterr().out.startswith("device cuda")
-    ckpt = common.load_checkpoint(tmp_path / "ckpt.pt")  # onto the CPU, as a user's laptop would
-    assert ckpt["epoch"] == 2 and all(v.device.type == "cpu" and v.isfinite().all()
-                                      for v in ckpt["ema"].values())
-    run_mnist(mnist_data, tmp_path, "--sample", "10", "--device", "cuda")
-    x = torch.load(tmp_path / "samples.pt", weights_only=True)
-    assert x.shape == (10, 1, 28, 28) and x.min() >= 0 and x.max() <= 1 and x.std() > 0.05
-
-@pytest.mark.parametrize("script", ["mnist", "translate"])
-def test_a_checkpoint_older_than_a_setting_resumes_with_what_it_trained_with(both_data, tmp_path,
-                                                                             script):
-    # a run from before --t-dist, --t-mean, --warmup, --clip, --pairing (--sigma) trained with
-    # what common.OLDER says, not today's defaults; it resumes as the run that gave them
-    # explicitly
-    run = {"mnist": run_mnist, "translate": run_translate}[script]
-    older = common.OLDER[f"{script}.py"]
-    assert older == {"t_dist": "uniform", "t_mean": 0.0, "warmup": None, "clip": None,
-                     "pairing": "random", "conditional": False, "label_drop": 0.1,
-                     **({"sigma": 0.0} if script == "translate" else {"dequantize": False})}
-    flags = ["--t-dist", "uniform", "--t-mean", "0", "--pairing", "random",
-             *(["--sigma", "0"] if script == "translate" else [])]  # (no warm-up, no clipping)
-    run(both_data, tmp_path / "straight", "--epochs", "2", *flags)
-    run(both_data, tmp_path / "old", "--epochs", "1", *flags)
-    ckpt = torch.load(tmp_path / "old" / "ckpt.pt", weights_only=True)
-    for k in [*older, "script"]:
-        (ckpt["config"] if k in ckpt["config"] else ckpt).pop(k)
-    torch.save(ckpt, tmp_path / "old" / "ckpt.pt")
-    run(both_data, tmp_path / "old", "--epochs", "2", "--resume")
-    a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in ("old", "straight"))
-    assert {k: a["config"][k] for k in older} == older
-    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
-
 def test_resume_reads_and_writes_the_folder_given(mnist_data, tmp_path):
     import shutil
     run_mnist(mnist_data, tmp_path / "a", "--epochs", "1")
@@ -1048,640 +2028,6 @@ def test_resume_reads_and_writes_the_folder_given(mnist_data, tmp_path):
     assert (tmp_path / "b" / "epoch002.png").exists()
     assert {f.name: f.read_bytes()
             for f in (tmp_path / "a").iterdir()} == before  # the original run: untouched
-
-@pytest.mark.parametrize("damage,message", [
-    ("truncate", "is damaged (1000 bytes, not an IDX file of the size its header gives)"),
-    ("flip a header bit", "is damaged (37648 bytes, not an IDX file of the size its header gives)"),
-    ("random bytes", "is damaged (37648 bytes, not an IDX file of the size its header gives)"),
-])
-def test_damaged_data_is_named_in_one_line(mnist_data, tmp_path, damage, message):
-    f = mnist_data / "MNIST" / "raw" / "train-images-idx3-ubyte"
-    data = bytearray(f.read_bytes())
-    if damage == "truncate":
-        data = data[:1000]
-    elif damage == "flip a header bit":
-        data[11] ^= 0x04  # 28 rows -> 24
-    else:
-        data = bytearray(torch.randint(0, 256, (len(data),),
-                                       generator=torch.Generator().manual_seed(3),
-                                       dtype=torch.uint8).numpy().tobytes())
-    f.write_bytes(bytes(data))
-    expect_error(f"{f} {message}; delete it so that it is downloaded again, or copy it again",
-                 run_mnist, mnist_data, tmp_path / "o", "--epochs", "1")
-
-def test_a_file_of_the_official_size_with_another_md5_is_damaged(tmp_path):
-    raw = tmp_path / "MNIST" / "raw"
-    raw.mkdir(parents=True)
-    f = raw / "t10k-labels-idx1-ubyte"  # the official test labels are 10,000 bytes after the header
-    f.write_bytes(struct.pack(">II", 0x0801, 10000) + bytes(10000))
-    expect_error(f"{f} is damaged (the official file's size, but not its MD5)", common.load_images,
-                 "MNIST", str(tmp_path))
-
-def test_impossible_requests_are_one_line_and_leave_the_checkpoint(mnist_data, tmp_path,
-                                                                   monkeypatch):
-    run_mnist(mnist_data, tmp_path / "o", "--epochs", "1")
-    before = (tmp_path / "o" / "ckpt.pt").read_bytes()
-    # more samples than memory can hold
-    expect_error("--sample 100000000 needs 584.1 GiB of memory", run_mnist, mnist_data,
-                 tmp_path / "o", "--sample", "100000000")
-    # an output folder that cannot be written (a path under a regular file)
-    (tmp_path / "file").write_text("not a folder")
-    expect_error(f"cannot write to the folder {tmp_path / 'file' / 'run'}", run_mnist, mnist_data,
-                 tmp_path / "file" / "run")
-    # a full disk while saving the next checkpoint
-    def full_disk(obj, f, *a, **k):
-        open(f, "wb").write(b"half a checkpoint")  # what a full disk leaves behind
-        raise OSError(28, "No space left on device")
-    monkeypatch.setattr(torch, "save", full_disk)
-    expect_error(f"cannot write {tmp_path / 'o' / 'ckpt.pt'} ([Errno 28] No space left on device); "
-                 "what was there is unchanged",
-                 run_mnist, mnist_data, tmp_path / "o", "--epochs", "2", "--resume")
-    assert (tmp_path / "o" / "ckpt.pt").read_bytes() == before
-    assert not list((tmp_path / "o").glob("*.tmp*"))
-
-@pytest.mark.parametrize("avx512_bf16,amx,auto", [(True, False, torch.bfloat16),
-                                                 (False, True, torch.bfloat16),
-                                                 (False, False, torch.float32)])
-def test_dtype_auto_is_bf16_only_on_a_cpu_that_computes_it(monkeypatch, avx512_bf16, amx, auto):
-    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
-    assert common.pick_dtype("auto", torch.device("cpu")) == auto
-    assert common.pick_dtype("auto", torch.device("cuda")) == torch.float32  # GPUs: float32
-    for name, dtype in [("float32", torch.float32), ("bfloat16", torch.bfloat16)]:
-        assert common.pick_dtype(name, torch.device("cpu")) == dtype  # a precision named wins
-
-def test_a_training_batch_that_cannot_fit_is_refused_before_any_step(mnist_data, tmp_path,
-                                                                     monkeypatch):
-    import mnist
-    # what a step needs: each layer's output and its gradient, in float32, for each image
-    per_image = common.step_memory(UNet(), 1)
-    assert common.step_memory(UNet(), 64) == 64 * per_image
-    assert 2 * 4 * 300_000 < per_image < 2 * 4 * 400_000  # the U-Net's maps: about 350,000 numbers
-    assert common.step_memory(UNet(n_classes=10), 1) > per_image  # the label's maps too
-    # a full MNIST batch of 60,000 images needs more than this machine's 24 GiB
-    assert common.step_memory(UNet(), 60_000) > 24 * 2**30
-    monkeypatch.setattr(common, "free_memory", lambda: 20 * per_image)  # room for 20 images
-    monkeypatch.setattr(mnist, "fm_loss", lambda *a: pytest.fail("a step was taken"))
-    expect_error(f"--batch-size 32 needs {32 * per_image / 2**30:.1f} GiB of memory", run_mnist,
-                 mnist_data, tmp_path / "o", "--batch-size", "32", "--epochs", "1")
-    assert not (tmp_path / "o" / "ckpt.pt").exists()
-    # a batch larger than the data is a step over all of it: 48 images here
-    expect_error(f"--batch-size 1000 needs {48 * per_image / 2**30:.1f} GiB", run_mnist,
-                 mnist_data, tmp_path / "o", "--batch-size", "1000", "--epochs", "1")
-
-def test_translate_ot_pairing_reorders_the_same_garments_to_a_shorter_total(both_data, tmp_path,
-                                                                            monkeypatch):
-    import translate
-    batches = {}
-    def recording_loss(model, x0, x1, *rest):
-        batches.setdefault(recording_loss.run, []).append((x0.flatten(1).clone(),
-                                                           x1.flatten(1).clone()))
-        return fm_loss(model, x0, x1, *rest)
-    monkeypatch.setattr(translate, "fm_loss", recording_loss)
-    for pairing in ["random", "ot"]:
-        recording_loss.run = pairing
-        run_translate(both_data, tmp_path / pairing, "--epochs", "1", "--pairing", pairing)
-    cost = lambda x0, x1: (x0 - x1).pow(2).sum().item()
-    for (r0, r1), (o0, o1) in zip(batches["random"], batches["ot"]):
-        assert torch.equal(r1, o1)  # the same digits, in the same order
-        assert sorted(map(tuple, r0.tolist())) == sorted(map(tuple, o0.tolist()))  # the same
-                                                                                   # garments
-        assert cost(o0, o1) <= cost(r0, r1) + 1e-6
-    assert sum(cost(*b) for b in batches["ot"]) < sum(cost(*b) for b in batches["random"])
-
-def test_translate_pairs_at_random_and_resumes_exactly(both_data, tmp_path, monkeypatch):
-    import translate
-    digits = common.load_images("MNIST", str(both_data)).flatten(1)
-    garments = common.load_images("FashionMNIST", str(both_data)).flatten(1)
-    pairs = []
-    def recording_loss(model, x0, x1, *rest):
-        pairs.extend(zip(torch.cdist(x1.flatten(1), digits).argmin(1).tolist(),
-                         torch.cdist(x0.flatten(1), garments).argmin(1).tolist()))
-        return fm_loss(model, x0, x1, *rest)
-    monkeypatch.setattr(translate, "fm_loss", recording_loss)
-    run_translate(both_data, tmp_path / "a", "--epochs", "2", "--pairing", "random")
-    first, second = dict(pairs[:48]), dict(pairs[48:])
-    assert sorted(first) == sorted(second) == list(range(48))  # every digit once an epoch
-    # a digit meets another garment in the next epoch (random: 39 times in 40)
-    assert sum(first[d] != second[d] for d in range(48)) >= 40
-    # killed in the middle of epoch 2, resumed: the same weights as the run above
-    calls = {"n": 0}
-    def dying_loss(*a):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise Killed
-        return fm_loss(*a)
-    monkeypatch.setattr(translate, "fm_loss", dying_loss)
-    with pytest.raises(Killed):
-        run_translate(both_data, tmp_path / "b", "--epochs", "2", "--pairing", "random")
-    monkeypatch.setattr(translate, "fm_loss", fm_loss)
-    # as a checkpoint from before --pairing existed: it resumes with the random pairing it
-    # trained with
-    ckpt = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)
-    del ckpt["config"]["pairing"]
-    torch.save(ckpt, tmp_path / "b" / "ckpt.pt")
-    run_translate(both_data, tmp_path / "b", "--epochs", "2", "--resume")
-    a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in "ab")
-    assert all(torch.equal(a["model"][k], b["model"][k]) and torch.equal(a["ema"][k], b["ema"][k])
-               for k in a["model"])
-
-# -----------------------------------------------------------------------------
-# sampling from a trained run: --nfe, the weights alone, the flow pictures
-
-def flow_cells(path, rows, cols, scale=2):
-    """The 28x28 cells of flow.png (a band of 12 * scale pixels for the times on top), in [0, 1]."""
-    from PIL import Image
-    img = torch.tensor(np.array(Image.open(path)),
-                       dtype=torch.float64)[12 * scale::scale, ::scale] / 255
-    return png_cells_of(img, rows, cols)
-
-def gif_frames(path):
-    """The frames of a GIF in [0, 1], and how long each is shown (ms)."""
-    from PIL import Image, ImageSequence
-    frames = [(np.array(f.convert("L")), f.info["duration"])
-              for f in ImageSequence.Iterator(Image.open(path))]
-    return [torch.tensor(f, dtype=torch.float64) / 255 for f, _ in frames], [ms for _, ms in frames]
-
-def test_mnist_sample_with_nfe_writes_the_flow_from_noise_to_the_digits(mnist_data, tmp_path,
-                                                                        capsys):
-    out = tmp_path / "o"
-    run_mnist(mnist_data, out, "--epochs", "1")
-    capsys.readouterr()
-    run_mnist(mnist_data, out, "--sample", "10", "--nfe", "6")
-    solver, steps, grid = common.plan(6, "cosine")
-    assert (f"{solver}, {steps} steps on the {grid} grid ({common.nfe(solver, steps)} "
-            "network evaluations each)" in capsys.readouterr().out)
-    x = torch.load(out / "samples.pt", weights_only=True)
-    noise = common.to_unit(common.fixed_noise(10, 0))
-    # flow.png: a row per sample (8), a column per time; the first column is the noise, the last
-    # the digit
-    cells = flow_cells(out / "flow.png", 8, steps + 1)
-    torch.testing.assert_close(cells[:, 0], noise[:8, 0].double(), rtol=0, atol=0.5 / 255 + 1e-9)
-    torch.testing.assert_close(cells[:, -1], x[:8, 0].double(), rtol=0, atol=0.5 / 255 + 1e-9)
-    # flow.gif: the ten samples on their way, held at the end
-    frames, ms = gif_frames(out / "flow.gif")
-    assert len(frames) == steps + 1 and ms[-1] > 5 * ms[0]  # a frame a state, the last held
-    first, last = (png_cells_of(f, 2, 8) for f in (frames[0], frames[-1]))
-    torch.testing.assert_close(first.flatten(0, 1)[:10], noise[:, 0].double(),
-                               rtol=0, atol=0.5 / 255 + 1e-9)
-    torch.testing.assert_close(last.flatten(0, 1)[:10], x[:, 0].double(),
-                               rtol=0, atol=0.5 / 255 + 1e-9)
-
-def png_cells_of(img, rows, cols):
-    """The 28x28 cells (padding 2) of a picture (H, W) that make_grid/save_image laid out:
-    (rows, cols, 28, 28)."""
-    assert img.shape == (30 * rows + 2, 30 * cols + 2)
-    return torch.stack([torch.stack([img[30 * r + 2:30 * r + 30, 30 * c + 2:30 * c + 30]
-                                     for c in range(cols)])
-                        for r in range(rows)])
-
-def test_translate_flow_starts_from_the_garments(both_data, tmp_path):
-    out = tmp_path / "o"
-    run_translate(both_data, out, "--epochs", "1", "--sigma", "0")  # the garments themselves
-    run_translate(both_data, out, "--sample", "8", "--solver", "euler", "--steps", "12",
-                  "--grid", "uniform")
-    x = torch.load(out / "samples.pt", weights_only=True)
-    garments = common.to_unit(common.load_images("FashionMNIST", str(both_data), train=False))
-    cells = flow_cells(out / "flow.png", 8, 10)  # about ten of the 13 times
-    torch.testing.assert_close(cells[:, 0], garments[:8, 0].double(), rtol=0, atol=0.5 / 255 + 1e-9)
-    torch.testing.assert_close(cells[:, -1], x[:8, 0].double(), rtol=0, atol=0.5 / 255 + 1e-9)
-
-def test_the_weights_alone_sample_but_do_not_resume(mnist_data, tmp_path, capsys):
-    run_mnist(mnist_data, tmp_path / "run", "--epochs", "2")
-    small = tmp_path / "weights"
-    small.mkdir()
-    (small / "ckpt.pt").write_bytes(
-        (tmp_path / "run" / "epoch002.pt").read_bytes())  # what the repository keeps
-    assert (small / "ckpt.pt").stat().st_size < 1_000_000
-    ckpt = torch.load(small / "ckpt.pt", weights_only=True)
-    assert set(ckpt) == {"script", "ema", "config", "epoch"} and ckpt["epoch"] == 2
-    assert ckpt["script"] == "mnist.py"
-    run_mnist(mnist_data, small, "--sample", "6")
-    run_mnist(mnist_data, tmp_path / "run", "--sample", "6")
-    assert torch.equal(torch.load(small / "samples.pt", weights_only=True),
-                       torch.load(tmp_path / "run" / "samples.pt",
-                                  weights_only=True))  # the averaged weights
-    expect_error("holds weights only, no optimiser state: it can --sample, not --resume",
-                 run_mnist, mnist_data, small, "--resume")
-    expect_error("holds only the moving average of the weights; --raw needs a run's ckpt.pt",
-                 run_mnist, mnist_data, small, "--sample", "6", "--raw")
-
-def test_euler_on_the_exact_gaussian_field_has_the_predicted_discretisation_error():
-    # N(0, 1) -> N(1, 1), linear schedule, independent X_0, X_1: the exact velocity field is
-    # v_t(x) = 1 + a_t (x - t) with a_t = (2t - 1) / ((1 - t)^2 + t^2) (README, question 6).
-    # Euler keeps the mean exact and scales a deviation by (1 + h a_{t_i}) each step, so the
-    # variance it reaches is prod_i (1 + h a_{t_i})^2 instead of 1.
-    a = lambda t: (2 * t - 1) / ((1 - t) ** 2 + t ** 2)
-    field = lambda x, t: 1 + a(t)[:, None] * (x - t[:, None])
-    for steps in [2, 5, 10, 100]:
-        x = euler(field, torch.tensor([[0.0], [1.0]], dtype=torch.float64), steps)
-        predicted = math.prod((1 + a(i / steps) / steps) ** 2 for i in range(steps))
-        assert x[0].item() == pytest.approx(1.0, abs=1e-12)                       # the mean: exact
-        assert ((x[1] - x[0]) ** 2).item() == pytest.approx(predicted, rel=1e-12)  # the variance
-    assert predicted == pytest.approx(0.9746, abs=1e-4)  # 100 steps: the number in the README
-
-# -----------------------------------------------------------------------------
-# translate.py: Fashion-MNIST -> MNIST, on small IDX files
-
-@pytest.fixture
-def both_data(tmp_path):
-    return write_idx(write_idx(tmp_path / "data", "MNIST"),
-                     "FashionMNIST", n_train=40, n_test=24, seed=1)
-
-def run_translate(data, out, *extra):
-    import translate
-    return translate.main(["--data", str(data), "--out", str(out), "--batch-size", "16",
-                           "--nfe", "3", "--device", "cpu", *extra])
-
-def png_cells(path, rows, cols):
-    """The 28x28 cells of a picture that save_image wrote (padding 2), in [0, 1]:
-    (rows, cols, 28, 28)."""
-    from PIL import Image
-    img = torch.tensor(np.array(Image.open(path).convert("L")), dtype=torch.float64) / 255
-    return png_cells_of(img, rows, cols)
-
-def training_starts(monkeypatch, data, out, *extra):
-    """The x0 of every training batch of a translate.py run, (N, 784)."""
-    starts = []
-    def recording_loss(model, x0, x1, *rest):
-        starts.append(x0.flatten(1))
-        return fm_loss(model, x0, x1, *rest)
-    import translate
-    monkeypatch.setattr(translate, "fm_loss", recording_loss)
-    run_translate(data, out, *extra)
-    return torch.cat(starts)
-
-def test_translate_starts_from_garments_and_writes_pictures(both_data, tmp_path, monkeypatch):
-    garments = common.load_images("FashionMNIST", str(both_data)).flatten(1)
-    out = tmp_path / "out"
-    x0 = training_starts(monkeypatch, both_data, out, "--epochs", "1", "--sigma", "0")
-    assert len(x0) == 48  # one start per MNIST training image
-    # every x0 is a Fashion-MNIST training image (not noise, not a digit)
-    assert (torch.cdist(x0, garments).min(dim=1).values == 0).all()
-    # the picture: the 16 fixed test garments on top, their translations below
-    test_garments = common.to_unit(common.load_images("FashionMNIST", str(both_data), train=False))
-    cells = png_cells(out / "epoch001.png", 2, 16)
-    torch.testing.assert_close(cells[0], test_garments[:16, 0].double(),
-                               rtol=0, atol=0.5 / 255 + 1e-9)
-
-    run_translate(both_data, out, "--sample", "10")
-    x = torch.load(out / "samples.pt", weights_only=True)
-    assert x.shape == (10, 1, 28, 28) and x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1
-    cells = png_cells(out / "samples.png", 2, 10)  # sources above their translations
-    torch.testing.assert_close(cells[0], test_garments[:10, 0].double(),
-                               rtol=0, atol=0.5 / 255 + 1e-9)
-    torch.testing.assert_close(cells[1], x[:, 0].double(), rtol=0, atol=0.5 / 255 + 1e-9)
-    # 20 images: a full row of 16 pairs, then 4 pairs padded with black
-    run_translate(both_data, out, "--sample", "20")
-    x = torch.load(out / "samples.pt", weights_only=True)
-    cells = png_cells(out / "samples.png", 4, 16)
-    torch.testing.assert_close(cells[2, :4], test_garments[16:20, 0].double(),
-                               rtol=0, atol=0.5 / 255 + 1e-9)
-    torch.testing.assert_close(cells[3, :4], x[16:20, 0].double(), rtol=0, atol=0.5 / 255 + 1e-9)
-    assert cells[2:, 4:].max() == 0
-    expect_error("--sample 25: Fashion-MNIST has only 24 test images", run_translate, both_data,
-                 out, "--sample", "25")
-
-def test_translate_sigma_starts_from_each_garment_plus_gaussian_noise(both_data, tmp_path,
-                                                                     monkeypatch):
-    garments = common.load_images("FashionMNIST", str(both_data)).flatten(1)
-    out = tmp_path / "out"
-    x0 = training_starts(monkeypatch, both_data, out, "--epochs", "1", "--sigma", "0.5")
-    # the garments lie 1.28 apart (mean squared pixel), the noise 0.25 from its own
-    noise = x0 - garments[torch.cdist(x0, garments).argmin(dim=1)]
-    assert abs(noise.mean()) < 0.02 and abs(noise.std() - 0.5) < 0.02
-    # sampling starts from the test garments plus 0.5 times the noise of --seed
-    test_garments = common.load_images("FashionMNIST", str(both_data), train=False)[:8]
-    for seed in (0, 1):
-        run_translate(both_data, out, "--sample", "8", "--seed", str(seed), "--solver", "euler",
-                      "--steps", "12", "--grid", "uniform")
-        cells = flow_cells(out / "flow.png", 8, 10)
-        start = common.to_unit(test_garments + 0.5 * common.fixed_noise(8, seed))
-        torch.testing.assert_close(cells[:, 0], start[:, 0].double(), rtol=0,
-                                   atol=0.5 / 255 + 1e-9)
-        cells = png_cells(out / "samples.png", 2, 8)  # above: the garments themselves
-        torch.testing.assert_close(cells[0], common.to_unit(test_garments)[:, 0].double(),
-                                   rtol=0, atol=0.5 / 255 + 1e-9)
-    assert torch.equal(common.blur(test_garments, 0.0, 1), test_garments)
-
-def test_translate_without_fashion_mnist_is_a_clear_error(mnist_data, tmp_path, monkeypatch):
-    import torchvision
-    monkeypatch.setattr(torchvision.datasets.FashionMNIST, "mirrors", ["http://127.0.0.1:9/"])
-    expect_error(f"FashionMNIST is not in {mnist_data / 'FashionMNIST' / 'raw'}", run_translate,
-                 mnist_data, tmp_path / "o")
-
-# -----------------------------------------------------------------------------
-# evaluate.py: the Frechet distance against closed forms, then the script on small IDX files
-
-def random_covariance(d, seed):
-    a = torch.randn(d, d, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
-    return a @ a.T + 0.1 * torch.eye(d, dtype=torch.float64)
-
-def test_frechet_distance_closed_forms():
-    from evaluate import frechet_distance
-    s, mu = random_covariance(6, 0), torch.randn(6, dtype=torch.float64)
-    assert frechet_distance(mu, s, mu, s) == pytest.approx(0, abs=1e-9)
-    # s2 = c^2 s1: (s1 s2)^(1/2) = c s1, so the distance is |dmu|^2 + (1 - c)^2 Tr(s1)
-    shift = torch.tensor([1.0, -2.0, 0, 0, 0, 0.5], dtype=torch.float64)
-    assert frechet_distance(mu, s, mu + shift, 9 * s) == pytest.approx(5.25 + 4 * s.trace().item(),
-                                                                       rel=1e-9)
-    # diagonal covariances: sum of (sqrt(a_i) - sqrt(b_i))^2
-    a, b = (torch.tensor([1.0, 4.0, 0.25], dtype=torch.float64),
-            torch.tensor([9.0, 1.0, 0.25], dtype=torch.float64))
-    z = torch.zeros(3, dtype=torch.float64)
-    assert frechet_distance(z, torch.diag(a), z, torch.diag(b)) == pytest.approx(4 + 1 + 0)
-    # 2x2 covariances that do not commute: Tr sqrt(s1 s2) = sqrt(Tr(s1 s2) + 2 sqrt(det s1 det s2)),
-    # which the classic mistake Tr(sqrt(s1) sqrt(s2)) does not give
-    s1 = torch.tensor([[2.0, 1.0], [1.0, 2.0]], dtype=torch.float64)
-    s2 = torch.tensor([[1.0, 0.0], [0.0, 4.0]], dtype=torch.float64)
-    tr_sqrt = math.sqrt(torch.trace(s1 @ s2).item()
-                        + 2 * math.sqrt(torch.det(s1).item() * torch.det(s2).item()))
-    z2 = torch.zeros(2, dtype=torch.float64)
-    assert frechet_distance(z2, s1, z2, s2) == pytest.approx(4 + 5 - 2 * tr_sqrt, rel=1e-9)
-    # symmetric in its two arguments, also for covariances that do not commute
-    s2 = random_covariance(6, 1)
-    assert frechet_distance(mu, s, z.new_zeros(6), s2) == pytest.approx(
-        frechet_distance(z.new_zeros(6), s2, mu, s), rel=1e-9)
-
-def test_independence_chi2_closed_forms():
-    from evaluate import independence_chi2
-    # rows proportional to each other: exactly independent
-    assert independence_chi2(torch.tensor([[10, 20, 30], [1, 2, 3]])) == (pytest.approx(0), 2)
-    # each row all in its own column: chi2 = N (k - 1) for N samples and k classes
-    assert independence_chi2(torch.eye(4, dtype=torch.long) * 25) == (pytest.approx(100 * 3), 9)
-    # an empty row and column do not count
-    assert independence_chi2(torch.tensor([[5, 0, 5], [0, 0, 0],
-                                           [5, 0, 5]])) == (pytest.approx(0), 1)
-
-def test_coverage_counts_effective_classes():
-    from evaluate import coverage
-    assert coverage(torch.arange(1000) % 10) == pytest.approx(1.0)
-    assert coverage(torch.full((50,), 3)) == pytest.approx(0.1)
-    assert coverage(torch.arange(1000) % 5) == pytest.approx(0.5)
-
-@pytest.fixture(scope="module")
-def evaluated(tmp_path_factory):
-    """Small MNIST-like data whose classes can be learned, and evaluate.py's first call on
-    200 of its training images ('real'), which trains and caches the classifier."""
-    import evaluate
-    tmp = tmp_path_factory.mktemp("evaluate")
-    data = write_idx(write_idx(tmp / "data", "MNIST", n_train=300, n_test=200, classes=True),
-                     "FashionMNIST", n_train=40, n_test=60, seed=1)
-    run = lambda *args: evaluate.main([*args, "--data", str(data), "--classifier",
-                                       str(tmp / "classifier.pt"), "--epochs", "8",
-                                       "--device", "cpu"])
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        real = run("real", "--n", "200")
-    return run, data, real, buf.getvalue()
-
-def test_evaluate_real_images_score_near_zero_and_noise_far(evaluated, tmp_path, capsys):
-    run, data, real, log = evaluated
-    assert "(trained now): MNIST test accuracy 100.00%" in log  # the bars are easy to tell apart
-    last = dict(kv.split("=") for kv in log.strip().splitlines()[-1].split())
-    assert last.keys() == {"n", "fid", "confidence", "coverage", "accuracy"} and last["n"] == "200"
-    assert real["confidence"] > 0.9 and real["coverage"] > 0.99 and real["fid"] < 5
-    noise = run("noise", "--n", "200")
-    assert "(cached)" in capsys.readouterr().out
-    assert noise["fid"] > 100 * real["fid"]
-    # a samples.pt that holds the very reference images scores 0
-    test_images = common.load_images("MNIST", str(data), train=False)
-    torch.save(common.to_unit(test_images), tmp_path / "samples.pt")
-    same = run(str(tmp_path / "samples.pt"))
-    assert same["n"] == 200 and same["fid"] == pytest.approx(0, abs=1e-6)
-    assert same["counts"].tolist() == [20] * 10
-
-def test_evaluate_translation_table(evaluated, tmp_path, capsys):
-    import evaluate
-    run = evaluated[0]
-    torch.save(torch.rand(60, 1, 28, 28), tmp_path / "samples.pt")
-    run(str(tmp_path / "samples.pt"), "--translation")
-    out = capsys.readouterr().out
-    rows = [l for l in out.splitlines() if l.startswith("  ")]
-    assert [r.split()[0] for r in rows] == ["T-shirt", "Trouser", "Pullover", "Dress", "Coat",
-                                            "Sandal", "Shirt", "Sneaker", "Bag", "Boot"]
-    for r in rows:  # each row: ten shares that add up to 100 %, then its count (6 of each label)
-        shares = [float(v) for v in r.split()[1:11]]
-        assert sum(shares) == pytest.approx(100, abs=3) and r.split()[-1] == "6"
-    # the printed chi2 is the table's, against independence, with (10 - 1) (digits seen - 1) dof
-    table = torch.tensor([[round(float(v) * 6 / 100) for v in r.split()[1:11]] for r in rows])
-    chi2, dof = evaluate.independence_chi2(table)
-    assert dof == 9 * ((table.sum(0) > 0).sum().item() - 1)
-    m = re.search(r"^chi2 = (\d+\.\d) with (\d+) degrees of freedom: about (\d+) \+- (\d+) if",
-                  out, re.M)
-    assert (m and float(m.group(1)) == pytest.approx(chi2, abs=0.05)
-            and int(m.group(2)) == int(m.group(3)) == dof)
-    assert int(m.group(4)) == round(math.sqrt(2 * dof))
-    # a translation that is its own garment is at distance 0; the line says so, next to another's
-    garments = common.load_images("FashionMNIST", str(evaluated[1]), train=False)
-    torch.save(common.to_unit(garments), tmp_path / "same.pt")
-    r = run(str(tmp_path / "same.pt"), "--translation")
-    assert r["distance"] == pytest.approx(0, abs=1e-6)
-    assert re.search(r"^distance from its own garment 0.0000, from another's \d+\.\d{4}",
-                     capsys.readouterr().out, re.M)
-
-def test_evaluate_bpd_of_a_run(evaluated, tmp_path, capsys):
-    run, data = evaluated[:2]
-    out = tmp_path / "run"
-    run_mnist(data, out, "--epochs", "1", "--limit", "48")
-    capsys.readouterr()
-    r = run(str(out), "--bpd", "--n", "6", "--steps", "4")
-    last = capsys.readouterr().out.strip().splitlines()[-1]
-    assert re.match(r"bpd \d+\.\d{4} \+- \d+\.\d{4} \(standard error over the images, "
-                    r"dequantisations and probes; 4 midpoint steps moved it by "
-                    r"[+-]\d+\.\d{4} from 2\)$", last), last
-    # the figure is the mean of the six images' own, each from common.log_likelihood
-    model, _ = common.load_model(str(out / "ckpt.pt"), "cpu")
-    g = torch.Generator().manual_seed(0)
-    x = common.dequantize(common.load_images("MNIST", str(data), train=False)[:6], g)
-    log_p = common.log_likelihood(model, x, 4, common.rademacher(x.shape, g))
-    bits = common.bits_per_dim(log_p.double(), 784)
-    assert r["bpd"] == pytest.approx(bits.mean().item(), rel=1e-4)
-    assert r["se"] == pytest.approx(bits.std().item() / math.sqrt(6), rel=1e-3)
-    g = torch.Generator().manual_seed(0)
-    common.dequantize(x, g)  # the same draws: the images' dequantisation, then their probes
-    half = common.bits_per_dim(common.log_likelihood(model, x, 2, common.rademacher(x.shape, g))
-                               .double(), 784)
-    assert r["half"] == pytest.approx(half.mean().item(), rel=1e-4)
-    expect_error("--bpd is for one run folder of digits alone", run, str(out), "--bpd", "--curve")
-    expect_error("--steps is for --bpd", run, str(out), "--steps", "10")
-    expect_error("--n 201: MNIST has only 200 test images", run, str(out), "--bpd", "--n", "201")
-    expect_error("--dtype is for sampling; --bpd integrates in float32", run, str(out), "--bpd",
-                 "--dtype", "float32")
-    expect_error("--steps 1: --bpd compares the figure with half the steps", run, str(out),
-                 "--bpd", "--steps", "1")
-    expect_error("--bpd is for a run folder", run, "real", "--bpd")
-    run_mnist(data, tmp_path / "cond", "--epochs", "1", "--limit", "16", "--conditional")
-    expect_error("is a conditional run; --bpd measures an unconditional model's density", run,
-                 str(tmp_path / "cond"), "--bpd")
-
-def test_evaluate_sweeps_a_run_over_solvers_grids_and_network_evaluations(evaluated, tmp_path,
-                                                                          capsys, monkeypatch):
-    import shutil, evaluate
-    run, data = evaluated[:2]
-    out = tmp_path / "run"
-    run_mnist(data, out, "--epochs", "1", "--limit", "48")
-    rows = run(str(out), "--nfe", "1", "3", "--n", "20", "--seeds", "0", "1")
-    assert len(rows) == 2 * 3 * 4 * 2  # noise sets x grids x solvers x budgets
-    assert [(r["solver"], r["steps"], r["nfe"])
-            for r in rows if r["seed"] == 0 and r["grid"] == "uniform"] == [
-        ("euler", 1, 1), ("euler", 3, 3), ("heun", 1, 2), ("heun", 1, 2),
-        ("midpoint", 1, 2), ("midpoint", 1, 2), ("heun-euler", 1, 1), ("heun-euler", 2, 3)]
-    with open(out / "nfe.csv") as f:
-        assert [r["fid"] for r in csv.DictReader(f)] == [str(r["fid"]) for r in rows]
-    assert (out / "nfe.png").stat().st_size > 10_000
-    # --raw scores the trained weights, not their average, into files of its own
-    raw = run(str(out), "--nfe", "1", "--n", "20", "--raw", "--seeds", "0")
-    assert len(raw) == 3 * 4 and raw[0]["fid"] != rows[0]["fid"]
-    with open(out / "nfe-raw.csv") as f:
-        assert [r["fid"] for r in csv.DictReader(f)] == [str(r["fid"]) for r in raw]
-    with open(out / "nfe.csv") as f:
-        assert len(list(csv.DictReader(f))) == 48
-    # the sweep samples what mnist.py --sample draws, from the same noise
-    euler3 = [r for r in rows
-              if (r["seed"], r["grid"], r["solver"], r["nfe"]) == (1, "early", "euler", 3)][0]
-    run_mnist(data, out, "--sample", "20", "--solver", "euler", "--steps", "3", "--grid", "early",
-              "--seed", "1")
-    assert run(str(out / "samples.pt"))["fid"] == pytest.approx(euler3["fid"], abs=1e-3)
-    # --curve: the weights of every epoch, each with the sampler of --nfe 10
-    run_mnist(data, out, "--epochs", "2", "--resume")
-    curve = run(str(out), "--curve", "--n", "20", "--seeds", "0")
-    assert [r["epoch"] for r in curve] == [1, 2]
-    run_mnist(data, out, "--sample", "20", "--nfe", "10")  # the last epoch's averaged weights
-    assert run(str(out / "samples.pt"))["fid"] == pytest.approx(curve[-1]["fid"], abs=1e-3)
-    assert (out / "curve.png").stat().st_size > 10_000
-    # --also: another run's curve beside it, the same numbers for the same weights
-    shutil.copytree(out, tmp_path / "copy")
-    os.remove(tmp_path / "copy" / "curve.csv")  # (scored afresh)
-    both = run(str(out), "--curve", "--n", "20", "--seeds", "0", "--also", str(tmp_path / "copy"))
-    with open(tmp_path / "copy" / "curve.csv") as f:
-        assert ([float(r["fid"]) for r in csv.DictReader(f)] == [r["fid"] for r in both]
-                == [r["fid"] for r in curve])
-    # scores in curve.csv are read back, not sampled again, unless the weights are newer
-    sampled = []
-    real_generate = evaluate.generate
-    monkeypatch.setattr(evaluate, "generate",
-                        lambda *a, **k: sampled.append(1) or real_generate(*a, **k))
-    assert run(str(out), "--curve", "--n", "20", "--seeds", "0") == curve and sampled == []
-    later = os.path.getmtime(out / "curve.csv") + 10
-    os.utime(out / "epoch002.pt", (later, later))
-    assert run(str(out), "--curve", "--n", "20", "--seeds", "0") == curve and len(sampled) == 1
-    # another noise set is sampled; so is epoch 2 again, its weights still newer than the csv
-    rows = run(str(out), "--curve", "--n", "20", "--seeds", "0", "1")
-    assert [r for r in rows if r["seed"] == 0] == curve and len(sampled) == 1 + 3
-    # --path: along 100 Euler steps from the first noise set; at t = 1 nothing is left to guess
-    path = run(str(out), "--path", "--n", "20", "--seeds", "0")
-    assert [r["t"] for r in path] == [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9,
-                                      0.95, 0.99, 1.0]
-    assert path[0]["rms"] == pytest.approx(common.fixed_noise(20, 0).pow(2).mean().sqrt().item(),
-                                           rel=1e-5)
-    assert path[-1]["decided"] is None and all(0 <= r["decided"] <= 1 for r in path[:-1])
-    assert all(math.isfinite(r["dv/dt"]) for r in path[1:-1])
-    printed = [l for l in capsys.readouterr().out.splitlines() if l.startswith("straightness ")]
-    model, _ = common.load_model(out / "ckpt.pt", torch.device("cpu"))
-    S = common.straightness(model, common.fixed_noise(20, 0))  # the same 100 Euler steps
-    assert float(printed[-1].split()[1]) == pytest.approx(S, abs=1e-4)
-    # a curve.csv cut short in its last row, or written in another precision: scored again
-    before = os.path.getmtime(out / "epoch001.pt")
-    os.utime(out / "epoch002.pt", (before, before))  # (no longer newer than the scores)
-    run(str(out), "--curve", "--n", "20", "--seeds", "0", "1")
-    text = (out / "curve.csv").read_text()
-    (out / "curve.csv").write_text(text[:-5])
-    sampled.clear()
-    assert run(str(out), "--curve", "--n", "20", "--seeds", "0", "1") == rows and len(sampled) == 1
-    # (each precision named, so that this holds whatever --dtype auto takes on this CPU)
-    rows32 = run(str(out), "--curve", "--n", "20", "--seeds", "0", "--dtype", "float32")
-    sampled.clear()
-    assert run(str(out), "--curve", "--n", "20", "--seeds", "0", "--dtype", "float32") == rows32
-    assert sampled == [] and [r["dtype"] for r in rows32] == ["float32"] * 2
-    rows16 = run(str(out), "--curve", "--n", "20", "--seeds", "0", "--dtype", "bfloat16")
-    assert len(sampled) == 2 and [r["dtype"] for r in rows16] == ["bfloat16"] * 2
-
-def test_evaluate_sets_runs_side_by_side_with_their_own_samplers_and_straightness(evaluated,
-                                                                                 tmp_path):
-    import evaluate
-    run, data = evaluated[:2]
-    teacher, student = tmp_path / "teacher", tmp_path / "student"
-    run_mnist(data, teacher, "--epochs", "1", "--limit", "48")
-    run_reflow(student, "--epochs", "1", "--teacher", str(teacher), "--pairs", "16")
-    rows = run(str(student), "--also", str(teacher), "--nfe", "1", "2", "--n", "20")
-    # each run with the sampler mnist.py --sample --nfe K takes for it, on both noise sets
-    samplers = {(str(d), k): "-".join(map(str, common.plan(k, schedule, reflowed=d == student)))
-                for d, schedule in ((student, "linear"), (teacher, "cosine")) for k in (1, 2)}
-    assert [(r["run"], r["nfe"], r["sampler"], r["seed"]) for r in rows] == [
-        (str(d), k, samplers[str(d), k], seed) for d in (student, teacher) for k in (1, 2)
-        for seed in (0, 1)]
-    for d in (student, teacher):  # Liu et al.'s straightness, from the first noise set
-        model, _ = common.load_model(d / "ckpt.pt", torch.device("cpu"))
-        s = common.straightness(model, common.fixed_noise(20, 0))
-        assert {r["straightness"] for r in rows if r["run"] == str(d)} == {round(s, 4)}
-    with open(student / "compare.csv") as f:
-        assert [r["fid"] for r in csv.DictReader(f)] == [str(r["fid"]) for r in rows]
-    assert (student / "compare.png").stat().st_size > 10_000
-    from PIL import Image  # 8 images a row: a row for each run and budget
-    assert Image.open(student / "compare-samples.png").size == (8 * 30 + 2, 4 * 30 + 2)
-
-def test_evaluate_bad_input_is_a_clear_error(tmp_path):
-    import evaluate
-    eval_data = write_idx(tmp_path / "data", "MNIST")
-    run_evaluate = lambda data, tmp, *args: evaluate.main(
-        [*args, "--data", str(data), "--classifier", str(tmp / "cls" / "classifier.pt"),
-         "--device", "cpu"])
-    s = tmp_path / "samples.pt"
-    expect_error(f"no file or run folder {tmp_path / 'missing.pt'}", run_evaluate, eval_data,
-                 tmp_path, str(tmp_path / "missing.pt"))
-    expect_error("no checkpoint at", run_evaluate, eval_data, tmp_path,
-                 str(tmp_path))  # a folder, no run
-    for what in ("real", str(tmp_path)):  # images or a run folder: FID needs two images
-        expect_error("--n 1: FID needs at least 2 images", run_evaluate, eval_data, tmp_path,
-                     what, "--n", "1")
-    expect_error("holds no epochNNN.pt", run_evaluate, eval_data, tmp_path, str(tmp_path),
-                 "--curve")
-    torch.save(torch.rand(5, 3, 32, 32), s)
-    expect_error("does not hold images: expected a float tensor (N, 1, 28, 28), got (5, 3, 32, 32)",
-                 run_evaluate, eval_data, tmp_path, str(s))
-    torch.save(torch.rand(5, 1, 28, 28) * 2 - 1, s)
-    expect_error("values in [0, 1]", run_evaluate, eval_data, tmp_path, str(s))
-    torch.save(torch.rand(5, 1, 28, 28), s)
-    expect_error("--n 9: ", run_evaluate, eval_data, tmp_path, str(s), "--n", "9")
-    expect_error("--translation needs translate.py's samples.pt or run folder", run_evaluate,
-                 eval_data, tmp_path, "real", "--translation")
-    (tmp_path / "cls").mkdir()
-    (tmp_path / "cls" / "classifier.pt").write_bytes(b"garbage")
-    expect_error("cannot read checkpoint", run_evaluate, eval_data, tmp_path, str(s))
-    torch.save({"model": UNet().state_dict()}, tmp_path / "cls" / "classifier.pt")
-    expect_error("is not an evaluate.py classifier", run_evaluate, eval_data, tmp_path, str(s))
-
-# -----------------------------------------------------------------------------
-# what the project says stays true: checkpoints, the two image scripts in step, the README
-
-def test_a_checkpoint_names_the_script_that_wrote_it_and_the_other_script_refuses_it(both_data,
-                                                                                     tmp_path):
-    import evaluate
-    run_mnist(both_data, tmp_path / "m", "--epochs", "1")
-    run_translate(both_data, tmp_path / "t", "--epochs", "1")
-    for d, script in [("m", "mnist.py"), ("t", "translate.py")]:
-        for f in ["ckpt.pt", "epoch001.pt"]:
-            assert torch.load(tmp_path / d / f, weights_only=True)["script"] == script
-    m, t = tmp_path / "m", tmp_path / "t"
-    expect_error(f"{t / 'ckpt.pt'} was written by translate.py, not mnist.py: use translate.py",
-                 run_mnist, both_data, t, "--sample", "4")
-    expect_error("was written by translate.py, not mnist.py",
-                 run_mnist, both_data, t, "--resume", "--epochs", "2")
-    expect_error("was written by mnist.py, not translate.py",
-                 run_translate, both_data, m, "--sample", "4")
-    expect_error("was written by mnist.py, not translate.py",
-                 run_translate, both_data, m, "--resume", "--epochs", "2")
-    # evaluate.py: a run folder of the other kind, for a sweep, --path and --curve
-    ev = lambda *a: evaluate.main([*a, "--data", str(both_data), "--device", "cpu",
-                                   "--classifier", str(tmp_path / "c.pt")])
-    for extra in [[], ["--path"], ["--curve"]]:
-        expect_error("was written by translate.py, not mnist.py or reflow.py: "
-                     "add --translation for translate.py's runs", ev, str(t), *extra)
-        expect_error("was written by mnist.py, not translate.py: "
-                     "--translation is for translate.py's runs", ev, str(m),
-                     "--translation", *extra)
-    assert not (tmp_path / "c.pt").exists()  # each told before a classifier was trained
 
 def test_resume_with_nothing_left_to_do_is_one_line(both_data, tmp_path):
     run_mnist(both_data, tmp_path / "m", "--epochs", "2")
@@ -1719,78 +2065,87 @@ def test_a_kill_while_a_checkpoint_is_written_leaves_the_last_one_whole(mnist_da
     x, y = (torch.load(d / "ckpt.pt", weights_only=True) for d in (tmp_path / "a", b))
     assert all(torch.equal(x["model"][k], y["model"][k]) for k in x["model"])
 
-def test_guess_x1_is_the_end_of_a_single_path():
-    # through x_t = alpha x0 + beta x1 with velocity dalpha x0 + dbeta x1, the guess is x1
+@pytest.mark.parametrize("script", ["mnist", "translate"])
+def test_a_checkpoint_older_than_a_setting_resumes_with_what_it_trained_with(both_data, tmp_path,
+                                                                             script):
+    # a run from before --t-dist, --t-mean, --warmup, --clip, --pairing (--sigma) trained with
+    # what common.OLDER says, not today's defaults; it resumes as the run that gave them
+    # explicitly
+    run = {"mnist": run_mnist, "translate": run_translate}[script]
+    older = common.OLDER[f"{script}.py"]
+    assert older == {"t_dist": "uniform", "t_mean": 0.0, "warmup": None, "clip": None,
+                     "pairing": "random", "conditional": False, "label_drop": 0.1,
+                     **({"sigma": 0.0} if script == "translate" else {"dequantize": False})}
+    flags = ["--t-dist", "uniform", "--t-mean", "0", "--pairing", "random",
+             *(["--sigma", "0"] if script == "translate" else [])]  # (no warm-up, no clipping)
+    run(both_data, tmp_path / "straight", "--epochs", "2", *flags)
+    run(both_data, tmp_path / "old", "--epochs", "1", *flags)
+    ckpt = torch.load(tmp_path / "old" / "ckpt.pt", weights_only=True)
+    for k in [*older, "script"]:
+        (ckpt["config"] if k in ckpt["config"] else ckpt).pop(k)
+    torch.save(ckpt, tmp_path / "old" / "ckpt.pt")
+    run(both_data, tmp_path / "old", "--epochs", "2", "--resume")
+    a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in ("old", "straight"))
+    assert {k: a["config"][k] for k in older} == older
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+def test_a_checkpoint_names_the_script_that_wrote_it_and_the_other_script_refuses_it(both_data,
+                                                                                     tmp_path):
     import evaluate
-    x0, x1 = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64)
-    for schedule in SCHEDULES:
-        for t in [0.0, 0.1, 0.5, 0.9]:
-            a, b, da, db = schedule(torch.tensor(t, dtype=torch.float64))
-            guess = evaluate.guess_x1(schedule, torch.tensor(t, dtype=torch.float64),
-                                      a * x0 + b * x1, da * x0 + db * x1)
-            torch.testing.assert_close(guess, x1)
+    run_mnist(both_data, tmp_path / "m", "--epochs", "1")
+    run_translate(both_data, tmp_path / "t", "--epochs", "1")
+    for d, script in [("m", "mnist.py"), ("t", "translate.py")]:
+        for f in ["ckpt.pt", "epoch001.pt"]:
+            assert torch.load(tmp_path / d / f, weights_only=True)["script"] == script
+    m, t = tmp_path / "m", tmp_path / "t"
+    expect_error(f"{t / 'ckpt.pt'} is a run of translate.py, not of mnist.py: use translate.py",
+                 run_mnist, both_data, t, "--sample", "4")
+    expect_error("is a run of translate.py, not of mnist.py",
+                 run_mnist, both_data, t, "--resume", "--epochs", "2")
+    expect_error("is a run of mnist.py, not of translate.py",
+                 run_translate, both_data, m, "--sample", "4")
+    expect_error("is a run of mnist.py, not of translate.py",
+                 run_translate, both_data, m, "--resume", "--epochs", "2")
+    # evaluate.py: a run folder of the other kind, for a sweep, --path and --curve
+    ev = lambda *a: evaluate.main([*a, "--data", str(both_data), "--device", "cpu",
+                                   "--classifier", str(tmp_path / "c.pt")])
+    for extra in [[], ["--path"], ["--curve"]]:
+        expect_error("is a run of translate.py, not of mnist.py or reflow.py: "
+                     "add --translation for translate.py's runs", ev, str(t), *extra)
+        expect_error("is a run of mnist.py, not of translate.py: "
+                     "--translation is for translate.py's runs", ev, str(m),
+                     "--translation", *extra)
+    assert not (tmp_path / "c.pt").exists()  # each told before a classifier was trained
 
-def test_evaluate_path_of_a_translation_starts_from_the_garments(evaluated, tmp_path):
-    run, data = evaluated[:2]
-    run_translate(data, tmp_path / "t", "--epochs", "1", "--limit", "40", "--sigma", "0")
-    path = run(str(tmp_path / "t"), "--path", "--translation", "--n", "20")
-    garments = common.load_images("FashionMNIST", str(data), train=False)[:20]
-    assert path[0]["rms"] == pytest.approx(garments.pow(2).mean().sqrt().item(), rel=1e-5)
+# -----------------------------------------------------------------------------
+# the machine: device and precision
 
-def test_evaluate_curve_of_a_translation_scores_the_link_and_starts_as_translate_does(
-        evaluated, tmp_path, capsys, monkeypatch):
-    import csv, evaluate
-    run, data = evaluated[:2]
-    out = tmp_path / "t"
-    run_translate(data, out, "--epochs", "2", "--limit", "40", "--sigma", "0.3")
-    curve = run(str(out), "--curve", "--translation", "--n", "20")
-    assert [r["epoch"] for r in curve] == [1, 2]
-    # the last epoch's row: translate.py --sample --nfe 10 of the same weights, scored
-    run_translate(data, out, "--sample", "20", "--nfe", "10")
-    capsys.readouterr()
-    r = run(str(out / "samples.pt"), "--translation")
-    chi2 = float(re.search(r"^chi2 = (\d+\.\d)", capsys.readouterr().out, re.M).group(1))
-    assert curve[-1]["fid"] == pytest.approx(r["fid"], abs=1e-3)
-    assert curve[-1]["own"] == pytest.approx(r["distance"], abs=1e-4)
-    assert curve[-1]["chi2"] == pytest.approx(chi2, abs=0.15) and curve[-1]["other"] > 0
-    # read back, not sampled again; a curve.csv without the link (older) is scored again
-    sampled = []
-    real_generate = evaluate.generate
-    monkeypatch.setattr(evaluate, "generate",
-                        lambda *a, **k: sampled.append(1) or real_generate(*a, **k))
-    assert run(str(out), "--curve", "--translation", "--n", "20") == curve and sampled == []
-    with open(out / "curve.csv") as f:
-        rows = list(csv.DictReader(f))
-    with open(out / "curve.csv", "w", newline="") as f:
-        keep = ["epoch", "seed", "n", "sampler", "dtype", "fid", "confidence", "coverage"]
-        writer = csv.DictWriter(f, fieldnames=keep, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    assert run(str(out), "--curve", "--translation", "--n", "20") == curve and len(sampled) == 2
-    # --path too starts from the garments plus the run's --sigma noise
-    path = run(str(out), "--path", "--translation", "--n", "20")
-    garments = common.load_images("FashionMNIST", str(data), train=False)[:20]
-    start = garments + 0.3 * common.fixed_noise(20, 0)
-    assert path[0]["rms"] == pytest.approx(start.pow(2).mean().sqrt().item(), rel=1e-5)
+@pytest.mark.parametrize("avx512_bf16,amx,auto", [(True, False, torch.bfloat16),
+                                                 (False, True, torch.bfloat16),
+                                                 (False, False, torch.float32)])
+def test_dtype_auto_is_bf16_only_on_a_cpu_that_computes_it(monkeypatch, avx512_bf16, amx, auto):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    assert common.pick_dtype("auto", torch.device("cpu")) == auto
+    assert common.pick_dtype("auto", torch.device("cuda")) == torch.float32  # GPUs: float32
+    for name, dtype in [("float32", torch.float32), ("bfloat16", torch.bfloat16)]:
+        assert common.pick_dtype(name, torch.device("cpu")) == dtype  # a precision named wins
 
-def test_evaluate_refuses_what_it_would_ignore_and_images_that_are_not_finite(tmp_path):
-    import evaluate
-    s = tmp_path / "samples.pt"
-    x = torch.rand(5, 1, 28, 28)
-    x[2, 0, 3, 4] = float("nan")
-    torch.save(x, s)
-    ev = lambda *a: evaluate.main([*a, "--data", str(tmp_path), "--classifier",
-                                   str(tmp_path / "c.pt")])
-    expect_error(f"{s}: 1 values are not finite (NaN or infinite)", ev, str(s))
-    torch.save(torch.rand(5, 1, 28, 28), s)
-    for flags in [["--curve"], ["--path"], ["--raw"], ["--curve", "--also", "x"], ["--nfe", "4"],
-                  ["--grids", "edm"], ["--seeds", "3"], ["--dtype", "float32"]]:
-        expect_error(f"{flags[0]} is for a run folder; {s} is not one", ev, str(s), *flags)
-    expect_error("--grids is not for runs side by side (--also without --curve)", ev,
-                 str(tmp_path), "--also", "x", "--grids", "edm")
-    expect_error("--raw and --curve: the epochs' files (epochNNN.pt) hold only the moving average",
-                 ev, str(tmp_path), "--curve", "--raw")
-    assert not (tmp_path / "c.pt").exists()
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_mnist_on_cuda_trains_samples_and_its_checkpoint_loads_on_a_cpu(mnist_data, tmp_path,
+                                                                        capsys):
+    # the suite runs on the CPU (the references above are CPU arithmetic); this is the GPU's path
+    run_mnist(mnist_data, tmp_path, "--epochs", "2", "--device", "cuda")
+    assert capsys.readouterr().out.startswith("device cuda")
+    ckpt = common.load_checkpoint(tmp_path / "ckpt.pt")  # onto the CPU, as a user's laptop would
+    assert ckpt["epoch"] == 2 and all(v.device.type == "cpu" and v.isfinite().all()
+                                      for v in ckpt["ema"].values())
+    run_mnist(mnist_data, tmp_path, "--sample", "10", "--device", "cuda")
+    x = torch.load(tmp_path / "samples.pt", weights_only=True)
+    assert x.shape == (10, 1, 28, 28) and x.min() >= 0 and x.max() <= 1 and x.std() > 0.05
+
+# -----------------------------------------------------------------------------
+# what the project says stays true: the scripts' settings in step, the README, the code
 
 # mnist.py's and translate.py's settings: the same flags, types and choices; the defaults
 # differ only here, each for its reason
@@ -1858,296 +2213,3 @@ def test_no_line_of_the_code_is_longer_than_100_characters():
         with open(os.path.join(HERE, name)) as f:
             long = [i for i, line in enumerate(f, 1) if len(line.rstrip("\n")) > 100]
         assert not long, (name, long)
-
-@pytest.mark.parametrize("script", ["mnist", "translate"])
-def test_handout_sets_the_handouts_recipe_and_a_setting_given_wins(both_data, tmp_path, script):
-    import importlib
-    module = importlib.import_module(script)
-    run = {"mnist": run_mnist, "translate": run_translate}[script]
-    expected = {"t_dist": "uniform", "batch_size": 128, "ema": 0.0, "solver": "euler", "steps": 100,
-                "grid": "uniform",
-                **({"pairing": "random", "sigma": 0.0} if script == "translate" else {})}
-    assert module.HANDOUT == expected
-    # the same run as the explicit flags, but for --batch-size 16, given besides --handout
-    run(both_data, tmp_path / "a", "--epochs", "1", "--handout", "--steps", "2")
-    run(both_data, tmp_path / "b", "--epochs", "1", "--t-dist", "uniform", "--ema", "0", "--solver",
-        "euler", "--steps", "2", "--grid", "uniform", "--pairing", "random",
-        *(["--sigma", "0"] if script == "translate" else []))
-    a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in "ab")
-    assert {k: a["config"][k] for k in expected} == {**expected, "batch_size": 16, "steps": 2}
-    assert "ema" not in a and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
-    # without a setting given, HANDOUT's own (batches of 128: one short batch of 48 here)
-    module.main(["--data", str(both_data), "--out", str(tmp_path / "c"), "--device", "cpu",
-                 "--epochs", "1", "--handout"])
-    c = torch.load(tmp_path / "c" / "ckpt.pt", weights_only=True)
-    assert {k: c["config"][k] for k in expected} == expected and c["config"]["handout"] is True
-
-def readme_snippets():
-    """The python blocks of the README's section 0, as written there."""
-    with open(os.path.join(HERE, "README.md")) as f:
-        text = f.read()
-    section = text[text.index("## 0. "):text.index("## 1. ")]
-    return re.findall(r"```python\n(.*?)```", section, re.S)
-
-@pytest.mark.parametrize("shape", [(64, 2), (8, 1, 28, 28)])
-@pytest.mark.parametrize("schedule", SCHEDULES)
-def test_the_readme_snippets_are_fm_loss_and_euler(shape, schedule):
-    loss_block, euler_block = readme_snippets()
-    torch.manual_seed(0)
-    model = MLP() if len(shape) == 2 else UNet()
-    x0, x1 = torch.randn(shape), torch.randn(shape)
-    names = {"torch": torch, "model": model, "x0": x0, "x1": x1, "schedule": schedule, "steps": 5}
-    torch.manual_seed(1)
-    exec(loss_block, names)  # as written in the README
-    torch.manual_seed(1)
-    assert names["loss"].item() == fm_loss(model, x0, x1, schedule).item()
-    with torch.no_grad():
-        exec(euler_block, names)
-    torch.testing.assert_close(names["x"], euler(model, x0, 5), rtol=0, atol=0)
-
-def test_the_lines_of_mnist_py_the_readme_names_are_the_training_loop():
-    with open(os.path.join(HERE, "README.md")) as f:
-        first, last = map(int, re.search(r"`mnist.py` lines\s+(\d+)-(\d+)", f.read()).groups())
-    with open(os.path.join(HERE, "mnist.py")) as f:
-        lines = f.read().splitlines()[first - 1:last]
-    assert lines[0].strip().startswith("for epoch in range(") and lines[-1].strip() == "opt.step()"
-    for part in ["for step, idx in", "x0 = torch.randn_like(x1)", "fm_loss(", "loss.backward()"]:
-        assert any(part in line for line in lines), part
-
-
-# -----------------------------------------------------------------------------
-# asking for a digit: the conditional U-Net and classifier-free guidance
-
-def test_the_conditional_unet_reads_the_label_as_maps_and_at_each_later_block():
-    torch.manual_seed(0)
-    plain, cond = UNet(), UNet(n_classes=10)
-    # 10 more inputs to the first 3x3 convolution, and (10 + 1) x channels for 4 blocks
-    assert sum(p.numel() for p in cond.parameters()) == 205_953 + 10 * 32 * 9 + 11 * 192
-    assert all(torch.equal(table.weight, torch.zeros(11, c))
-               for table, c in zip(cond.label, (32, 64, 64, 32)))  # they start at 0
-    with torch.no_grad():  # as after training
-        for table in cond.label:
-            table.weight[:10].normal_()
-    x, t = torch.randn(11, 1, 28, 28), torch.rand(11)
-    y = torch.arange(11)  # 0..9, and 10: "no label"
-    assert cond(x, t, y).shape == (11, 1, 28, 28)
-    # "no label" is all ten maps and the vectors at 0: a U-Net whose label weights are cut out
-    assert torch.equal(cond.label[0](torch.tensor([10])), torch.zeros(1, 32))
-    with torch.no_grad():
-        plain.load_state_dict({k: (v[:, :2] if k == "enc1.net.0.weight" else v)
-                               for k, v in cond.state_dict().items() if "label" not in k})
-    torch.testing.assert_close(cond(x, t, torch.full((11,), common.NO_LABEL)), plain(x, t))
-    # and the later blocks read the label: with the label maps' weights at 0, y still counts
-    with torch.no_grad():
-        cond.enc1.net[0].weight[:, 2:] = 0
-    x, t = x[:1].expand(2, -1, -1, -1), t[:1].expand(2)
-    v = cond(x, t, torch.tensor([3, 7]))
-    assert not torch.allclose(v[0], v[1])
-
-def test_a_conditional_checkpoint_from_before_the_label_shifts_still_samples(tmp_path):
-    torch.manual_seed(0)
-    model = UNet(n_classes=10)  # its label shifts start at 0: the older U-Net exactly
-    older = {k: v for k, v in model.state_dict().items() if not k.startswith("label.")}
-    torch.save({"script": "mnist.py", "ema": older, "config": {"conditional": True}},
-               tmp_path / "ckpt.pt")
-    loaded, _ = common.load_model(str(tmp_path / "ckpt.pt"), torch.device("cpu"))
-    x, t, y = torch.randn(2, 1, 28, 28), torch.rand(2), torch.tensor([3, 10])
-    torch.testing.assert_close(loaded(x, t, y), model(x, t, y))  # (loaded: channels_last)
-
-def test_the_unconditional_unet_is_the_handouts_layer_for_layer():
-    # without --conditional nothing of the label is there: the same tensors as ever, in the
-    # same order (so the same initial weights for a seed), and the handout's forward pass
-    torch.manual_seed(0)
-    model = UNet()
-    blocks = ["enc1", "enc2", "mid", "up2", "dec2", "up1", "dec1", "out"]
-    assert [k.split(".")[0] for k in model.state_dict()] == \
-        [b for b in blocks for _ in range(2 if b in ("up2", "up1", "out") else 4)]
-    x, t = torch.randn(3, 1, 28, 28), torch.rand(3)
-    e1 = model.enc1(torch.cat([x, t.view(3, 1, 1, 1).expand(3, 1, 28, 28)], 1))
-    e2 = model.enc2(F.max_pool2d(e1, 2))
-    d2 = model.dec2(model.up2(model.mid(F.max_pool2d(e2, 2))) + e2)
-    assert torch.equal(model(x, t), model.out(model.dec1(model.up1(d2) + e1)))
-
-def test_guidance_mixes_the_two_fields_and_0_and_1_are_them_exactly():
-    torch.manual_seed(0)
-    model = UNet(n_classes=10).double()
-    x, t = torch.randn(4, 1, 28, 28, dtype=torch.float64), torch.rand(4, dtype=torch.float64)
-    y = torch.tensor([3, 1, 4, 1])
-    v_c, v_u = model(x, t, y), model(x, t, torch.full_like(y, common.NO_LABEL))
-    for shape in ("constant", "ramp"):  # W = 1: the conditional field, either shape
-        assert torch.equal(common.guided(model, y, 1, shape)(x, t), v_c)
-    assert torch.equal(common.guided(model, y, 0, "constant")(x, t), v_u)
-    torch.testing.assert_close(common.guided(model, y, 2.5, "constant")(x, t),
-                               v_u + 2.5 * (v_c - v_u))
-    # the ramp W(t) = 1 + (W - 1) t, the default
-    w_t = (1 + 3 * t).view(4, 1, 1, 1)
-    torch.testing.assert_close(common.guided(model, y, 4)(x, t), v_u + w_t * (v_c - v_u))
-    ends = torch.tensor([0.0, 1.0, 0.0, 1.0], dtype=torch.float64)  # the conditional field, W
-    v_c, v_u = model(x, ends, y), model(x, ends, torch.full_like(y, common.NO_LABEL))
-    torch.testing.assert_close(common.guided(model, y, 4)(x, ends),
-                               torch.stack([v_c[0], v_u[1] + 4 * (v_c[1] - v_u[1]), v_c[2],
-                                            v_u[3] + 4 * (v_c[3] - v_u[3])]))
-    torch.testing.assert_close(common.guided(model, y, 0)(x, ends), torch.stack(
-        [v_c[0], v_u[1], v_c[2], v_u[3]]))  # ramp to 0: from the conditional field to v_u
-    assert [common.evaluations_per_step(w, "constant") for w in (0, 1, 2.5)] == [1, 1, 2]
-    assert [common.evaluations_per_step(w, "ramp") for w in (0, 1, 2.5)] == [2, 1, 2]
-    with pytest.raises(ValueError, match="unknown guidance shape 'cosine'; known: ramp, constant"):
-        common.guided(model, y, 2, "cosine")
-    # what a sampling really evaluates: rows through the network = nfe x per x B
-    rows = []
-    def counted(x, t, labels):
-        rows.append(len(x))
-        return model(x, t, labels)
-    for w, shape in [(4, "ramp"), (0, "ramp"), (1, "ramp"), (0, "constant"), (2, "constant")]:
-        rows.clear()
-        common.sample(common.guided(counted, y, w, shape), x, 3, "heun-euler")
-        assert sum(rows) == common.nfe("heun-euler", 3) * common.evaluations_per_step(w, shape) * 4
-
-def test_conditional_training_drops_the_label_at_the_rate_asked(mnist_data, tmp_path, monkeypatch):
-    import mnist
-    seen = []
-    real_forward = UNet.forward
-    def spy(self, x, t, y=None):
-        if self.training and torch.is_grad_enabled():
-            seen.append(y.clone())
-        return real_forward(self, x, t, y)
-    monkeypatch.setattr(UNet, "forward", spy)
-    for drop, share in [("0", 0.0), ("1", 1.0), ("0.5", 0.5)]:
-        seen.clear()
-        run_mnist(mnist_data, tmp_path / drop, "--epochs", "4", "--conditional", "--label-drop",
-                  drop, "--ema", "0")
-        y = torch.cat(seen)
-        assert len(y) == 4 * 48
-        assert (y == common.NO_LABEL).double().mean().item() == pytest.approx(share, abs=0.12)
-        if drop == "0":  # each epoch sees every digit once, with its own class
-            labels = common.load_images("MNIST", str(mnist_data), labels=True)[1]
-            assert sorted(torch.cat(seen[:3]).tolist()) == sorted(labels.tolist())
-
-def test_conditional_sampling_asks_for_each_digit_in_turn_and_writes_the_labels(mnist_data,
-                                                                                tmp_path, capsys):
-    import mnist
-    out = tmp_path / "c"
-    run_mnist(mnist_data, out, "--epochs", "1", "--conditional")
-    ckpt = torch.load(out / "epoch001.pt", weights_only=True)
-    assert ckpt["config"]["conditional"] is True
-    capsys.readouterr()
-    run_mnist(mnist_data, out, "--sample", "12", "--guidance", "2", "--nfe", "6")
-    printed = capsys.readouterr().out
-    assert "(6 network evaluations each, two a solver evaluation: guidance 2, ramp)" in printed
-    assert torch.load(out / "samples-labels.pt", weights_only=True).tolist() == [*range(10), 0, 1]
-    run_mnist(mnist_data, out, "--sample", "5", "--digit", "7")
-    assert torch.load(out / "samples-labels.pt", weights_only=True).tolist() == [7] * 5
-    from PIL import Image
-    assert Image.open(out / "strip.png").size == (30 * 8 + 2, 30 * 5 + 2)  # a row per W
-    assert "rows: guidance 1, 2, 4, 6, 8, ramp" in capsys.readouterr().out
-    # the default budget: GUIDED_NFE when guided (10 steps of heun-euler: 19 solver
-    # evaluations, two network evaluations each), 20 when W = 1 takes one
-    for flags, expect in [([], "heun-euler, 10 steps on the early grid (38 network evaluations "
-                           "each, two a solver evaluation: guidance 4, ramp)"),
-                          (["--guidance-shape", "constant", "--guidance", "0"],
-                           "heun-euler, 10 steps on the early grid (19 network evaluations each)"),
-                          (["--guidance", "1"], "(19 network evaluations each)")]:
-        mnist.main(["--data", str(mnist_data), "--out", str(out), "--device", "cpu", "--sample",
-                    "3", *flags])  # run_mnist would give --nfe
-        assert expect in capsys.readouterr().out
-    # bad input, one line each
-    expect_error("argument --digit: invalid choice: 12", run_mnist, mnist_data, out, "--sample",
-                 "4", "--digit", "12")
-    expect_error("argument --guidance: invalid non_negative_float value: '-1'", run_mnist,
-                 mnist_data, out, "--sample", "4", "--guidance", "-1")
-    run_mnist(mnist_data, tmp_path / "u", "--epochs", "1")
-    expect_error("--digit: ", run_mnist, mnist_data, tmp_path / "u", "--sample", "4", "--digit",
-                 "3")
-    expect_error("is not a conditional model (mnist.py --conditional trains one)", run_mnist,
-                 mnist_data, tmp_path / "u", "--sample", "4", "--guidance", "2")
-    expect_error("--guidance: ", run_mnist, mnist_data, tmp_path / "u", "--resume", "--epochs", "2",
-                 "--guidance", "2")  # resuming an unconditional run: refused, not ignored
-    expect_error("--guidance-shape: ", run_mnist, mnist_data, tmp_path / "u", "--sample", "4",
-                 "--guidance-shape", "constant")
-    expect_error("--guidance-shape is for a conditional model: add --conditional", run_mnist,
-                 mnist_data, tmp_path / "v", "--epochs", "1", "--guidance-shape", "constant")
-    expect_error("argument --guidance-shape: invalid choice: 'cosine'", run_mnist, mnist_data,
-                 out, "--sample", "4", "--guidance-shape", "cosine")
-
-def test_a_resumed_conditional_run_samples_its_pictures_as_asked_now(mnist_data, tmp_path,
-                                                                   capsys):
-    import mnist
-    out = tmp_path / "c"
-    run_mnist(mnist_data, out, "--epochs", "1", "--conditional", "--guidance-shape", "constant")
-    assert "pictures: euler, 1 steps on the early grid (2 network evaluations)" in \
-        capsys.readouterr().out  # --nfe 3 with guidance's two: one Euler step
-    mnist.main(["--data", str(mnist_data), "--out", str(out), "--batch-size", "16", "--device",
-                "cpu", "--resume", "--epochs", "2"])  # --nfe and the shape: today's defaults
-    assert "pictures: heun-euler, 10 steps on the early grid (38 network evaluations)" in \
-        capsys.readouterr().out
-    run_mnist(mnist_data, out, "--resume", "--epochs", "3", "--guidance", "1")
-    assert "pictures: euler, 3 steps on the early grid (3 network evaluations)" in \
-        capsys.readouterr().out
-
-def test_translate_draws_a_chosen_digit_as_mnist_py_does(both_data, tmp_path, capsys):
-    import translate
-    out = tmp_path / "t"
-    run_translate(both_data, out, "--epochs", "1", "--conditional")
-    capsys.readouterr()
-    translate.main(["--data", str(both_data), "--out", str(out), "--device", "cpu", "--sample",
-                    "3", "--digit", "5", "--guidance-shape", "constant"])
-    printed = capsys.readouterr().out
-    assert "midpoint, 10 steps on the early grid (40 network evaluations each, two a solver " \
-        "evaluation: guidance 4, constant)" in printed  # the linear schedule's sampler
-    assert "rows: guidance 0, 1, 1.5, 2, 3, constant" in printed
-    assert torch.load(out / "samples-labels.pt", weights_only=True).tolist() == [5] * 3
-    # without --digit: digits.png, each of the first 8 garments, then it as 0, 1, ..., 9
-    run_translate(both_data, out, "--sample", "8", "--digit", "3")
-    threes = torch.load(out / "samples.pt", weights_only=True)
-    run_translate(both_data, out, "--sample", "2")
-    cells = png_cells(out / "digits.png", 8, 11)
-    garments = common.to_unit(common.load_images("FashionMNIST", str(both_data), train=False))
-    torch.testing.assert_close(cells[:, 0], garments[:8, 0].double(), rtol=0,
-                               atol=0.5 / 255 + 1e-9)
-    torch.testing.assert_close(cells[:, 4], threes[:, 0].double(), rtol=0, atol=0.5 / 255 + 1e-9)
-    assert not torch.equal(cells[:, 4], cells[:, 5])  # a 3 is not a 4
-    run_translate(both_data, tmp_path / "u", "--epochs", "1")
-    expect_error("--guidance-shape: ", run_translate, both_data, tmp_path / "u", "--sample", "2",
-                 "--guidance-shape", "ramp")
-    expect_error("--guidance-shape is for a conditional model: add --conditional", run_translate,
-                 both_data, tmp_path / "v", "--epochs", "1", "--guidance-shape", "ramp")
-
-def test_evaluate_reads_the_labels_asked_and_sweeps_the_guidance(evaluated, tmp_path, capsys):
-    run, data = evaluated[:2]
-    out = tmp_path / "c"
-    run_mnist(data, out, "--epochs", "1", "--limit", "48", "--conditional")
-    # a samples.pt with its labels beside it: the share read as the digit asked
-    run_mnist(data, out, "--sample", "20")
-    labels = torch.load(out / "samples-labels.pt", weights_only=True)
-    r = run(str(out / "samples.pt"))
-    hits = (r["pred"] == labels).double()
-    assert r["asked"] == pytest.approx(hits.mean().item())
-    per = re.search(r"read as the digit asked, per digit \(%\)  (.*)", capsys.readouterr().out)
-    assert [float(p.split(":")[1]) for p in per.group(1).split()] == pytest.approx(
-        [100 * hits[labels == d].mean().item() for d in range(10)], abs=0.05)
-    # the real test digits, their own labels beside them: all read as asked
-    images, classes = common.load_images("MNIST", str(data), train=False, labels=True)
-    torch.save(common.to_unit(images), tmp_path / "real.pt")
-    torch.save(classes, tmp_path / "real-labels.pt")
-    assert run(str(tmp_path / "real.pt"))["asked"] == 1.0
-    # --guidance: each W and shape from the same noise, with mnist.py --sample's sampler
-    rows = run(str(out), "--guidance", "0", "1", "2", "--guidance-shape", "ramp", "constant",
-               "--n", "20", "--seeds", "0")
-    assert [(r["shape"], r["guidance"], r["nfe"]) for r in rows] == [
-        ("ramp", 0, 38), ("ramp", 1, 19), ("ramp", 2, 38),
-        ("constant", 0, 19), ("constant", 1, 19), ("constant", 2, 38)]
-    assert rows[1]["fid"] == rows[4]["fid"]  # W = 1: the conditional field, either shape
-    assert rows[0]["fid"] != rows[3]["fid"]  # W = 0: from v_c to v_u (ramp) or v_u throughout
-    assert (out / "guidance.png").stat().st_size > 10_000
-    with open(out / "guidance.csv") as f:
-        assert [float(r["fid"]) for r in csv.DictReader(f)] == [r["fid"] for r in rows]
-    expect_error("is a conditional run: score it with --guidance", run, str(out))
-    expect_error("is a conditional run: score it with --guidance", run, str(out), "--path")
-    run_mnist(data, tmp_path / "u", "--epochs", "1", "--limit", "48")
-    expect_error("is not a conditional run", run, str(tmp_path / "u"), "--guidance", "2")
-    expect_error("--guidance-shape is for the sweep over --guidance W...: add --guidance", run,
-                 str(out), "--guidance-shape", "constant")
-    expect_error("--guidance-shape is for the sweep over --guidance W...: add --guidance", run,
-                 str(out / "samples.pt"), "--guidance-shape", "ramp")
-    expect_error("--nfe is for the sweep over solvers; --guidance samples with mnist.py --sample's",
-                 run, str(out), "--guidance", "2", "--nfe", "4")

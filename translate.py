@@ -31,12 +31,11 @@ import time
 
 import torch
 
-# the lesson: the handout's maths (common.py's first part)
-from common import SCHEDULES, fm_loss, get_schedule, update_ema
-# the chapters: how t is drawn (README, section 3), samplers (section 3, appendix D), OT pairs
-# and noisy garments (section 4), labels and guidance (section 6)
-from common import (GRIDS, GUIDANCE, GUIDANCE_SHAPE, GUIDED_NFE, NO_LABEL, SHAPES, SOLVERS,
-                    STRIP, T_DISTS, draw_t, make_unet, ot_pairing, plan, time_grid)
+# the lesson: the handout's maths, and our recipe's moving average (common.py's first part)
+from common import SCHEDULES, fm_loss, get_schedule, make_unet, update_ema
+# the chapters: t (README, section 3), samplers (appendix D), OT (4), labels and guidance (6)
+from common import (GRIDS, GUIDANCE, GUIDANCE_SHAPE, GUIDED_NFE, SHAPES, SOLVERS,
+                    STRIP, T_DISTS, draw_t, drop_labels, ot_pairing, plan, time_grid)
 # plumbing, which a learner can skip
 from common import (Help, atomic_save, autocast, blur, check_guidance_flags, check_loss,
                     check_memory, check_weights, decay, die, finite_float, generate, guidance,
@@ -72,12 +71,12 @@ add("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda
 add("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="auto: bf16 "
     "autocast on a CPU with native bf16 (AVX512-BF16 or AMX), else float32 (README, appendix E)")
 add("--resume", action="store_true", help="continue OUT/ckpt.pt with its settings, but --epochs, "
-    "--nfe, --guidance and --guidance-shape as given here")
+    "--data, --device, --dtype, --nfe, --guidance, --guidance-shape as given here")
 # sampling: the pictures of every epoch, and --sample
 add("--sample", type=positive_int, metavar="N", help="no training: translate N test garments")
 add("--raw", action="store_true", help="with --sample: the trained weights, not their average")
 add("--nfe", type=positive_int, help="network evaluations an image, by the sampler measured best "
-    f"for them (default: 20; {GUIDED_NFE} guided, two a solver evaluation)")
+    f"for them on mnist.py's models (default: 20; {GUIDED_NFE} guided, two a solver evaluation)")
 add("--solver", choices=list(SOLVERS), help="instead of --nfe's: euler (1 network evaluation a "
     "step), heun or midpoint (2), heun-euler (2, the last step 1)")
 add("--steps", type=positive_int, help="instead of --nfe's: solver steps (Eq. 7 for Euler)")
@@ -89,15 +88,16 @@ HANDOUT = {"t_dist": "uniform", "batch_size": 128, "ema": 0.0, "solver": "euler"
 add("--handout", action="store_true", help="the handout's recipe as we run it: " + " ".join(
     f"--{k.replace('_', '-')} {v}" for k, v in HANDOUT.items()) + "; a setting given wins")
 # the chapters: OT pairs and noisy garments (README, section 4), labels and guidance (section 6)
-add("--pairing", default="ot", choices=["random", "ot"], help="which garment meets which digit: "
-    "drawn independently, or re-paired in each batch by optimal transport (by class)")
+add("--pairing", default="ot", choices=["random", "ot"], help="garments and digits paired "
+    "independently, or re-paired in each batch by optimal transport (--conditional: by class)")
 add("--sigma", type=non_negative_float, default=0.3, help="x0 = garment + sigma * noise, in "
     "training and sampling: a density around each garment (--sample, --resume: the run's own)")
 add("--conditional", action="store_true", help="learn each digit's class too (ten one-hot maps, "
     "a learned shift at each later block), 'no label' with probability --label-drop")
 add("--label-drop", type=probability, default=0.1, metavar="P", help="how often a label is dropped")
 add("--guidance", type=non_negative_float, metavar="W", help="a conditional model's field "
-    f"v_u + W(t) (v_c - v_u); W = 1: v_c; other W: two evaluations (default: {GUIDANCE:g})")
+    f"v_u + W(t) (v_c - v_u); W = 1: v_c; another W (a constant 0 aside) takes two (default: "
+    f"{GUIDANCE:g})")
 add("--guidance-shape", choices=SHAPES, help="W(t) = 1 + (W - 1) t (ramp: v_c at t = 0, W at "
     f"t = 1) or W (constant) (default: {GUIDANCE_SHAPE})")
 add("--digit", type=int, choices=range(10), help="--sample: as this digit (default: each in turn)")
@@ -131,12 +131,13 @@ def main(argv=None):
                                                                       labels=True))
     x0_all = load_images("FashionMNIST", args.data)[: args.limit].to(device)
     N = len(x1_all)
-    check_memory(step_memory(model, min(args.batch_size, N)), f"--batch-size {args.batch_size}")
+    need = step_memory(model, min(args.batch_size, N))  # a step's activations, gradients
+    check_memory(need, f"--batch-size {args.batch_size}", device)  # refused now, if too many
     fixed = load_images("FashionMNIST", args.data, train=False)[:16]  # the same, every epoch
     fixed_y = torch.arange(16) % 10 if args.conditional else None  # conditional: 0, 1, ..., 9, 0
 
     # -------------------------------------------------------------------------
-    # model, optimiser and the moving average of the weights, as in mnist.py
+    # model, optimiser and the weights' moving average; channels_last: the fast conv kernels'
     model = model.to(device, memory_format=torch.channels_last)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     ema = copy.deepcopy(model).requires_grad_(False) if args.ema else None
@@ -164,13 +165,12 @@ def main(argv=None):
                 x0 = x0_all[torch.randint(len(x0_all), (len(x1),)).to(device)]
                 if args.sigma:               # the source a density: each garment plus noise
                     x0 = x0 + args.sigma * torch.randn_like(x0)
-                y = y_all[idx.to(device)]    # the digits' classes
-                if args.pairing == "ot":     # re-paired, least total distance
-                    x0 = x0[ot_pairing(x0, x1, y if args.conditional else None)]
+                y = y_all[idx.to(device)] if args.conditional else None  # section 6: classes
+                if args.pairing == "ot":     # section 4: re-paired, least total distance
+                    x0 = x0[ot_pairing(x0, x1, y)]
                 net = model
-                if args.conditional:         # section 6: each class "no label" with --label-drop
-                    y = torch.where(torch.rand(len(y), device=device) < args.label_drop,
-                                    NO_LABEL, y)
+                if args.conditional:         # section 6: the class, or "no label" (--label-drop)
+                    y = drop_labels(y, args.label_drop)
                     net = lambda xt, t: model(xt, t, y)
                 t = draw_t(len(x1), args.t_dist, args.t_mean, device)  # each sample's time
                 with autocast(device, dtype):
