@@ -368,7 +368,7 @@ def guided(model, y, w, shape=None):
     """The field v_u + W(t) (v_c - v_u) for labels y (B,), with W(t) = w ("constant") or
     1 + (w - 1) t ("ramp", the default: the conditional field at t = 0, w at t = 1; Wang et
     al. 2024). W = 1 is the conditional field, a constant W = 0 the unconditional one: one
-    network evaluation a solver evaluation; any other W (the ramp to 0 too) takes both, in
+    network evaluation per solver evaluation; any other W (the ramp to 0 too) takes both, in
     one batch of 2B: two (README, section 6)."""
     shape, null = shape or GUIDANCE_SHAPE, torch.full_like(y, NO_LABEL)
     if evaluations_per_step(w, shape) == 1:  # W = 1 (either shape): v_c; a constant 0: v_u
@@ -405,6 +405,72 @@ def straightness(model, x0, steps=100):
         energy += v.pow(2).mean().item() / steps
         x = x + (ts[i + 1] - ts[i]) * v
     return energy - (x - x0).pow(2).mean().item()
+
+def arc_straightness(x0, x1):
+    """The straightness S (per dimension) of the cosine schedule's own paths from each x0 to
+    its x1 (B, ...), x_t = cos(pi t / 2) x0 + sin(pi t / 2) x1: no path crosses another, yet
+    with v_t = (pi / 2) (cos(pi t / 2) x1 - sin(pi t / 2) x0), int_0^1 |v_t|^2 dt =
+    (pi^2 / 8) (|x0|^2 + |x1|^2) - (pi / 2) x0 . x1, so S = (pi^2 / 8 - 1) (|x0|^2 + |x1|^2)
+    - (pi / 2 - 2) x0 . x1, averaged: what a cosine flow pays for its arcs alone."""
+    ends = x0.pow(2).mean() + x1.pow(2).mean()
+    return ((math.pi ** 2 / 8 - 1) * ends - (math.pi / 2 - 2) * (x0 * x1).mean()).item()
+
+# -----------------------------------------------------------------------------
+# mean flows (section 7; Geng et al. 2025): the average velocity over an interval, for one step.
+# In this project's time (noise at 0, data at 1), from a point x at time s to time e >= s the
+# flow moves by (e - s) u(x, s, e) = int_s^e v(x_tau, tau) dtau. Differentiating in s along
+# the trajectory (x_s moves at v, e stays) gives u = v + (e - s) du/ds, du/ds = v . d_x u +
+# d_s u: a target for u from v alone, with one Jacobian-vector product. (The paper's time runs
+# the other way, data at 0: there u = v - (t - r) du/dt.)
+
+class MeanFlowUNet(nn.Module):
+    """u(x, s, e), x (B, 1, 28, 28), s and e (B,): the handout's U-Net reading the interval's
+    length e - s as a second map beside the image, and s as its time map. At e = s the new map
+    is 0 and u is the flow's own velocity v(x, s), what mnist.py's U-Net learns."""
+    def __init__(self):
+        super().__init__()
+        self.unet = UNet(c_in=2)
+
+    def forward(self, x, s, e):
+        h = (e - s).to(x.dtype).view(-1, 1, 1, 1).expand_as(x)
+        return self.unet(torch.cat([x, h], dim=1), s)
+
+def draw_interval(n, ratio=0.25, mean=0.4, std=1.0, device="cpu"):
+    """n intervals s <= e (each (n,)) as the paper draws them: two logit-normal times
+    sigmoid(N(mean, std^2)), the smaller s and the larger e, then e = s (plain flow matching)
+    for all but a share `ratio`. The paper's -0.4 is our +0.4: its time runs the other way."""
+    a = torch.sigmoid(mean + std * torch.randn(n, device=device))
+    b = torch.sigmoid(mean + std * torch.randn(n, device=device))
+    s, e = torch.minimum(a, b), torch.maximum(a, b)
+    return s, torch.where(torch.rand(n, device=device) < ratio, e, s)
+
+def mean_flow_target(model, x, s, e, v):
+    """model(x, s, e) (with its graph, for the loss), and its target v + (e - s) du/ds with the
+    total derivative du/ds = v . d_x u + d_s u taken by one forward-mode Jacobian-vector
+    product along (v, 1, 0), under stop-gradient."""
+    u, du_ds = torch.func.jvp(model, (x, s, e), (v, torch.ones_like(s), torch.zeros_like(e)))
+    h = (e - s).view(-1, *[1] * (x.dim() - 1))
+    return u, (v + h * du_ds).detach()
+
+def mean_flow_loss(model, x0, x1, schedule, s, e, p=1.0, eps=1e-3):
+    """The mean flow loss for one batch x0 ~ mu_0, x1 ~ mu_1 (B, ...) on the intervals (s, e):
+    x_s on the path (Eq. 5), v its velocity (Eq. 6), each image's squared error to the target
+    (per pixel), weighted by 1 / (error + eps)^p (the paper's adaptive weight; p = 0: plain).
+    Returns the weighted loss and the plain mean squared error."""
+    alpha, beta, dalpha, dbeta = (q.view(-1, *[1] * (x0.dim() - 1)) for q in schedule(s))
+    u, target = mean_flow_target(model, alpha * x0 + beta * x1, s, e, dalpha * x0 + dbeta * x1)
+    err = (u - target).pow(2).flatten(1).mean(1)
+    return (err / (err.detach() + eps) ** p).mean(), err.mean()
+
+@torch.no_grad()
+def mean_flow_sample(model, x0, steps):
+    """Carry x0 from t = 0 to 1 in `steps` jumps of the uniform grid, x <- x + (e - s)
+    u(x, s, e): one network evaluation per jump."""
+    ts = torch.linspace(0, 1, steps + 1, dtype=torch.float64).to(x0.device, x0.dtype)
+    x = x0
+    for s, e in zip(ts[:-1], ts[1:]):
+        x = x + (e - s) * model(x, s.expand(len(x)), e.expand(len(x)))
+    return x
 
 # -----------------------------------------------------------------------------
 # the flow as a density (Chen et al. 2018, FFJORD: Grathwohl et al. 2019). Along a
@@ -564,7 +630,7 @@ def autocast(device, dtype):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
 
 def budget(nfe, per):
-    """The solver evaluations an image may take (plan's budget): the network evaluations of
+    """The solver evaluations per image may take (plan's budget): the network evaluations of
     --nfe (nfe) if given, else 20, or GUIDED_NFE when each solver evaluation takes two
     (per), divided by per; at least one."""
     return max(1, (nfe or (GUIDED_NFE if per == 2 else 20)) // per)
@@ -572,7 +638,7 @@ def budget(nfe, per):
 def guidance(args, conditional, path, script):
     """How to sample a model: (W, shape, per, budget): W and its shape (--guidance,
     --guidance-shape; GUIDANCE, GUIDANCE_SHAPE), the network evaluations each solver
-    evaluation then takes, and the solver evaluations an image may take (budget). An
+    evaluation then takes, and the solver evaluations per image may take (budget). An
     unconditional model: (1, GUIDANCE_SHAPE, 1, --nfe or 20); --digit, --guidance or
     --guidance-shape given for it (path) is one line."""
     given = [k for k in ("digit", "guidance", "guidance_shape") if getattr(args, k) is not None]
@@ -717,7 +783,8 @@ def check_script(ckpt, path, scripts, hint=None):
     scripts = (scripts,) if isinstance(scripts, str) else tuple(scripts)
     wrote = written_by(ckpt)
     if wrote is not None and wrote not in scripts:
-        die(f"{path} is a run of {wrote}, not of {' or '.join(scripts)}"
+        named = " or ".join([", ".join(scripts[:-1]), scripts[-1]] if len(scripts) > 1 else scripts)
+        die(f"{path} is a run of {wrote}, not of {named}"
             f"{f': use {wrote}' if hint is None else hint}")
 
 def restore(model, weights, path):
@@ -742,7 +809,8 @@ def load_model(path, device, raw=False, script=None, hint=None):
     if isinstance(ckpt, dict):
         weights = ckpt.get("ema" if "ema" in ckpt and not raw else "model")
     config = (ckpt.get("config") if isinstance(ckpt, dict) else None) or {}
-    model = make_unet(config.get("conditional"))
+    model = MeanFlowUNet() if written_by(ckpt) == "meanflow.py" else \
+        make_unet(config.get("conditional"))
     if config.get("conditional") and isinstance(weights, dict) and "label.0.weight" not in weights:
         # a conditional U-Net saved before the label entered the later blocks: with those
         # shifts at 0 (as they start) it is exactly that U-Net
@@ -762,7 +830,7 @@ OLDER = {"mnist.py": {"t_dist": "uniform", "t_mean": 0.0, "warmup": None, "clip"
          "translate.py": {"t_dist": "uniform", "t_mean": 0.0, "warmup": None, "clip": None,
                           "pairing": "random", "conditional": False, "label_drop": 0.1,
                           "sigma": 0.0},
-         "reflow.py": {}}
+         "reflow.py": {}, "meanflow.py": {}}
 
 def resume(path, args, script):
     """--resume: returns the checkpoint at path, the run's settings and its U-Net with the
@@ -776,8 +844,8 @@ def resume(path, args, script):
         die(f"{path} holds weights only, no optimiser state: it can --sample, not --resume")
     config = ckpt.get("config") if isinstance(ckpt, dict) else None
     conditional = isinstance(config, dict) and config.get("conditional")
-    model = restore(make_unet(conditional), ckpt.get("model") if isinstance(ckpt, dict) else None,
-                    path)
+    model = MeanFlowUNet() if script == "meanflow.py" else make_unet(conditional)
+    model = restore(model, ckpt.get("model") if isinstance(ckpt, dict) else None, path)
     if not isinstance(config, dict):
         die(f"{path} has no training settings to resume from")
     if ckpt.get("epoch", 0) >= args.epochs:
@@ -821,8 +889,8 @@ def interrupted(script, args, epoch, saved, path):
     print("\r\033[K" if sys.stdout.isatty() else "", end="", flush=True)  # (the progress line)
     data = f" --data {shlex.quote(args.data)}" if "data" in vars(args) else ""
     again = f"python {script} --out {shlex.quote(args.out)}{data} --resume --epochs {args.epochs}"
-    again += "".join(f" --{k} {getattr(args, k)}" for k in ("device", "dtype")
-                     if getattr(args, k) != "auto")
+    again += "".join(f" --{k} {v}" for k in ("device", "dtype")
+                     if (v := vars(args).get(k, "auto")) != "auto")
     where = f"{path} holds epoch {saved}; continue with: {again}" if saved else \
         "no checkpoint was written yet"
     print(f"{script}: interrupted in epoch {epoch}; {where}", file=sys.stderr)
@@ -849,16 +917,17 @@ def check_memory(need, what, device=None):
         die(f"{what} needs {need / 2**30:.1f} GiB of memory, {free / 2**30:.1f} GiB is free: "
             f"ask for fewer")
 
-def step_memory(model, batch):
+def step_memory(model, batch, channels=1):
     """The bytes a training step of `batch` images needs at least: the output of every layer
-    of the model for each image, which the backward pass keeps, and as much again for their
-    gradients, in float32. Counted on one image of zeros."""
+    of the U-Net model for each image, which the backward pass keeps, and as much again for
+    their gradients, in float32. Counted on one image of zeros (of `channels` maps)."""
     sizes = []
     layers = [m for m in model.modules() if not list(m.children())]
     hooks = [m.register_forward_hook(lambda m, i, out: sizes.append(out.numel())) for m in layers]
     try:
         with torch.no_grad():
-            model(torch.zeros(1, 1, 28, 28), torch.zeros(1), torch.zeros(1, dtype=torch.long))
+            x, t, y = torch.zeros(1, channels, 28, 28), torch.zeros(1), torch.zeros(1).long()
+            model(x, t, y)
     finally:
         for h in hooks:
             h.remove()
@@ -922,6 +991,13 @@ def generate(model, x0, steps, device, dtype, solver="euler", ts=None, keep=0, y
                 path, x = to_unit(x[:, :keep]).cpu(), x[-1]
             xs.append(to_unit(x).cpu())
     return (torch.cat(xs), path) if keep else torch.cat(xs)
+
+@torch.no_grad()
+def generate_mean(model, x0, steps, device):
+    """A mean flow's generate: x0 (N, 1, 28, 28) carried in `steps` jumps (mean_flow_sample), in
+    chunks of 256, in float32: (N, 1, 28, 28) in [0, 1] on the CPU."""
+    return torch.cat([to_unit(mean_flow_sample(model, chunk.to(device), steps)).cpu()
+                      for chunk in x0.split(256)])
 
 # the guidance of the rows of --sample --digit's strip.png, by shape
 STRIP = {"ramp": (1, 2, 4, 6, 8), "constant": (0, 1, 1.5, 2, 3)}

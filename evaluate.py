@@ -11,7 +11,8 @@ Numbers for image quality: score generated digits with a small MNIST classifier.
     python evaluate.py out/mnist-cosine --curve    # quality against epochs (curve.csv, .png)
     python evaluate.py out/mnist-cosine --path     # how the flow moves along 100 Euler steps
     python evaluate.py out/mnist-cosine --bpd      # the model as a density: bits per dimension
-                                   # of 100 MNIST test digits (README, section 8)
+                                   # of 100 random MNIST test digits (README, section 8)
+    python evaluate.py weights/mnist-bpd --bpd --n 10000   # of all 10,000, as the papers
     python evaluate.py out/mnist-reflow --also out/mnist-cosine --nfe 1 2 4   # runs side by
                                    # side: each with --nfe's sampler, and how straight it is
 
@@ -44,12 +45,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (GRIDS, GUIDANCE_SHAPE, SHAPES, SOLVERS, atomic_save, atomic_write,
-                    bits_per_dim, blur, budget, check_script, dequantize, die,
-                    evaluations_per_step, fixed_noise, generate, get_schedule, load_checkpoint,
-                    load_images, load_model, log_likelihood, nfe, non_negative_float,
-                    pick_device, pick_dtype, plan, positive_int, rademacher, save_grid,
-                    steps_within, straightness, time_grid)
+from common import (GRIDS, GUIDANCE_SHAPE, SHAPES, SOLVERS, MeanFlowUNet, arc_straightness,
+                    atomic_save, atomic_write, bits_per_dim, blur, budget, check_script,
+                    dequantize, die, evaluations_per_step, fixed_noise, generate, generate_mean,
+                    get_schedule, load_checkpoint, load_images, load_model, log_likelihood, nfe,
+                    non_negative_float, pick_device, pick_dtype, plan, positive_int, rademacher,
+                    save_grid, steps_within, straightness, time_grid)
 
 GARMENTS = ["T-shirt", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
             "Boot"]
@@ -57,7 +58,7 @@ GARMENTS = ["T-shirt", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt"
 parser = argparse.ArgumentParser(description="Score generated MNIST digits with a classifier.")
 parser.error = die  # argparse's errors in one line, without its usage block
 add = parser.add_argument
-add("samples", help="a samples.pt of mnist.py, reflow.py or translate.py (N, 1, 28, 28) in "
+add("samples", help="a samples.pt of any script's --sample (N, 1, 28, 28) in "
     "[0, 1]; 'real' (MNIST training images) or 'noise' (uniform noise), for reference; or a run "
     "folder (OUT of one of them) to sweep the solvers and grids")
 add("--n", type=positive_int, default=None,
@@ -71,7 +72,7 @@ add("--nfe", type=positive_int, nargs="+", default=[4, 6, 8, 10, 16, 20, 50, 100
 add("--grids", nargs="+", choices=list(GRIDS), default=list(GRIDS),
     help="run folder: the time grids to try (default: all)")
 add("--seeds", type=int, nargs="+", default=[0, 1], help="run folder: the sets of noise images to "
-    "sample from (those of mnist.py's and reflow.py's --sample --seed S)")
+    "sample from (those of the --sample --seed S of mnist.py, reflow.py, meanflow.py)")
 add("--guidance", type=non_negative_float, nargs="+", metavar="W", help="conditional run folder: "
     "quality against classifier-free guidance instead: 1000 class-balanced digits for each W and "
     "shape, with mnist.py --sample's sampler, FID against the share read as asked "
@@ -88,15 +89,17 @@ add("--curve", action="store_true", help="run folder: quality against epochs ins
     "weights of every epoch (epochNNN.pt) with the sampler of --nfe 10 (curve.csv, curve.png; "
     "with --translation also chi2 and the distances to the garments)")
 add("--bpd", action="store_true", help="a run folder of digits: the model as a density instead: "
-    "bits per dimension of the first N MNIST test images (--n, default 100), uniformly "
-    "dequantised, with its standard error and the figure at half the steps")
+    "bits per dimension of N MNIST test images (--n, default 100) in a fixed random order "
+    "(BPD_ORDER; --n 10000: all), uniformly dequantised: the mean with its standard error, the "
+    "median, the digits above 4, the figure at half the steps; each digit's in RUN/bpd.csv")
+add("--first", action="store_true", help="with --bpd: the first N test images instead, those "
+    "section 8's settings were chosen on")
 add("--steps", type=positive_int, default=100, help="with --bpd: midpoint steps from t = 1 back to "
     "t = 0 (default: %(default)s)")
 add("--also", nargs="+", metavar="RUN", help="more runs in the same picture: with --curve, their "
-    "FID against epochs; otherwise (runs of mnist.py or reflow.py) their FID against --nfe, "
-    "each sampled as its script's --sample --nfe K samples it, and how straight each flow is "
-    "(compare.csv, "
-    "compare.png, compare-samples.png)")
+    "FID against epochs; otherwise (runs of mnist.py, reflow.py, meanflow.py) their FID against "
+    "--nfe, each sampled as its script's --sample --nfe K samples it, and how straight each flow "
+    "is (compare.csv, compare.png, compare-samples.png)")
 add("--device", default="auto", help="where to sample a run folder (auto, cpu, cuda, mps)")
 add("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="run folder: sample "
     "in this precision (auto: as for mnist.py; --path always samples in float32)")
@@ -108,7 +111,7 @@ add("--epochs", type=positive_int, default=2, help="the classifier's training ep
 add("--seed", type=int, default=0, help="seeds the classifier's training, the 'noise' images "
     "and --bpd's dequantisation and probes")
 RUN_ONLY = ("nfe", "grids", "seeds", "raw", "path", "curve", "also", "dtype", "guidance",
-            "guidance_shape", "bpd", "steps")
+            "guidance_shape", "bpd", "steps", "first")
 
 class Classifier(nn.Module):
     """Two conv layers and two linear ones; features() is the 128-d layer FID compares."""
@@ -353,7 +356,7 @@ def guidance_sweep(args, model, config, device, classifier, cache):
     """A conditional run's quality against the guidance W: for each shape of
     --guidance-shape, W of --guidance and noise set of --seeds, n digits asked for in turn
     (0, 1, ..., 9, 0, ...), drawn with mnist.py --sample's sampler (common.budget: GUIDED_NFE
-    network evaluations an image with guidance's two counted, 20 without), scored for FID and the
+    network evaluations per image with guidance's two counted, 20 without), scored for FID and the
     share read as asked. RUN/guidance.csv and guidance.png, a curve per shape."""
     if not config.get("conditional"):
         die(f"--guidance: {args.samples} is not a conditional run (mnist.py --conditional)")
@@ -442,36 +445,56 @@ def along_the_path(args, model, schedule, device, sigma=0.0):
     d2 = (x - x0).pow(2).mean().item()
     print(f"straightness {energy - d2:.4f} (Liu et al.: 0 for straight paths at constant speed; "
           f"per pixel, where |x_1 - x_0|^2 is {d2:.3f})")
+    print(f"a cosine arc from each x_0 to its own x_1, no path crossing another: straightness "
+          f"{arc_straightness(x0, x):.4f} (the cosine schedule's paths, not straight lines)")
     return rows
 
+# --bpd's test digits: a fixed random order (seed 2026) of those after the first 100, then the
+# first 100, on which the settings of README section 8 were chosen: --n N <= 9900 draws N digits
+# disjoint from them, --n 10000 takes all, as the papers do
+def bpd_order(n_test=10000, chosen_on=100, seed=2026):
+    g = torch.Generator().manual_seed(seed)
+    return torch.cat([chosen_on + torch.randperm(n_test - chosen_on, generator=g),
+                      torch.arange(chosen_on)])
+
 def bits(args, model, device):
-    """--bpd: the first N MNIST test images (--n, 100), each dequantised (common.dequantize)
-    and given one Rademacher probe (--seed's), their log-likelihood under the flow
-    (common.log_likelihood, float32, TF32 off on GPUs; --steps midpoint steps and half as
-    many) in bits per dimension. The standard error is the spread of the per-image figures
-    over sqrt(N): the images', the dequantisations' and the probes' together. The last line
-    begins with "bpd"."""
+    """--bpd: N MNIST test images (--n, 100) in bpd_order's order (--first: the first N), each
+    dequantised (common.dequantize) and given one Rademacher probe (--seed's, in that order),
+    their log-likelihood under the flow (common.log_likelihood, float32, TF32 off on GPUs;
+    --steps midpoint steps and half as many) in bits per dimension. The mean, as the papers
+    give it, with its standard error (the spread of the per-image figures over sqrt(N): the
+    images', the dequantisations' and the probes' together), beside the median and the digits
+    above 4 bits per dimension (a hole in the density drags the mean far more than the
+    median). Each image's figures go into RUN/bpd.csv. The last line begins with "bpd"."""
     n, steps = args.n or 100, args.steps
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     g = torch.Generator().manual_seed(args.seed)
     x = load_images("MNIST", args.data, train=False)
     if n > len(x):
         die(f"--n {n}: MNIST has only {len(x)} test images")
-    x = dequantize(x[:n], g)
+    index = torch.arange(n) if args.first else bpd_order(len(x))[:n]
+    x = dequantize(x[index], g)
     probe = rademacher(x.shape, g)
     d, t0, out = x[0].numel(), time.time(), {}
     for k in (steps // 2, steps):
         log_p = torch.cat([log_likelihood(model, xc.to(device), k, zc.to(device)).cpu()
                            for xc, zc in zip(x.split(100), probe.split(100))])
         out[k] = bits_per_dim(log_p.double(), d)
-    b = out[steps]
-    print(f"{n} images, {time.time() - t0:.0f} s; bits per dimension: {out[steps // 2].mean():.4f} "
-          f"at {steps // 2} steps, {b.mean():.4f} at {steps}")
+    b, seconds = out[steps], time.time() - t0
+    write_csv([{"digit": i, "bpd": round(v, 4), "bpd_half_steps": round(h, 4)}
+               for i, v, h in zip(index.tolist(), b.tolist(), out[steps // 2].tolist())],
+              os.path.join(args.samples, "bpd.csv"))
+    holes = index[b > 4].tolist()
+    print(f"{n} images, {seconds:.0f} s; bits per dimension: {out[steps // 2].mean():.4f} "
+          f"at {steps // 2} steps, {b.mean():.4f} at {steps}; median {b.quantile(0.5):.4f}; "
+          f"{len(holes)} above 4{f' (test digits {holes[:10]})' if holes else ''}; "
+          f"each digit's in {os.path.join(args.samples, 'bpd.csv')}")
     print(f"bpd {b.mean():.4f} +- {b.std() / math.sqrt(n):.4f} (standard error over the images, "
           f"dequantisations and probes; {steps} midpoint steps moved it by "
           f"{b.mean() - out[steps // 2].mean():+.4f} from {steps // 2})")
     return {"bpd": b.mean().item(), "se": (b.std() / math.sqrt(n)).item(),
-            "half": out[steps // 2].mean().item()}
+            "half": out[steps // 2].mean().item(), "median": b.quantile(0.5).item(),
+            "holes": holes, "digits": index.tolist(), "seconds": seconds}
 
 def read_scores(path):
     """The scores of an earlier curve.csv by the row's key (curve_key). A row that does not
@@ -515,7 +538,7 @@ def curve(args, device):
     files = {run: sorted(glob.glob(os.path.join(run, "epoch[0-9][0-9][0-9].pt"))) for run in runs}
     for run in runs:
         if not files[run]:
-            die(f"{run} holds no epochNNN.pt (the training scripts write one an epoch)")
+            die(f"{run} holds no epochNNN.pt (the training scripts write one per epoch)")
         check_script(load_checkpoint(files[run][0]), files[run][0], SCRIPT[args.translation],
                      HINT[args.translation])  # before the classifier: a wrong run is told at once
     classifier, cache = load_classifier(args)
@@ -532,19 +555,16 @@ def curve(args, device):
                                        HINT[args.translation])
             if config.get("conditional"):
                 die(f"{f}: --curve does not score conditional runs yet; use --guidance W...")
-            schedule = config.get("schedule", "cosine")
-            solver, steps, grid = plan(10, schedule, reflowed=bool(config.get("teacher")))
-            ts = time_grid(grid, steps, schedule)
+            sampler, _, draw = sampler_of(model, config, 10, device, dtype)
             for seed in starts:
                 row = {"epoch": int(os.path.basename(f)[5:8]), "seed": seed, "n": n,
-                       "sampler": f"{solver}-{steps}-{grid}", "dtype": str(dtype)[6:]}
+                       "sampler": sampler, "dtype": str(dtype)[6:]}
                 old = scored.get(curve_key(row))
                 newer = max(os.path.getmtime(f), os.path.getmtime(args.classifier)) >= since
                 if old and not newer and (not args.translation or "chi2" in old):
                     row.update(old)
                 else:
-                    x = generate(model, blur(starts[seed], config.get("sigma", 0.0)), steps,
-                                 device, dtype, solver, ts) * 2 - 1
+                    x = draw(blur(starts[seed], config.get("sigma", 0.0))) * 2 - 1
                     r = score(classifier, cache, x)
                     row.update({"fid": round(r["fid"], 3), "confidence": round(r["confidence"], 4),
                                 "coverage": round(r["coverage"], 4)})
@@ -590,18 +610,17 @@ def compare(args, device):
     n, dtype = args.n or 1000, pick_dtype(args.dtype, device)
     starts = starting_points(args, n)
     for run, (model, config) in models.items():
-        schedule, reflowed = config.get("schedule", "cosine"), bool(config.get("teacher"))
-        s = straightness(model, starts[args.seeds[0]].to(device))  # in float32
+        field = (lambda x, t: model(x, t, t)) if isinstance(model, MeanFlowUNet) else model
+        s = straightness(field, starts[args.seeds[0]].to(device))  # in float32
         for k in args.nfe:
-            solver, steps, grid = plan(k, schedule, reflowed=reflowed)
-            ts = time_grid(grid, steps, schedule)
+            sampler, evaluations, draw = sampler_of(model, config, k, device, dtype)
             for seed, x0 in starts.items():
-                x = generate(model, x0, steps, device, dtype, solver, ts)
+                x = draw(x0)
                 if seed == args.seeds[0]:
                     pictures.append(x[:8])
                 r = score(classifier, cache, x * 2 - 1)
-                rows.append({"run": run, "straightness": round(s, 4), "nfe": nfe(solver, steps),
-                             "sampler": f"{solver}-{steps}-{grid}", "seed": seed, "n": n,
+                rows.append({"run": run, "straightness": round(s, 4), "nfe": evaluations,
+                             "sampler": sampler, "seed": seed, "n": n,
                              "fid": round(r["fid"], 3), "confidence": round(r["confidence"], 4),
                              "coverage": round(r["coverage"], 4)})
                 print(" ".join(f"{k}={v}" for k, v in rows[-1].items()), flush=True)
@@ -627,6 +646,18 @@ def compare(args, device):
           f"{', '.join(f'{run} at {k}' for run in runs for k in args.nfe)})")
     return rows
 
+def sampler_of(model, config, k, device, dtype):
+    """How its script's --sample --nfe K samples a run: the sampler's name, its network
+    evaluations per image, and a function from starting points to images in [0, 1]. A mean
+    flow (meanflow.py) jumps K times; a flow takes --nfe's solver, steps and grid (plan)."""
+    if isinstance(model, MeanFlowUNet):
+        return f"meanflow-{k}", k, lambda x0: generate_mean(model, x0, k, device)
+    schedule = config.get("schedule", "cosine")
+    solver, steps, grid = plan(k, schedule, reflowed=bool(config.get("teacher")))
+    ts = time_grid(grid, steps, schedule)
+    return (f"{solver}-{steps}-{grid}", nfe(solver, steps),
+            lambda x0: generate(model, x0, steps, device, dtype, solver, ts))
+
 def plot_sweep(rows, path, title):
     """FID and confidence against the network evaluations, a line per solver and grid (the mean
     over the noise sets)."""
@@ -651,7 +682,7 @@ def plot_sweep(rows, path, title):
 
 # the scripts that write the runs of each kind (noise to digits, translations), and what to say
 # to someone who mixed them
-SCRIPT = {False: ("mnist.py", "reflow.py"), True: ("translate.py",)}
+SCRIPT = {False: ("mnist.py", "reflow.py", "meanflow.py"), True: ("translate.py",)}
 HINT = {False: ": add --translation for translate.py's runs",
         True: ": --translation is for translate.py's runs"}
 
@@ -682,6 +713,8 @@ def main(argv=None):
             f"steps (--seed: its dequantisation and probes)")
     if args.steps != parser.get_default("steps") and not args.bpd:
         die("--steps is for --bpd")
+    if args.first and not args.bpd:
+        die("--first is for --bpd")
     if args.steps < 2:
         die(f"--steps {args.steps}: --bpd compares the figure with half the steps; give at "
             "least 2")
@@ -696,6 +729,9 @@ def main(argv=None):
         ckpt = os.path.join(args.samples, "ckpt.pt")  # no run: told at once
         model, config = load_model(ckpt, device, args.raw, SCRIPT[args.translation],
                                    HINT[args.translation])
+        if isinstance(model, MeanFlowUNet):
+            die(f"{args.samples} is a mean flow (meanflow.py): score it with --also or --curve, "
+                f"or its samples.pt")
         if args.guidance:
             return guidance_sweep(args, model, config, device, *load_classifier(args))
         if args.bpd:

@@ -10,8 +10,8 @@ Continue an interrupted run, or draw samples from a trained one:
     python mnist.py --out out/mnist-cosine --resume --epochs 30
     python mnist.py --out out/mnist-cosine --sample 64   # OUT/samples.pt (64, 1, 28, 28), .png
 
-The maths (fm_loss, the samplers, the U-Net) is in common.py; the run is all here. Reflow,
-which learns from a trained model's samples instead of the digits, is reflow.py.
+The maths (fm_loss, the samplers, the U-Net) is in common.py; the run is all here. Reflow
+(from a trained model's samples) is reflow.py, mean flows (one step, no teacher) meanflow.py.
 """
 import argparse
 import copy
@@ -65,9 +65,9 @@ add("--resume", action="store_true", help="continue OUT/ckpt.pt with its setting
 # sampling: the pictures of every epoch, and --sample
 add("--sample", type=positive_int, metavar="N", help="no training: N digits into OUT/samples.pt")
 add("--raw", action="store_true", help="with --sample: the trained weights, not their average")
-add("--nfe", type=positive_int, help="network evaluations an image, by the sampler measured best "
-    f"for them (default: 20; {GUIDED_NFE} guided, two a solver evaluation)")
-add("--solver", choices=list(SOLVERS), help="instead of --nfe's: euler (1 network evaluation a "
+add("--nfe", type=positive_int, help="network evaluations per image, by the sampler measured best "
+    f"for them (default: 20; {GUIDED_NFE} guided, two per solver evaluation)")
+add("--solver", choices=list(SOLVERS), help="instead of --nfe's: euler (1 network evaluation per "
     "step), heun or midpoint (2), heun-euler (2, the last step 1)")
 add("--steps", type=positive_int, help="instead of --nfe's: solver steps (Eq. 7 for Euler)")
 add("--grid", choices=list(GRIDS), help="instead of --nfe's: the steps' times (uniform, early: "
@@ -143,7 +143,7 @@ def main(argv=None):
 
     # -------------------------------------------------------------------------
     # the training loop
-    batches = math.ceil(N / args.batch_size)  # optimiser steps an epoch
+    batches = math.ceil(N / args.batch_size)  # optimiser steps per epoch
     n, saved = start * batches, start  # optimiser steps so far; the epoch in OUT/ckpt.pt
     try:
         for epoch in range(start, args.epochs):
@@ -195,7 +195,7 @@ def main(argv=None):
                 "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else [],
             }, ckpt_path)
             saved = epoch + 1
-            # and the sampling weights alone (0.8 MB), one file an epoch: evaluate.py --curve
+            # and the sampling weights alone (0.8 MB), one file per epoch: evaluate.py --curve
             atomic_save({"script": "mnist.py", "ema" if ema is not None else "model":
                          sampler.state_dict(), "config": vars(args), "epoch": epoch + 1},
                         os.path.join(args.out, f"epoch{epoch + 1:03d}.pt"))
@@ -225,7 +225,7 @@ def draw(args, ckpt_path, device, dtype):
     dt = time.time() - t0
     print(f"{len(x)} images, {solver}, {n_steps} steps on the {grid} grid "
           f"({nfe(solver, n_steps) * per} network evaluations each"
-          f"{f', two a solver evaluation: guidance {w:g}, {shape}' if per == 2 else ''}): "
+          f"{f', two per solver evaluation: guidance {w:g}, {shape}' if per == 2 else ''}): "
           f"{dt:.1f} s ({len(x) / dt:.1f} img/s)")
     atomic_save(x, os.path.join(args.out, "samples.pt"))  # (N, 1, 28, 28) in [0, 1]
     save_grid(x[:256], os.path.join(args.out, "samples.png"), nrow=16)

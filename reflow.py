@@ -1,6 +1,6 @@
 """
 Reflow (Liu et al. 2022; README, section 7): a straighter flow, for one or two network
-evaluations an image.
+evaluations per image.
 
 A trained flow, the teacher (a run of mnist.py; of reflow.py for a second reflow), carries
 noise x0 to digits x1; the pairs (x0, x1) are made once into OUT/pairs.pt. A student, which
@@ -73,9 +73,9 @@ add("--resume", action="store_true", help="continue OUT/ckpt.pt with its setting
 # sampling: the pictures of every epoch, and --sample
 add("--sample", type=positive_int, metavar="N", help="no training: N digits into OUT/samples.pt")
 add("--raw", action="store_true", help="with --sample: the trained weights, not their average")
-add("--nfe", type=positive_int, default=20, help="network evaluations an image, by the sampler "
+add("--nfe", type=positive_int, default=20, help="network evaluations per image, by the sampler "
     "measured best for them on reflowed models")
-add("--solver", choices=list(SOLVERS), help="instead of --nfe's: euler (1 network evaluation a "
+add("--solver", choices=list(SOLVERS), help="instead of --nfe's: euler (1 network evaluation per "
     "step), heun or midpoint (2), heun-euler (2, the last step 1)")
 add("--steps", type=positive_int, help="instead of --nfe's: solver steps (Eq. 7 for Euler)")
 add("--grid", choices=list(GRIDS), help="instead of --nfe's: the steps' times (uniform, early: "
@@ -133,7 +133,7 @@ def main(argv=None):
 
     # -------------------------------------------------------------------------
     # the training loop: mnist.py's, on the teacher's pairs
-    batches = math.ceil(N / args.batch_size)  # optimiser steps an epoch
+    batches = math.ceil(N / args.batch_size)  # optimiser steps per epoch
     n, saved = start * batches, start  # optimiser steps so far; the epoch in OUT/ckpt.pt
     try:
         for epoch in range(start, args.epochs):
@@ -197,7 +197,7 @@ def make_pairs(args, device, dtype):
     """The pairs (x0, x1) the student learns, both (--pairs, 1, 28, 28): noise x0 fixed by
     PAIR_SEED + --seed (drawn again on every run), and x1 in [-1, 1] the digit the teacher
     carries it to with its sampler of --nfe 20, made once into OUT/pairs.pt (in float16: 1.5
-    KB a pair) and read back by a run in the same OUT, --resume too."""
+    KB per pair) and read back by a run in the same OUT, --resume too."""
     path = os.path.join(args.out, "pairs.pt")
     check_memory(3 * args.pairs * 28 * 28 * 4, f"--pairs {args.pairs}")  # x0, x1 and a copy
     x0 = fixed_noise(args.pairs, PAIR_SEED + args.seed)

@@ -1355,23 +1355,64 @@ def test_guidance_mixes_the_two_fields_and_0_and_1_are_them_exactly():
 
 def test_conditional_training_drops_the_label_at_the_rate_asked(mnist_data, tmp_path, monkeypatch):
     import mnist
-    seen = []
-    real_forward = UNet.forward
+    # drop_labels: each label "no label" with probability p, independently, the others kept:
+    # the share of 200,000 within 4 standard deviations of p (0.1, the default, and 0.5)
+    torch.manual_seed(0)
+    y = torch.randint(0, 10, (200_000,))
+    for p in (0.0, 0.1, 0.5, 1.0):
+        kept = common.drop_labels(y, p)
+        dropped = kept == common.NO_LABEL
+        sd = math.sqrt(p * (1 - p) / len(y))
+        assert dropped.double().mean().item() == pytest.approx(p, abs=4 * sd + 1e-12), p
+        assert torch.equal(kept[~dropped], y[~dropped])
+    # training: each batch's labels go through drop_labels with --label-drop (default 0.1), and
+    # what it returns is what the network reads
+    seen, asked = [], []
+    real_forward, real_drop = UNet.forward, common.drop_labels
     def spy(self, x, t, y=None):
         if self.training and torch.is_grad_enabled():
             seen.append(y.clone())
         return real_forward(self, x, t, y)
     monkeypatch.setattr(UNet, "forward", spy)
-    for drop, share in [("0", 0.0), ("1", 1.0), ("0.5", 0.5)]:
+    monkeypatch.setattr(mnist, "drop_labels", lambda y, p: asked.append(p) or real_drop(y, p))
+    run_mnist(mnist_data, tmp_path / "default", "--epochs", "1", "--conditional", "--ema", "0")
+    assert asked == [0.1] * 3  # 48 images, 3 batches of 16
+    labels = common.load_images("MNIST", str(mnist_data), labels=True)[1]
+    for drop in ("0", "1"):
         seen.clear()
-        run_mnist(mnist_data, tmp_path / drop, "--epochs", "4", "--conditional", "--label-drop",
+        run_mnist(mnist_data, tmp_path / drop, "--epochs", "1", "--conditional", "--label-drop",
                   drop, "--ema", "0")
         y = torch.cat(seen)
-        assert len(y) == 4 * 48
-        assert (y == common.NO_LABEL).double().mean().item() == pytest.approx(share, abs=0.12)
-        if drop == "0":  # each epoch sees every digit once, with its own class
-            labels = common.load_images("MNIST", str(mnist_data), labels=True)[1]
-            assert sorted(torch.cat(seen[:3]).tolist()) == sorted(labels.tolist())
+        if drop == "0":  # every digit once, with its own class
+            assert sorted(y.tolist()) == sorted(labels.tolist())
+        else:
+            assert y.tolist() == [common.NO_LABEL] * 48
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_the_velocity_is_affine_in_the_score(schedule):
+    # section 6: for X_0 ~ N(0, I) independent of X_1, whatever X_1 is, v_t(x) = (dbeta / beta) x
+    # + alpha (alpha dbeta - beta dalpha) / beta s_t(x), s_t the score of p_t. Checked on a
+    # Gaussian mixture, where E[X_1 | x_t] and log p_t(x) both have closed forms.
+    torch.manual_seed(0)
+    d = 3
+    m = 2 * torch.randn(4, d, dtype=torch.float64)                 # the components' means,
+    s2 = torch.tensor([0.1, 0.5, 1.0, 0.02], dtype=torch.float64)  # variances (times I),
+    w = torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.float64)    # and weights
+    x = (1.5 * torch.randn(50, d, dtype=torch.float64)).requires_grad_(True)
+    for t in torch.tensor([0.1, 0.3, 0.6, 0.9], dtype=torch.float64):
+        alpha, beta, dalpha, dbeta = schedule(t)
+        var = alpha ** 2 + beta ** 2 * s2                           # X_t | k ~ N(beta m_k, var_k I)
+        log_pk = (w.log() - d / 2 * torch.log(2 * math.pi * var)
+                  - (x[:, None] - beta * m).pow(2).sum(-1) / (2 * var))  # (50, 4)
+        score, = torch.autograd.grad(torch.logsumexp(log_pk, 1).sum(), x)
+        post = torch.softmax(log_pk, 1).detach()                     # P(k | x_t)
+        ex1_k = m + (beta * s2 / var)[:, None] * (x.detach()[:, None] - beta * m)  # E[X_1 | x, k]
+        ex1 = (post[..., None] * ex1_k).sum(1)
+        ex0 = (x.detach() - beta * ex1) / alpha
+        v = dalpha * ex0 + dbeta * ex1                               # Eq. 6, exactly
+        slope = alpha * (alpha * dbeta - beta * dalpha) / beta
+        identity = dbeta / beta * x.detach() + slope * score
+        torch.testing.assert_close(v, identity, rtol=1e-10, atol=1e-10)
 
 def test_conditional_sampling_asks_for_each_digit_in_turn_and_writes_the_labels(mnist_data,
                                                                                 tmp_path, capsys):
@@ -1383,7 +1424,7 @@ def test_conditional_sampling_asks_for_each_digit_in_turn_and_writes_the_labels(
     capsys.readouterr()
     run_mnist(mnist_data, out, "--sample", "12", "--guidance", "2", "--nfe", "6")
     printed = capsys.readouterr().out
-    assert "(6 network evaluations each, two a solver evaluation: guidance 2, ramp)" in printed
+    assert "(6 network evaluations each, two per solver evaluation: guidance 2, ramp)" in printed
     assert torch.load(out / "samples-labels.pt", weights_only=True).tolist() == [*range(10), 0, 1]
     run_mnist(mnist_data, out, "--sample", "5", "--digit", "7")
     assert torch.load(out / "samples-labels.pt", weights_only=True).tolist() == [7] * 5
@@ -1393,7 +1434,7 @@ def test_conditional_sampling_asks_for_each_digit_in_turn_and_writes_the_labels(
     # the default budget: GUIDED_NFE when guided (10 steps of heun-euler: 19 solver
     # evaluations, two network evaluations each), 20 when W = 1 takes one
     for flags, expect in [([], "heun-euler, 10 steps on the early grid (38 network evaluations "
-                           "each, two a solver evaluation: guidance 4, ramp)"),
+                           "each, two per solver evaluation: guidance 4, ramp)"),
                           (["--guidance-shape", "constant", "--guidance", "0"],
                            "heun-euler, 10 steps on the early grid (19 network evaluations each)"),
                           (["--guidance", "1"], "(19 network evaluations each)")]:
@@ -1449,7 +1490,7 @@ def test_translate_draws_a_chosen_digit_as_mnist_py_does(both_data, tmp_path, ca
     translate.main(["--data", str(both_data), "--out", str(out), "--device", "cpu", "--sample",
                     "3", "--digit", "5", "--guidance-shape", "constant"])
     printed = capsys.readouterr().out
-    assert "midpoint, 10 steps on the early grid (40 network evaluations each, two a solver " \
+    assert "midpoint, 10 steps on the early grid (40 network evaluations each, two per solver " \
         "evaluation: guidance 4, constant)" in printed  # the linear schedule's sampler
     assert "rows: guidance 0, 1, 1.5, 2, 3, constant" in printed
     assert torch.load(out / "samples-labels.pt", weights_only=True).tolist() == [5] * 3
@@ -1518,14 +1559,28 @@ def test_straightness_is_0_for_straight_paths_and_the_closed_form_for_exponentia
     to_target = lambda x, t: (target - x) / (1 - t.view(-1, 1))
     x0 = torch.randn(64, 5, dtype=torch.float64)
     assert common.straightness(to_target, x0, 10) == pytest.approx(0, abs=1e-12)
-    # v = a x: x_t = x_0 e^(at), x_1 - x_0 = x_0 (e^a - 1), and E x_0^2 = 1 per dimension:
-    # S = int_0^1 (a e^(at) - (e^a - 1))^2 dt = a (e^(2a) - 1) / 2 - (e^a - 1)^2
-    a = 0.8
-    exact = a * (math.exp(2 * a) - 1) / 2 - (math.exp(a) - 1) ** 2
-    x0 = torch.randn(100_000, 1, dtype=torch.float64)
-    x0 = x0 / x0.pow(2).mean().sqrt()  # E x_0^2 = 1 exactly
+    # v = a x, a rate per dimension: x_t = x_0 e^(at), x_1 - x_0 = x_0 (e^a - 1), and
+    # E x_0^2 = 1 in each: S_d = int_0^1 (a e^(at) - (e^a - 1))^2 dt = a (e^(2a) - 1) / 2 -
+    # (e^a - 1)^2, and S is their mean over the dimensions (per dimension: not their sum)
+    a = torch.tensor([0.8, 0.3, -0.5], dtype=torch.float64)
+    exact = [r * (math.exp(2 * r) - 1) / 2 - (math.exp(r) - 1) ** 2 for r in a.tolist()]
+    x0 = torch.randn(100_000, 3, dtype=torch.float64)
+    x0 = x0 / x0.pow(2).mean(0).sqrt()  # E x_0^2 = 1 exactly, in each dimension
     S = common.straightness(lambda x, t: a * x, x0, 2000)
-    assert S == pytest.approx(exact, rel=2e-3)  # Euler's O(h) error
+    assert S == pytest.approx(sum(exact) / 3, rel=2e-3)  # Euler's O(h) error
+    # each point on its own cosine arc to its own x_1: no crossing, yet S > 0, in closed form
+    # (common.arc_straightness), here for images (B, 1, 4, 4) whose ends are correlated
+    x0 = torch.randn(2000, 1, 4, 4, dtype=torch.float64)
+    x1 = 0.5 * x0 + torch.rand(2000, 1, 4, 4, dtype=torch.float64)
+    h = math.pi / 2
+    def arc(x, t):  # the arc through x at t that ends at x1: x0 = (x - sin x1) / cos
+        c, s = torch.cos(h * t).view(-1, 1, 1, 1), torch.sin(h * t).view(-1, 1, 1, 1)
+        return h * (c * x1 - s * (x - s * x1) / c)
+    S = common.straightness(arc, x0, 2000)
+    ends = x0.pow(2).mean() + x1.pow(2).mean()
+    exact = ((math.pi ** 2 / 8 - 1) * ends - (math.pi / 2 - 2) * (x0 * x1).mean()).item()
+    assert common.arc_straightness(x0, x1) == pytest.approx(exact, rel=1e-12)
+    assert S == pytest.approx(exact, rel=5e-3) and S > 0.2
 
 def run_reflow(out, *extra):
     import reflow
@@ -1654,6 +1709,116 @@ def test_evaluate_sets_runs_side_by_side_with_their_own_samplers_and_straightnes
     assert (student / "compare.png").stat().st_size > 10_000
     from PIL import Image  # 8 images a row: a row for each run and budget
     assert Image.open(student / "compare-samples.png").size == (8 * 30 + 2, 4 * 30 + 2)
+
+# -----------------------------------------------------------------------------
+# mean flows: the average velocity over an interval (section 7)
+
+def test_the_mean_flow_identity_holds_for_fields_whose_flow_is_known():
+    # dx/dt = a x: x_e = x e^(a (e - s)), so u(x, s, e) = x (e^(a h) - 1) / h, h = e - s (a x at
+    # h = 0); dx/dt = c t: x_e = x + c (e^2 - s^2) / 2, u = c (e + s) / 2. For both the target
+    # v + (e - s) du/ds, its total derivative taken by the Jacobian-vector product, is u itself
+    torch.manual_seed(0)
+    x = torch.randn(6, 1, 4, 4, dtype=torch.float64)
+    s = torch.tensor([0.0, 0.1, 0.3, 0.5, 0.7, 0.2], dtype=torch.float64)
+    e = torch.tensor([1.0, 0.1, 0.9, 0.6, 1.0, 0.2], dtype=torch.float64)  # two with e = s
+    col = lambda q: q.view(-1, 1, 1, 1)
+    a, c = 0.7, -1.3
+    def u_linear(x, s, e):
+        h = col(e - s)
+        safe = torch.where(h > 0, h, torch.ones_like(h))
+        return x * torch.where(h > 0, torch.expm1(a * safe) / safe, torch.full_like(h, a))
+    u, target = common.mean_flow_target(u_linear, x, s, e, a * x)
+    torch.testing.assert_close(target, u, rtol=1e-12, atol=1e-12)
+    u_time = lambda x, s, e: col(c * (e + s) / 2).expand_as(x)
+    u, target = common.mean_flow_target(u_time, x, s, e, col(c * s).expand_as(x))
+    torch.testing.assert_close(target, u, rtol=1e-12, atol=1e-12)
+    # a wrong u (the instantaneous field held over the interval) misses it where e > s
+    u, target = common.mean_flow_target(lambda x, s, e: a * x, x, s, e, a * x)
+    assert (target - u).flatten(1).abs().amax(1)[[0, 2]].min() > 0.1
+    # and one jump of the exact u is the exact flow: x_0 -> x_0 e^a
+    field = lambda x, s, e: u_linear(x, s, e)
+    torch.testing.assert_close(common.mean_flow_sample(field, x, 1), x * math.exp(a))
+    torch.testing.assert_close(common.mean_flow_sample(field, x, 3), x * math.exp(a))
+
+def test_the_jacobian_vector_product_matches_finite_differences():
+    torch.manual_seed(0)
+    model = common.MeanFlowUNet().double()
+    x, v = torch.randn(3, 1, 28, 28, dtype=torch.float64), torch.randn(3, 1, 28, 28,
+                                                                        dtype=torch.float64)
+    s = torch.tensor([0.2, 0.5, 0.1], dtype=torch.float64)
+    e = torch.tensor([0.9, 0.5, 0.4], dtype=torch.float64)
+    _, du_ds = torch.func.jvp(model, (x, s, e), (v, torch.ones_like(s), torch.zeros_like(e)))
+    # along (v, 1, 0): x and s move together, e stays. The U-Net is linear between the kinks of
+    # its ReLUs and max-pools, so a step small enough to cross none gives the derivative exactly
+    eps = 1e-8
+    fd = (model(x + eps * v, s + eps, e) - model(x - eps * v, s - eps, e)) / (2 * eps)
+    torch.testing.assert_close(du_ds, fd, rtol=1e-6, atol=1e-6)
+    # at e = s the network is a flow matching network of s: its loss there is fm_loss
+    x0, x1 = torch.randn(4, 1, 28, 28, dtype=torch.float64), torch.randn(4, 1, 28, 28,
+                                                                          dtype=torch.float64)
+    t = torch.rand(4, dtype=torch.float64)
+    loss, mse = common.mean_flow_loss(model, x0, x1, linear, t, t, p=0.0)
+    assert loss.item() == pytest.approx(mse.item()) == pytest.approx(
+        fm_loss(lambda x, t: model(x, t, t), x0, x1, linear, t).item())
+
+def test_mean_flow_intervals_are_drawn_as_the_paper_draws_them():
+    torch.manual_seed(0)
+    s, e = common.draw_interval(200_000, ratio=0.25, mean=0.4, std=1.0)
+    assert (s <= e).all() and 0 < s.min() and e.max() < 1
+    assert (e > s).double().mean().item() == pytest.approx(0.25, abs=0.004)
+    # each time alone: sigmoid(N(0.4, 1)), P(t < 1/2) = Phi(-0.4) = 0.3446; s, the smaller of
+    # two, P(s < 1/2) = 1 - (1 - 0.3446)^2 = 0.5705 where the two differ
+    apart = e > s  # about 50,000: 4 standard deviations of the share are 0.009
+    assert (s[apart] < 0.5).double().mean().item() == pytest.approx(0.5705, abs=0.009)
+
+def run_meanflow(data, out, *extra):
+    import meanflow
+    return meanflow.main(["--data", str(data), "--out", str(out), "--batch-size", "16",
+                          "--device", "cpu", *extra])
+
+def test_meanflow_trains_samples_resumes_and_is_scored_beside_a_flow(evaluated, tmp_path,
+                                                                    monkeypatch):
+    import meanflow
+    run, data = evaluated[:2]
+    out = tmp_path / "mf"
+    # the loss gets intervals, each image's own noise and digit
+    seen = []
+    def recording_loss(model, x0, x1, schedule, s, e, p):
+        seen.append((s, e))
+        return common.mean_flow_loss(model, x0, x1, schedule, s, e, p)
+    monkeypatch.setattr(meanflow, "mean_flow_loss", recording_loss)
+    run_meanflow(data, out, "--epochs", "2", "--limit", "48")
+    monkeypatch.undo()
+    s = torch.cat([a for a, _ in seen])
+    e = torch.cat([b for _, b in seen])
+    assert len(s) == 96 and (s <= e).all() and (e > s).any() and (e == s).any()
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["script"] == "meanflow.py" and ckpt["epoch"] == 2
+    assert ckpt["config"]["ratio"] == 0.25 and ckpt["config"]["norm_p"] == 1.0
+    # resumed after epoch 1, it ends with the same weights
+    run_meanflow(data, tmp_path / "b", "--epochs", "1", "--limit", "48")
+    run_meanflow(data, tmp_path / "b", "--epochs", "2", "--resume")
+    b = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)
+    assert all(torch.equal(ckpt["model"][k], b["model"][k]) for k in ckpt["model"])
+    # --sample: --nfe jumps of the averaged weights from the noise of --seed
+    run_meanflow(data, out, "--sample", "6", "--nfe", "2")
+    model, _ = common.load_model(out / "ckpt.pt", torch.device("cpu"))
+    expected = common.to_unit(common.mean_flow_sample(model, common.fixed_noise(6, 0), 2))
+    torch.testing.assert_close(torch.load(out / "samples.pt", weights_only=True), expected)
+    # evaluate.py: beside a flow, each sampled its own way, and a curve of its epochs
+    run_mnist(data, tmp_path / "flow", "--epochs", "1", "--limit", "48")
+    rows = run(str(out), "--also", str(tmp_path / "flow"), "--nfe", "1", "2", "--n", "20",
+               "--seeds", "0")
+    assert [(r["sampler"], r["nfe"]) for r in rows[:2]] == [("meanflow-1", 1), ("meanflow-2", 2)]
+    run_meanflow(data, out, "--sample", "20", "--nfe", "2")  # what the row at 2 scored
+    assert run(str(out / "samples.pt"))["fid"] == pytest.approx(rows[1]["fid"], abs=1e-3)
+    curve = run(str(out), "--curve", "--n", "20", "--seeds", "0")
+    assert [(r["epoch"], r["sampler"]) for r in curve] == [(1, "meanflow-10"), (2, "meanflow-10")]
+    for flags in ([], ["--path"], ["--bpd"]):
+        expect_error("is a mean flow (meanflow.py): score it with --also or --curve", run,
+                     str(out), *flags)
+    expect_error("is a run of meanflow.py, not of mnist.py: use meanflow.py", run_mnist, data,
+                 out, "--sample", "4")
 
 # -----------------------------------------------------------------------------
 # the flow as a density (section 8)
@@ -1787,29 +1952,66 @@ def test_dequantize_trains_on_each_digit_moved_within_its_grey_levels_bins(mnist
     assert not torch.equal(moved[:48].flatten().sort().values,  # afresh each epoch
                            moved[48:].flatten().sort().values)
 
+def linear_unet(lam, bias):
+    """A U-Net whose field is v(x, t) = lam x + bias, exactly: the first block's convolutions
+    pass relu(x) and relu(-x) through two channels, the skip carries them to the last block,
+    which passes them on, and the output is lam relu(x) - lam relu(-x) + bias; every other
+    weight is 0."""
+    model = UNet()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+        first, second = model.enc1.net[0], model.enc1.net[2]
+        first.weight[0, 0, 1, 1], first.weight[1, 0, 1, 1] = 1, -1  # x, -x (3x3 centre)
+        for conv in (second, model.dec1.net[0], model.dec1.net[2]):
+            conv.weight[0, 0, 1, 1] = conv.weight[1, 1, 1, 1] = 1    # passed on
+        model.out.weight[0, :2, 0, 0] = torch.tensor([lam, -lam])
+        model.out.bias.fill_(bias)
+    return model
+
 def test_evaluate_bpd_of_a_run(evaluated, tmp_path, capsys):
+    import evaluate
     run, data = evaluated[:2]
+    # a run whose flow is known: dx/dt = lam x + b carries x_0 = (x_1 + b / lam) e^-lam - b / lam
+    # to x_1, with div v = 784 lam all along (Hutchinson's estimate too: the Jacobian is lam I),
+    # so log p_1(x_1) = log N(x_0; 0, I) - 784 lam
+    lam, b = 0.5, 0.2
+    model = linear_unet(lam, b)
+    x = torch.randn(3, 1, 28, 28)
+    torch.testing.assert_close(model(x, torch.rand(3)), lam * x + b)
     out = tmp_path / "run"
-    run_mnist(data, out, "--epochs", "1", "--limit", "48")
+    out.mkdir()
+    torch.save({"script": "mnist.py", "ema": model.state_dict(), "config": {"schedule": "linear"}},
+               out / "ckpt.pt")
+    images = common.load_images("MNIST", str(data), train=False)  # 200 test digits here
+    def closed_form(index):
+        g = torch.Generator().manual_seed(0)  # --seed 0: the dequantisation's draws
+        x1 = common.dequantize(images[index], g).double()
+        x0 = (x1 + b / lam) * math.exp(-lam) - b / lam
+        log_p = common.standard_normal_log_density(x0) - 784 * lam
+        return math.log2(127.5) - log_p / (784 * math.log(2))
     capsys.readouterr()
-    r = run(str(out), "--bpd", "--n", "6", "--steps", "4")
-    last = capsys.readouterr().out.strip().splitlines()[-1]
+    r = run(str(out), "--bpd", "--n", "6", "--steps", "40")
+    printed = capsys.readouterr().out.strip().splitlines()
     assert re.match(r"bpd \d+\.\d{4} \+- \d+\.\d{4} \(standard error over the images, "
-                    r"dequantisations and probes; 4 midpoint steps moved it by "
-                    r"[+-]\d+\.\d{4} from 2\)$", last), last
-    # the figure is the mean of the six images' own, each from common.log_likelihood
-    model, _ = common.load_model(str(out / "ckpt.pt"), "cpu")
-    g = torch.Generator().manual_seed(0)
-    x = common.dequantize(common.load_images("MNIST", str(data), train=False)[:6], g)
-    log_p = common.log_likelihood(model, x, 4, common.rademacher(x.shape, g))
-    bits = common.bits_per_dim(log_p.double(), 784)
-    assert r["bpd"] == pytest.approx(bits.mean().item(), rel=1e-4)
-    assert r["se"] == pytest.approx(bits.std().item() / math.sqrt(6), rel=1e-3)
-    g = torch.Generator().manual_seed(0)
-    common.dequantize(x, g)  # the same draws: the images' dequantisation, then their probes
-    half = common.bits_per_dim(common.log_likelihood(model, x, 2, common.rademacher(x.shape, g))
-                               .double(), 784)
-    assert r["half"] == pytest.approx(half.mean().item(), rel=1e-4)
+                    r"dequantisations and probes; 40 midpoint steps moved it by "
+                    r"[+-]\d+\.\d{4} from 20\)$", printed[-1]), printed[-1]
+    # six digits in the fixed random order, none of the first 100 (the settings' digits)
+    assert r["digits"] == evaluate.bpd_order(200)[:6].tolist() and min(r["digits"]) >= 100
+    exact = closed_form(r["digits"])
+    assert r["bpd"] == pytest.approx(exact.mean().item(), abs=1e-3)
+    assert r["half"] == pytest.approx(exact.mean().item(), abs=4e-3)  # 20 midpoint steps
+    assert r["se"] == pytest.approx(exact.std().item() / math.sqrt(6), rel=0.02)
+    assert r["median"] == pytest.approx(exact.quantile(0.5).item(), abs=1e-3)
+    assert r["holes"] == [i for i, v in zip(r["digits"], exact.tolist()) if v > 4]
+    with open(out / "bpd.csv") as f:  # each digit's figure
+        rows = list(csv.DictReader(f))
+    assert [int(row["digit"]) for row in rows] == r["digits"]
+    assert [float(row["bpd"]) for row in rows] == pytest.approx(exact.tolist(), abs=2e-3)
+    # --first: the first N; --n 200: all the test digits, whatever the order
+    assert run(str(out), "--bpd", "--n", "4", "--steps", "40", "--first")["digits"] == [0, 1, 2, 3]
+    assert sorted(evaluate.bpd_order(200).tolist()) == list(range(200))
+    assert evaluate.bpd_order(200)[-100:].tolist() == list(range(100))  # the first 100 last
     expect_error("--bpd is for one run folder of digits alone", run, str(out), "--bpd", "--curve")
     expect_error("--steps is for --bpd", run, str(out), "--steps", "10")
     expect_error("--n 201: MNIST has only 200 test images", run, str(out), "--bpd", "--n", "201")
@@ -1818,6 +2020,7 @@ def test_evaluate_bpd_of_a_run(evaluated, tmp_path, capsys):
     expect_error("--steps 1: --bpd compares the figure with half the steps", run, str(out),
                  "--bpd", "--steps", "1")
     expect_error("--bpd is for a run folder", run, "real", "--bpd")
+    expect_error("--first is for --bpd", run, str(out), "--first")
     run_mnist(data, tmp_path / "cond", "--epochs", "1", "--limit", "16", "--conditional")
     expect_error("is a conditional run; --bpd measures an unconditional model's density", run,
                  str(tmp_path / "cond"), "--bpd")
@@ -2110,7 +2313,7 @@ def test_a_checkpoint_names_the_script_that_wrote_it_and_the_other_script_refuse
     ev = lambda *a: evaluate.main([*a, "--data", str(both_data), "--device", "cpu",
                                    "--classifier", str(tmp_path / "c.pt")])
     for extra in [[], ["--path"], ["--curve"]]:
-        expect_error("is a run of translate.py, not of mnist.py or reflow.py: "
+        expect_error("is a run of translate.py, not of mnist.py, reflow.py or meanflow.py: "
                      "add --translation for translate.py's runs", ev, str(t), *extra)
         expect_error("is a run of mnist.py, not of translate.py: "
                      "--translation is for translate.py's runs", ev, str(m),
@@ -2179,6 +2382,18 @@ def test_mnist_and_translate_take_the_same_settings_but_for_the_listed_defaults(
         else:
             assert m[dest][5] == t[dest][5], dest
 
+def test_meanflow_takes_mnist_py_s_settings_but_for_its_own():
+    import mnist, meanflow
+    def settings(parser):
+        return {a.dest: (a.option_strings, a.type, a.choices, a.nargs, type(a).__name__, a.default)
+                for a in parser._actions}
+    m, f = settings(mnist.parser), settings(meanflow.parser)
+    assert f.keys() - m.keys() == {"ratio", "t_std", "norm_p"}
+    own = {"schedule": "linear", "t_mean": 0.4, "out": "out/mnist-meanflow", "nfe": 1}
+    for dest in f.keys() - {"ratio", "t_std", "norm_p", "help"}:
+        assert f[dest][:3] == m[dest][:3], dest
+        assert f[dest][5] == own.get(dest, m[dest][5]), dest
+
 def test_reflow_takes_mnist_py_s_settings_but_for_its_own():
     # the student's recipe: mnist.py's flags for what it shares, the same types and choices;
     # its own defaults for the schedule, t and OUT; no data, labels or pairing of its own
@@ -2196,20 +2411,21 @@ def test_reflow_takes_mnist_py_s_settings_but_for_its_own():
         assert r[dest][:5] == m[dest][:5], dest
         assert r[dest][5] == own.get(dest, m[dest][5]), dest
 
-def test_every_flag_the_readme_names_exists():
-    import evaluate, gaussian, mnist, moons, reflow, translate
-    known = {o for p in (evaluate.parser, gaussian.parser, mnist.parser, moons.parser,
-                         reflow.parser, translate.parser)
+@pytest.mark.parametrize("name", ["README.md", "RESULTS.md"])
+def test_every_flag_the_readme_and_the_results_name_exists(name):
+    import evaluate, gaussian, meanflow, mnist, moons, reflow, translate
+    known = {o for p in (evaluate.parser, gaussian.parser, meanflow.parser, mnist.parser,
+                         moons.parser, reflow.parser, translate.parser)
              for a in p._actions for o in a.option_strings}
-    with open(os.path.join(HERE, "README.md")) as f:
-        lines = [l for l in f
-                 if not re.search(r"commit [0-9a-f]{7}", l)]  # a removed flag cites its commit
-    named = {m for l in lines for m in re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", l)}
+    with open(os.path.join(HERE, name)) as f:
+        text = f.read()
+    named = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", text))
     assert named and named <= known, named - known
+    assert not re.search(r"commit [0-9a-f]{7}", text)  # no commit is evidence: every command runs
 
 def test_no_line_of_the_code_is_longer_than_100_characters():
     for name in ["common.py", "moons.py", "gaussian.py", "mnist.py", "translate.py", "reflow.py",
-                 "evaluate.py", "test_fm.py"]:
+                 "meanflow.py", "evaluate.py", "test_fm.py"]:
         with open(os.path.join(HERE, name)) as f:
             long = [i for i, line in enumerate(f, 1) if len(line.rstrip("\n")) > 100]
         assert not long, (name, long)

@@ -75,9 +75,9 @@ add("--resume", action="store_true", help="continue OUT/ckpt.pt with its setting
 # sampling: the pictures of every epoch, and --sample
 add("--sample", type=positive_int, metavar="N", help="no training: translate N test garments")
 add("--raw", action="store_true", help="with --sample: the trained weights, not their average")
-add("--nfe", type=positive_int, help="network evaluations an image, by the sampler measured best "
-    f"for them on mnist.py's models (default: 20; {GUIDED_NFE} guided, two a solver evaluation)")
-add("--solver", choices=list(SOLVERS), help="instead of --nfe's: euler (1 network evaluation a "
+add("--nfe", type=positive_int, help="network evaluations per image, by the sampler measured best "
+    f"for them on mnist.py's models (default: 20; {GUIDED_NFE} guided, two per solver evaluation)")
+add("--solver", choices=list(SOLVERS), help="instead of --nfe's: euler (1 network evaluation per "
     "step), heun or midpoint (2), heun-euler (2, the last step 1)")
 add("--steps", type=positive_int, help="instead of --nfe's: solver steps (Eq. 7 for Euler)")
 add("--grid", choices=list(GRIDS), help="instead of --nfe's: the steps' times (uniform, early: "
@@ -154,7 +154,7 @@ def main(argv=None):
 
     # -------------------------------------------------------------------------
     # the training loop: mnist.py's, with a garment in place of the noise
-    batches = math.ceil(N / args.batch_size)  # optimiser steps an epoch
+    batches = math.ceil(N / args.batch_size)  # optimiser steps per epoch
     n, saved = start * batches, start  # optimiser steps so far; the epoch in OUT/ckpt.pt
     try:
         for epoch in range(start, args.epochs):
@@ -250,7 +250,7 @@ def draw(args, ckpt_path, device, dtype):
     dt = time.time() - t0
     print(f"{len(x)} images, {solver}, {n_steps} steps on the {grid} grid "
           f"({nfe(solver, n_steps) * per} network evaluations each"
-          f"{f', two a solver evaluation: guidance {w:g}, {shape}' if per == 2 else ''}): "
+          f"{f', two per solver evaluation: guidance {w:g}, {shape}' if per == 2 else ''}): "
           f"{dt:.1f} s ({len(x) / dt:.1f} img/s)")
     atomic_save(x, os.path.join(args.out, "samples.pt"))  # (N, 1, 28, 28) in [0, 1]
     save_pairs(x0[:128], x[:128], os.path.join(args.out, "samples.png"))
