@@ -90,7 +90,7 @@ add("--curve", action="store_true", help="run folder: quality against epochs ins
     "with --translation also chi2 and the distances to the garments)")
 add("--bpd", action="store_true", help="a run folder of digits: the model as a density instead: "
     "bits per dimension of N MNIST test images (--n, default 100) in a fixed random order "
-    "(BPD_ORDER; --n 10000: all), uniformly dequantised: the mean with its standard error, the "
+    "(bpd_order; --n 10000: all), uniformly dequantised: the mean with its standard error, the "
     "median, the digits above 4, the figure at half the steps; each digit's in RUN/bpd.csv")
 add("--first", action="store_true", help="with --bpd: the first N test images instead, those "
     "section 8's settings were chosen on")
@@ -558,7 +558,8 @@ def curve(args, device):
             sampler, _, draw = sampler_of(model, config, 10, device, dtype)
             for seed in starts:
                 row = {"epoch": int(os.path.basename(f)[5:8]), "seed": seed, "n": n,
-                       "sampler": sampler, "dtype": str(dtype)[6:]}
+                       "sampler": sampler, "dtype": "float32" if isinstance(model, MeanFlowUNet)
+                       else str(dtype)[6:]}  # a mean flow samples in float32
                 old = scored.get(curve_key(row))
                 newer = max(os.path.getmtime(f), os.path.getmtime(args.classifier)) >= since
                 if old and not newer and (not args.translation or "chi2" in old):

@@ -4,9 +4,9 @@ scratch, with no teacher.
 
 The network learns u(x, s, e), the average velocity of the flow from x at time s to time e:
 x_e = x_s + (e - s) u(x_s, s, e). At e = s it is the flow's own velocity, what mnist.py
-learns; for e > s its target is v + (e - s) du/ds (common.py, "mean flows"), whose total
-derivative along the path takes one Jacobian-vector product. Sampling jumps from t = 0 to 1
-in --nfe steps of u, one network evaluation each.
+learns on the same schedule; for e > s its target is v + (e - s) du/ds (common.py, "mean
+flows"), whose total derivative along the path takes one Jacobian-vector product. Sampling
+jumps from t = 0 to 1 in --nfe steps of u, one network evaluation each.
 
     python meanflow.py                                   # 20 epochs: out/mnist-meanflow
     python meanflow.py --limit 2000 --epochs 2           # a quick look

@@ -1747,12 +1747,16 @@ def test_the_jacobian_vector_product_matches_finite_differences():
                                                                         dtype=torch.float64)
     s = torch.tensor([0.2, 0.5, 0.1], dtype=torch.float64)
     e = torch.tensor([0.9, 0.5, 0.4], dtype=torch.float64)
-    _, du_ds = torch.func.jvp(model, (x, s, e), (v, torch.ones_like(s), torch.zeros_like(e)))
-    # along (v, 1, 0): x and s move together, e stays. The U-Net is linear between the kinks of
-    # its ReLUs and max-pools, so a step small enough to cross none gives the derivative exactly
+    u, target = common.mean_flow_target(model, x, s, e, v)  # v + (e - s) du/ds
+    torch.testing.assert_close(u, model(x, s, e))
+    # du/ds along (v, 1, 0): x and s move together, e stays. The U-Net is linear between the
+    # kinks of its ReLUs and max-pools, so a step small enough to cross none gives it exactly
     eps = 1e-8
     fd = (model(x + eps * v, s + eps, e) - model(x - eps * v, s - eps, e)) / (2 * eps)
-    torch.testing.assert_close(du_ds, fd, rtol=1e-6, atol=1e-6)
+    h = (e - s).view(-1, 1, 1, 1)
+    apart = e > s
+    torch.testing.assert_close(((target - v) / h)[apart], fd[apart], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(target[~apart], v[~apart])  # e = s: the target is v
     # at e = s the network is a flow matching network of s: its loss there is fm_loss
     x0, x1 = torch.randn(4, 1, 28, 28, dtype=torch.float64), torch.randn(4, 1, 28, 28,
                                                                           dtype=torch.float64)
@@ -1781,7 +1785,7 @@ def test_meanflow_trains_samples_resumes_and_is_scored_beside_a_flow(evaluated, 
     import meanflow
     run, data = evaluated[:2]
     out = tmp_path / "mf"
-    # the loss gets intervals, each image's own noise and digit
+    # the loss gets intervals s <= e, some apart, some not
     seen = []
     def recording_loss(model, x0, x1, schedule, s, e, p):
         seen.append((s, e))
