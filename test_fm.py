@@ -2372,11 +2372,13 @@ DIFFERENCES = {  # dest: (mnist.py's default, translate.py's, why)
 MNIST_ONLY = {"dequantize": "each digit moved within its grey levels' bins"}
 TRANSLATE_ONLY = {"sigma": "Gaussian noise on the garments"}
 
+def settings(parser):
+    """A script's settings: for each, its flags, type, choices, nargs, kind and default."""
+    return {a.dest: (a.option_strings, a.type, a.choices, a.nargs, type(a).__name__, a.default)
+            for a in parser._actions}
+
 def test_mnist_and_translate_take_the_same_settings_but_for_the_listed_defaults():
     import mnist, translate
-    def settings(parser):
-        return {a.dest: (a.option_strings, a.type, a.choices, a.nargs, type(a).__name__, a.default)
-                for a in parser._actions}
     m, t = settings(mnist.parser), settings(translate.parser)
     assert m.keys() | TRANSLATE_ONLY.keys() == t.keys() | MNIST_ONLY.keys()
     for dest in t.keys() - TRANSLATE_ONLY.keys():
@@ -2388,9 +2390,6 @@ def test_mnist_and_translate_take_the_same_settings_but_for_the_listed_defaults(
 
 def test_meanflow_takes_mnist_py_s_settings_but_for_its_own():
     import mnist, meanflow
-    def settings(parser):
-        return {a.dest: (a.option_strings, a.type, a.choices, a.nargs, type(a).__name__, a.default)
-                for a in parser._actions}
     m, f = settings(mnist.parser), settings(meanflow.parser)
     assert f.keys() - m.keys() == {"ratio", "t_std", "norm_p"}
     own = {"schedule": "linear", "t_mean": 0.4, "out": "out/mnist-meanflow", "nfe": 1}
@@ -2402,9 +2401,6 @@ def test_reflow_takes_mnist_py_s_settings_but_for_its_own():
     # the student's recipe: mnist.py's flags for what it shares, the same types and choices;
     # its own defaults for the schedule, t and OUT; no data, labels or pairing of its own
     import mnist, reflow
-    def settings(parser):
-        return {a.dest: (a.option_strings, a.type, a.choices, a.nargs, type(a).__name__, a.default)
-                for a in parser._actions}
     m, r = settings(mnist.parser), settings(reflow.parser)
     assert r.keys() - m.keys() == {"teacher", "pairs"}
     assert m.keys() - r.keys() == {"data", "limit", "handout", "pairing", "dequantize",
