@@ -94,6 +94,8 @@ add("--bpd", action="store_true", help="a run folder of digits: the model as a d
     "median, the digits above 4, the figure at half the steps; each digit's in RUN/bpd.csv")
 add("--first", action="store_true", help="with --bpd: the first N test images instead, those "
     "section 8's settings were chosen on")
+add("--digits", type=int, nargs="+", metavar="I", help="with --bpd: these test images instead "
+    "(their indices, as bpd.csv gives them: to look again at the holes a run found)")
 add("--steps", type=positive_int, default=100, help="with --bpd: midpoint steps from t = 1 back to "
     "t = 0 (default: %(default)s)")
 add("--also", nargs="+", metavar="RUN", help="more runs in the same picture: with --curve, their "
@@ -111,7 +113,7 @@ add("--epochs", type=positive_int, default=2, help="the classifier's training ep
 add("--seed", type=int, default=0, help="seeds the classifier's training, the 'noise' images "
     "and --bpd's dequantisation and probes")
 RUN_ONLY = ("nfe", "grids", "seeds", "raw", "path", "curve", "also", "dtype", "guidance",
-            "guidance_shape", "bpd", "steps", "first")
+            "guidance_shape", "bpd", "steps", "first", "digits")
 
 class Classifier(nn.Module):
     """Two conv layers and two linear ones; features() is the 128-d layer FID compares."""
@@ -458,21 +460,25 @@ def bpd_order(n_test=10000, chosen_on=100, seed=2026):
                       torch.arange(chosen_on)])
 
 def bits(args, model, device):
-    """--bpd: N MNIST test images (--n, 100) in bpd_order's order (--first: the first N), each
-    dequantised (common.dequantize) and given one Rademacher probe (--seed's, in that order),
+    """--bpd: N MNIST test images (--n, 100) in bpd_order's order (--first: the first N;
+    --digits: those named), each dequantised (common.dequantize) and given one Rademacher
+    probe (--seed's, in that order),
     their log-likelihood under the flow (common.log_likelihood, float32, TF32 off on GPUs;
     --steps midpoint steps and half as many) in bits per dimension. The mean, as the papers
     give it, with its standard error (the spread of the per-image figures over sqrt(N): the
     images', the dequantisations' and the probes' together), beside the median and the digits
     above 4 bits per dimension (a hole in the density drags the mean far more than the
     median). Each image's figures go into RUN/bpd.csv. The last line begins with "bpd"."""
-    n, steps = args.n or 100, args.steps
+    n, steps = len(args.digits) if args.digits else args.n or 100, args.steps
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     g = torch.Generator().manual_seed(args.seed)
     x = load_images("MNIST", args.data, train=False)
     if n > len(x):
         die(f"--n {n}: MNIST has only {len(x)} test images")
-    index = torch.arange(n) if args.first else bpd_order(len(x))[:n]
+    if args.digits and not all(0 <= i < len(x) for i in args.digits):
+        die(f"--digits: MNIST's test images are 0 to {len(x) - 1}")
+    index = torch.tensor(args.digits) if args.digits else \
+        torch.arange(n) if args.first else bpd_order(len(x))[:n]
     x = dequantize(x[index], g)
     probe = rademacher(x.shape, g)
     d, t0, out = x[0].numel(), time.time(), {}
@@ -714,8 +720,13 @@ def main(argv=None):
             f"steps (--seed: its dequantisation and probes)")
     if args.steps != parser.get_default("steps") and not args.bpd:
         die("--steps is for --bpd")
-    if args.first and not args.bpd:
-        die("--first is for --bpd")
+    for k in ("first", "digits"):
+        if getattr(args, k) and not args.bpd:
+            die(f"--{k} is for --bpd")
+    if args.digits and (args.first or args.n):
+        die(f"--{'first' if args.first else 'n'} and --digits: --digits names the test images")
+    if args.digits and len(args.digits) < 2:
+        die("--digits: a standard error needs at least 2 images")
     if args.steps < 2:
         die(f"--steps {args.steps}: --bpd compares the figure with half the steps; give at "
             "least 2")

@@ -2014,6 +2014,9 @@ def test_evaluate_bpd_of_a_run(evaluated, tmp_path, capsys):
     assert [float(row["bpd"]) for row in rows] == pytest.approx(exact.tolist(), abs=2e-3)
     # --first: the first N; --n 200: all the test digits, whatever the order
     assert run(str(out), "--bpd", "--n", "4", "--steps", "40", "--first")["digits"] == [0, 1, 2, 3]
+    named = run(str(out), "--bpd", "--steps", "40", "--digits", "150", "5", "199")
+    assert named["digits"] == [150, 5, 199]  # --digits: those, in that order
+    assert named["bpd"] == pytest.approx(closed_form([150, 5, 199]).mean().item(), abs=1e-3)
     assert sorted(evaluate.bpd_order(200).tolist()) == list(range(200))
     assert evaluate.bpd_order(200)[-100:].tolist() == list(range(100))  # the first 100 last
     expect_error("--bpd is for one run folder of digits alone", run, str(out), "--bpd", "--curve")
@@ -2025,6 +2028,13 @@ def test_evaluate_bpd_of_a_run(evaluated, tmp_path, capsys):
                  "--bpd", "--steps", "1")
     expect_error("--bpd is for a run folder", run, "real", "--bpd")
     expect_error("--first is for --bpd", run, str(out), "--first")
+    expect_error("--digits is for --bpd", run, str(out), "--digits", "1", "2")
+    expect_error("--first and --digits: --digits names the test images", run, str(out), "--bpd",
+                 "--first", "--digits", "1", "2")
+    expect_error("--digits: MNIST's test images are 0 to 199", run, str(out), "--bpd", "--digits",
+                 "1", "200")
+    expect_error("--digits: a standard error needs at least 2 images", run, str(out), "--bpd",
+                 "--digits", "7")
     run_mnist(data, tmp_path / "cond", "--epochs", "1", "--limit", "16", "--conditional")
     expect_error("is a conditional run; --bpd measures an unconditional model's density", run,
                  str(tmp_path / "cond"), "--bpd")
