@@ -462,9 +462,9 @@ def bpd_order(n_test=10000, chosen_on=100, seed=2026):
 def bits(args, model, device):
     """--bpd: N MNIST test images (--n, 100) in bpd_order's order (--first: the first N;
     --digits: those named), each dequantised (common.dequantize) and given one Rademacher
-    probe (--seed's, in that order),
-    their log-likelihood under the flow (common.log_likelihood, float32, TF32 off on GPUs;
-    --steps midpoint steps and half as many) in bits per dimension. The mean, as the papers
+    probe (--seed's, in that order), their log-likelihood under the flow
+    (common.log_likelihood, float32, TF32 off on GPUs; --steps midpoint steps and half as
+    many) in bits per dimension. The mean, as the papers
     give it, with its standard error (the spread of the per-image figures over sqrt(N): the
     images', the dequantisations' and the probes' together), beside the median and the digits
     above 4 bits per dimension (a hole in the density drags the mean far more than the

@@ -1688,7 +1688,6 @@ def test_reflow_bad_input_is_one_line(mnist_data, tmp_path):
 
 def test_evaluate_sets_runs_side_by_side_with_their_own_samplers_and_straightness(evaluated,
                                                                                  tmp_path):
-    import evaluate
     run, data = evaluated[:2]
     teacher, student = tmp_path / "teacher", tmp_path / "student"
     run_mnist(data, teacher, "--epochs", "1", "--limit", "48")
