@@ -12,6 +12,7 @@ jumps from t = 0 to 1 in --nfe steps of u, one network evaluation each.
     python meanflow.py --limit 2000 --epochs 2           # a quick look
     python meanflow.py --out out/mnist-meanflow --resume --epochs 30
     python meanflow.py --out out/mnist-meanflow --sample 64 --nfe 1   # one evaluation each
+    python meanflow.py --out weights/mnist-meanflow --sample 64       # the kept weights
 
 After every epoch: OUT/epochNNN.png (64 digits from fixed noise, --nfe steps), OUT/epochNNN.pt
 (the sampling weights) and OUT/ckpt.pt, as mnist.py writes them; --sample N writes
