@@ -532,6 +532,34 @@ def log_likelihood(model, x1, steps, probe=None, log_p0=standard_normal_log_dens
         integral = integral - h * div  # -h > 0: the integral from 0 to 1
     return log_p0(x) - integral
 
+def guess_x1(schedule, t, x, v):
+    """The x_1 that a velocity v at (x, t) points to: Eq. 5 and 6, x = alpha x_0 + beta x_1
+    and v = dalpha x_0 + dbeta x_1, solved for x_1 (exact where v is the velocity of a
+    single path through x)."""
+    a, b, da, db = schedule(t)
+    return (a * v - da * x) / (a * db - da * b)
+
+class ClippedX1(nn.Module):
+    """model's field with its guess of x_1 (guess_x1) held to [lo, hi], the dequantised
+    digits' range (README, section 8): the velocity of the path through x that ends at the
+    clipped guess c, v + (alpha dbeta - dalpha beta) / alpha (c - guess). Where the guess
+    lies in [lo, hi], the field is model's own; outside, the network answers where it never
+    trained, and run backwards its field can grow with x without bound. At t = 1 (alpha_1 = 0)
+    the field is model's own: there x is the digit and the guess is x."""
+    def __init__(self, model, schedule, lo=-1 - 1 / 255, hi=1 + 1 / 255):
+        super().__init__()
+        self.model, self.schedule, self.lo, self.hi = model, schedule, lo, hi
+
+    def forward(self, x, t):
+        v = self.model(x, t)
+        tt = t.to(x.dtype).view(-1, *[1] * (x.dim() - 1))
+        a, b, da, db = self.schedule(tt)
+        end = tt >= 1  # alpha_1 = 0: no path left to bend, no division by 0 (nor a nan gradient)
+        a = torch.where(end, torch.ones_like(a), a)
+        guess = (a * v - da * x) / (a * db - da * b)
+        return v + torch.where(end, 0.0, (a * db - da * b) / a) * (guess.clamp(self.lo, self.hi)
+                                                                    - guess)
+
 def dequantize(x, generator=None):
     """Images in [-1, 1] on the grid of 256 levels (pixel / 127.5 - 1) made continuous: each
     value moved uniformly within its bin, [value - 1/255, value + 1/255) (width 2/255, one

@@ -45,12 +45,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (GRIDS, GUIDANCE_SHAPE, SHAPES, SOLVERS, MeanFlowUNet, arc_straightness,
-                    atomic_save, atomic_write, bits_per_dim, blur, budget, check_script,
-                    dequantize, die, evaluations_per_step, fixed_noise, generate, generate_mean,
-                    get_schedule, load_checkpoint, load_images, load_model, log_likelihood, nfe,
-                    non_negative_float, pick_device, pick_dtype, plan, positive_int, rademacher,
-                    save_grid, steps_within, straightness, time_grid)
+from common import (GRIDS, GUIDANCE_SHAPE, SHAPES, SOLVERS, ClippedX1, MeanFlowUNet,
+                    arc_straightness, atomic_save, atomic_write, bits_per_dim, blur, budget,
+                    check_script, dequantize, die, evaluations_per_step, fixed_noise, generate,
+                    generate_mean, get_schedule, guess_x1, load_checkpoint, load_images,
+                    load_model, log_likelihood, nfe, non_negative_float, pick_device, pick_dtype,
+                    plan, positive_int, rademacher, save_grid, steps_within, straightness,
+                    time_grid)
 
 GARMENTS = ["T-shirt", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
             "Boot"]
@@ -96,6 +97,8 @@ add("--first", action="store_true", help="with --bpd: the first N test images in
     "section 8's settings were chosen on")
 add("--digits", type=int, nargs="+", metavar="I", help="with --bpd: these test images instead "
     "(their indices, as bpd.csv gives them: to look again at the holes a run found)")
+add("--clip", action="store_true", help="with --bpd: the field with its guess of x1 held to the "
+    "dequantised digits' range (common.ClippedX1; README, section 8)")
 add("--steps", type=positive_int, default=100, help="with --bpd: midpoint steps from t = 1 back to "
     "t = 0 (default: %(default)s)")
 add("--also", nargs="+", metavar="RUN", help="more runs in the same picture: with --curve, their "
@@ -113,7 +116,7 @@ add("--epochs", type=positive_int, default=2, help="the classifier's training ep
 add("--seed", type=int, default=0, help="seeds the classifier's training, the 'noise' images "
     "and --bpd's dequantisation and probes")
 RUN_ONLY = ("nfe", "grids", "seeds", "raw", "path", "curve", "also", "dtype", "guidance",
-            "guidance_shape", "bpd", "steps", "first", "digits")
+            "guidance_shape", "bpd", "steps", "first", "digits", "clip")
 
 class Classifier(nn.Module):
     """Two conv layers and two linear ones; features() is the 128-d layer FID compares."""
@@ -401,13 +404,6 @@ def guidance_sweep(args, model, config, device, classifier, cache):
     print(f"wrote {path}.csv and {path}.png")
     return rows
 
-def guess_x1(schedule, t, x, v):
-    """The x_1 that a velocity v at (x, t) points to: Eq. 5 and 6, x = alpha x_0 + beta x_1
-    and v = dalpha x_0 + dbeta x_1, solved for x_1 (exact where v is the velocity of a
-    single path through x)."""
-    a, b, da, db = schedule(t)
-    return (a * v - da * x) / (a * db - da * b)
-
 @torch.no_grad()
 def along_the_path(args, model, schedule, device, sigma=0.0):
     """Carry the starting points of --seeds' first set (with --translation: the garments,
@@ -464,7 +460,7 @@ def bits(args, model, device):
     --digits: those named), each dequantised (common.dequantize) and given one Rademacher
     probe (--seed's, in that order), their log-likelihood under the flow
     (common.log_likelihood, float32, TF32 off on GPUs; --steps midpoint steps and half as
-    many) in bits per dimension. The mean, as the papers
+    many; --clip: of common.ClippedX1's field) in bits per dimension. The mean, as the papers
     give it, with its standard error (the spread of the per-image figures over sqrt(N): the
     images', the dequantisations' and the probes' together), beside the median and the digits
     above 4 bits per dimension (a hole in the density drags the mean far more than the
@@ -491,8 +487,9 @@ def bits(args, model, device):
                for i, v, h in zip(index.tolist(), b.tolist(), out[steps // 2].tolist())],
               os.path.join(args.samples, "bpd.csv"))
     holes = index[b > 4].tolist()
-    print(f"{n} images, {seconds:.0f} s; bits per dimension: {out[steps // 2].mean():.4f} "
-          f"at {steps // 2} steps, {b.mean():.4f} at {steps}; median {b.quantile(0.5):.4f}; "
+    print(f"{n} images, {seconds:.0f} s{', the guess of x1 clipped' * args.clip}; bits per "
+          f"dimension: {out[steps // 2].mean():.4f} at {steps // 2} steps, {b.mean():.4f} at "
+          f"{steps}; median {b.quantile(0.5):.4f}; "
           f"{len(holes)} above 4{f' (test digits {holes[:10]})' if holes else ''}; "
           f"each digit's in {os.path.join(args.samples, 'bpd.csv')}")
     print(f"bpd {b.mean():.4f} +- {b.std() / math.sqrt(n):.4f} (standard error over the images, "
@@ -720,7 +717,7 @@ def main(argv=None):
             f"steps (--seed: its dequantisation and probes)")
     if args.steps != parser.get_default("steps") and not args.bpd:
         die("--steps is for --bpd")
-    for k in ("first", "digits"):
+    for k in ("first", "digits", "clip"):
         if getattr(args, k) and not args.bpd:
             die(f"--{k} is for --bpd")
     if args.digits and (args.first or args.n):
@@ -750,6 +747,8 @@ def main(argv=None):
             if config.get("conditional"):
                 die(f"--bpd: {args.samples} is a conditional run; --bpd measures an "
                     f"unconditional model's density")
+            if args.clip:  # the field whose guess of x1 stays in the digits' range
+                model = ClippedX1(model, get_schedule(config.get("schedule", "cosine")))
             return bits(args, model, device)
         if config.get("conditional"):
             die(f"{args.samples} is a conditional run: score it with --guidance W..., or draw "

@@ -974,13 +974,12 @@ def test_evaluate_sweeps_a_run_over_solvers_grids_and_network_evaluations(evalua
 
 def test_guess_x1_is_the_end_of_a_single_path():
     # through x_t = alpha x0 + beta x1 with velocity dalpha x0 + dbeta x1, the guess is x1
-    import evaluate
     x0, x1 = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64)
     for schedule in SCHEDULES:
         for t in [0.0, 0.1, 0.5, 0.9]:
             a, b, da, db = schedule(torch.tensor(t, dtype=torch.float64))
-            guess = evaluate.guess_x1(schedule, torch.tensor(t, dtype=torch.float64),
-                                      a * x0 + b * x1, da * x0 + db * x1)
+            guess = common.guess_x1(schedule, torch.tensor(t, dtype=torch.float64),
+                                    a * x0 + b * x1, da * x0 + db * x1)
             torch.testing.assert_close(guess, x1)
 
 def test_evaluate_path_of_a_translation_starts_from_the_garments(evaluated, tmp_path):
@@ -1972,6 +1971,54 @@ def linear_unet(lam, bias):
         model.out.bias.fill_(bias)
     return model
 
+@pytest.mark.parametrize("sched", SCHEDULES)
+def test_the_clipped_field_ends_at_the_clipped_guess(sched):
+    # the field of the paths through x that all end at one image e: v = dalpha x0 + dbeta e,
+    # x0 = (x - beta e) / alpha. Its guess of x1 is e; clipped, it is the field that ends at
+    # e clipped to [lo, hi], and inside [lo, hi] the field itself
+    def ending_at(e):
+        def field(x, t):
+            a, b, da, db = sched(t.view(-1, 1))
+            return da * (x - b * e) / a + db * e
+        return field
+    g = torch.Generator().manual_seed(0)
+    e = 2 * torch.randn(1, 40, generator=g, dtype=torch.float64)  # about 60% outside [-1, 1]
+    lo, hi = -1 - 1 / 255, 1 + 1 / 255
+    assert ((e < lo) | (e > hi)).any() and ((e > lo) & (e < hi)).any()
+    x, t = torch.randn(6, 40, generator=g, dtype=torch.float64), torch.rand(6, dtype=torch.float64)
+    clipped = common.ClippedX1(ending_at(e), sched)
+    torch.testing.assert_close(clipped(x, t), ending_at(e.clamp(lo, hi))(x, t))
+    torch.testing.assert_close(common.guess_x1(sched, t.view(-1, 1), x, clipped(x, t)),
+                               e.clamp(lo, hi).expand(6, -1))
+    inside = e.clamp(-0.9, 0.9)
+    torch.testing.assert_close(common.ClippedX1(ending_at(inside), sched)(x, t),
+                               ending_at(inside)(x, t))
+    # at t = 1 (alpha = 0) the model's own field, with a finite divergence: no 0 / 0
+    field = lambda x, t: -x + 0.1 * torch.sin(3 * x)
+    one = torch.ones(6, dtype=torch.float64)
+    torch.testing.assert_close(common.ClippedX1(field, sched)(x, one), field(x, one))
+    v, div = common.divergence(common.ClippedX1(field, sched), x, torch.tensor(1.0).double())
+    assert torch.isfinite(v).all() and torch.isfinite(div).all()
+
+def test_evaluate_bpd_clipped_of_a_field_whose_guess_stays_in_range(evaluated, tmp_path, capsys):
+    # dx/dt = -x (linear schedule): run back from x_1, x_t = x_1 e^(1 - t), and the guess of x1,
+    # x + (1 - t) v = t e^(1 - t) x_1, is never larger than x_1: clipping leaves the field alone,
+    # so --clip gives the closed form log p_1(x_1) = log N(e x_1; 0, I) + 784
+    run, data = evaluated[:2]
+    out = tmp_path / "run"
+    out.mkdir()
+    torch.save({"script": "mnist.py", "ema": linear_unet(-1.0, 0.0).state_dict(),
+                "config": {"schedule": "linear"}}, out / "ckpt.pt")
+    capsys.readouterr()
+    r = run(str(out), "--bpd", "--n", "4", "--steps", "40", "--clip")
+    assert ", the guess of x1 clipped;" in capsys.readouterr().out
+    x1 = common.dequantize(common.load_images("MNIST", str(data), train=False)[r["digits"]],
+                           torch.Generator().manual_seed(0)).double()
+    log_p = common.standard_normal_log_density(x1 * math.e) + 784
+    exact = math.log2(127.5) - log_p / (784 * math.log(2))
+    assert r["bpd"] == pytest.approx(exact.mean().item(), abs=3e-3)  # float32, 40 steps
+    assert r["bpd"] == run(str(out), "--bpd", "--n", "4", "--steps", "40")["bpd"]  # untouched
+
 def test_evaluate_bpd_of_a_run(evaluated, tmp_path, capsys):
     import evaluate
     run, data = evaluated[:2]
@@ -2028,6 +2075,7 @@ def test_evaluate_bpd_of_a_run(evaluated, tmp_path, capsys):
     expect_error("--bpd is for a run folder", run, "real", "--bpd")
     expect_error("--first is for --bpd", run, str(out), "--first")
     expect_error("--digits is for --bpd", run, str(out), "--digits", "1", "2")
+    expect_error("--clip is for --bpd", run, str(out), "--clip")
     expect_error("--first and --digits: --digits names the test images", run, str(out), "--bpd",
                  "--first", "--digits", "1", "2")
     expect_error("--digits: MNIST's test images are 0 to 199", run, str(out), "--bpd", "--digits",
