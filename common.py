@@ -554,7 +554,7 @@ class ClippedX1(nn.Module):
         v = self.model(x, t)
         tt = t.to(x.dtype).view(-1, *[1] * (x.dim() - 1))
         a, b, da, db = self.schedule(tt)
-        end = tt >= 1  # alpha_1 = 0: no path left to bend, no division by 0 (nor a nan gradient)
+        end = tt >= 1  # alpha_1 = 0: no path left to bend, and no division by 0
         a = torch.where(end, torch.ones_like(a), a)
         guess = (a * v - da * x) / (a * db - da * b)
         return v + torch.where(end, 0.0, (a * db - da * b) / a) * (guess.clamp(self.lo, self.hi)

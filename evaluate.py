@@ -97,7 +97,7 @@ add("--first", action="store_true", help="with --bpd: the first N test images in
     "section 8's settings were chosen on")
 add("--digits", type=int, nargs="+", metavar="I", help="with --bpd: these test images instead "
     "(their indices, as bpd.csv gives them: to look again at the holes a run found)")
-add("--clip", action="store_true", help="with --bpd: the field with its guess of x1 held to the "
+add("--clip-x1", action="store_true", help="with --bpd: the field with its guess of x1 held to the "
     "dequantised digits' range (common.ClippedX1; README, section 8)")
 add("--steps", type=positive_int, default=100, help="with --bpd: midpoint steps from t = 1 back to "
     "t = 0 (default: %(default)s)")
@@ -116,7 +116,7 @@ add("--epochs", type=positive_int, default=2, help="the classifier's training ep
 add("--seed", type=int, default=0, help="seeds the classifier's training, the 'noise' images "
     "and --bpd's dequantisation and probes")
 RUN_ONLY = ("nfe", "grids", "seeds", "raw", "path", "curve", "also", "dtype", "guidance",
-            "guidance_shape", "bpd", "steps", "first", "digits", "clip")
+            "guidance_shape", "bpd", "steps", "first", "digits", "clip_x1")
 
 class Classifier(nn.Module):
     """Two conv layers and two linear ones; features() is the 128-d layer FID compares."""
@@ -460,7 +460,7 @@ def bits(args, model, device):
     --digits: those named), each dequantised (common.dequantize) and given one Rademacher
     probe (--seed's, in that order), their log-likelihood under the flow
     (common.log_likelihood, float32, TF32 off on GPUs; --steps midpoint steps and half as
-    many; --clip: of common.ClippedX1's field) in bits per dimension. The mean, as the papers
+    many; --clip-x1: of common.ClippedX1's field) in bits per dimension. The mean, as the papers
     give it, with its standard error (the spread of the per-image figures over sqrt(N): the
     images', the dequantisations' and the probes' together), beside the median and the digits
     above 4 bits per dimension (a hole in the density drags the mean far more than the
@@ -487,7 +487,7 @@ def bits(args, model, device):
                for i, v, h in zip(index.tolist(), b.tolist(), out[steps // 2].tolist())],
               os.path.join(args.samples, "bpd.csv"))
     holes = index[b > 4].tolist()
-    print(f"{n} images, {seconds:.0f} s{', the guess of x1 clipped' * args.clip}; bits per "
+    print(f"{n} images, {seconds:.0f} s{', the guess of x1 clipped' * args.clip_x1}; bits per "
           f"dimension: {out[steps // 2].mean():.4f} at {steps // 2} steps, {b.mean():.4f} at "
           f"{steps}; median {b.quantile(0.5):.4f}; "
           f"{len(holes)} above 4{f' (test digits {holes[:10]})' if holes else ''}; "
@@ -717,9 +717,9 @@ def main(argv=None):
             f"steps (--seed: its dequantisation and probes)")
     if args.steps != parser.get_default("steps") and not args.bpd:
         die("--steps is for --bpd")
-    for k in ("first", "digits", "clip"):
+    for k in ("first", "digits", "clip_x1"):
         if getattr(args, k) and not args.bpd:
-            die(f"--{k} is for --bpd")
+            die(f"--{k.replace('_', '-')} is for --bpd")
     if args.digits and (args.first or args.n):
         die(f"--{'first' if args.first else 'n'} and --digits: --digits names the test images")
     if args.digits and len(args.digits) < 2:
@@ -747,7 +747,7 @@ def main(argv=None):
             if config.get("conditional"):
                 die(f"--bpd: {args.samples} is a conditional run; --bpd measures an "
                     f"unconditional model's density")
-            if args.clip:  # the field whose guess of x1 stays in the digits' range
+            if args.clip_x1:  # the field whose guess of x1 stays in the digits' range
                 model = ClippedX1(model, get_schedule(config.get("schedule", "cosine")))
             return bits(args, model, device)
         if config.get("conditional"):

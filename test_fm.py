@@ -2010,7 +2010,7 @@ def test_evaluate_bpd_clipped_of_a_field_whose_guess_stays_in_range(evaluated, t
     torch.save({"script": "mnist.py", "ema": linear_unet(-1.0, 0.0).state_dict(),
                 "config": {"schedule": "linear"}}, out / "ckpt.pt")
     capsys.readouterr()
-    r = run(str(out), "--bpd", "--n", "4", "--steps", "40", "--clip")
+    r = run(str(out), "--bpd", "--n", "4", "--steps", "40", "--clip-x1")
     assert ", the guess of x1 clipped;" in capsys.readouterr().out
     x1 = common.dequantize(common.load_images("MNIST", str(data), train=False)[r["digits"]],
                            torch.Generator().manual_seed(0)).double()
@@ -2018,6 +2018,12 @@ def test_evaluate_bpd_clipped_of_a_field_whose_guess_stays_in_range(evaluated, t
     exact = math.log2(127.5) - log_p / (784 * math.log(2))
     assert r["bpd"] == pytest.approx(exact.mean().item(), abs=3e-3)  # float32, 40 steps
     assert r["bpd"] == run(str(out), "--bpd", "--n", "4", "--steps", "40")["bpd"]  # untouched
+    # dx/dt = -3 x: the guess (1 - 3 (1 - t)) e^(3 (1 - t)) x_1 leaves the range: --clip-x1 bends it
+    torch.save({"script": "mnist.py", "ema": linear_unet(-3.0, 0.0).state_dict(),
+                "config": {"schedule": "linear"}}, out / "ckpt.pt")
+    plain = run(str(out), "--bpd", "--n", "2", "--steps", "20")["bpd"]
+    assert run(str(out), "--bpd", "--n", "2", "--steps", "20", "--clip-x1")["bpd"] != pytest.approx(
+        plain, abs=0.01)
 
 def test_evaluate_bpd_of_a_run(evaluated, tmp_path, capsys):
     import evaluate
@@ -2075,7 +2081,7 @@ def test_evaluate_bpd_of_a_run(evaluated, tmp_path, capsys):
     expect_error("--bpd is for a run folder", run, "real", "--bpd")
     expect_error("--first is for --bpd", run, str(out), "--first")
     expect_error("--digits is for --bpd", run, str(out), "--digits", "1", "2")
-    expect_error("--clip is for --bpd", run, str(out), "--clip")
+    expect_error("--clip-x1 is for --bpd", run, str(out), "--clip-x1")
     expect_error("--first and --digits: --digits names the test images", run, str(out), "--bpd",
                  "--first", "--digits", "1", "2")
     expect_error("--digits: MNIST's test images are 0 to 199", run, str(out), "--bpd", "--digits",
