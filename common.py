@@ -553,12 +553,11 @@ class ClippedX1(nn.Module):
     def forward(self, x, t):
         v = self.model(x, t)
         tt = t.to(x.dtype).view(-1, *[1] * (x.dim() - 1))
+        guess = guess_x1(self.schedule, tt, x, v)
         a, b, da, db = self.schedule(tt)
         end = tt >= 1  # alpha_1 = 0: no path left to bend, and no division by 0
-        a = torch.where(end, torch.ones_like(a), a)
-        guess = (a * v - da * x) / (a * db - da * b)
-        return v + torch.where(end, 0.0, (a * db - da * b) / a) * (guess.clamp(self.lo, self.hi)
-                                                                    - guess)
+        bend = torch.where(end, 0.0, (a * db - da * b) / torch.where(end, torch.ones_like(a), a))
+        return v + bend * (guess.clamp(self.lo, self.hi) - guess)
 
 def dequantize(x, generator=None):
     """Images in [-1, 1] on the grid of 256 levels (pixel / 127.5 - 1) made continuous: each
@@ -661,7 +660,7 @@ def autocast(device, dtype):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
 
 def budget(nfe, per):
-    """The solver evaluations per image may take (plan's budget): the network evaluations of
+    """The solver evaluations an image may take (plan's budget): the network evaluations of
     --nfe (nfe) if given, else 20, or GUIDED_NFE when each solver evaluation takes two
     (per), divided by per; at least one."""
     return max(1, (nfe or (GUIDED_NFE if per == 2 else 20)) // per)
@@ -669,7 +668,7 @@ def budget(nfe, per):
 def guidance(args, conditional, path, script):
     """How to sample a model: (W, shape, per, budget): W and its shape (--guidance,
     --guidance-shape; GUIDANCE, GUIDANCE_SHAPE), the network evaluations each solver
-    evaluation then takes, and the solver evaluations per image may take (budget). An
+    evaluation then takes, and the solver evaluations an image may take (budget). An
     unconditional model: (1, GUIDANCE_SHAPE, 1, --nfe or 20); --digit, --guidance or
     --guidance-shape given for it (path) is one line."""
     given = [k for k in ("digit", "guidance", "guidance_shape") if getattr(args, k) is not None]
