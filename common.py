@@ -167,9 +167,12 @@ class UNet(nn.Module):
         d1 = self.dec1(self.up1(d2) + e1 + shift[3])  # (B, 32, 28, 28), additive skip
         return self.out(d1)                           # (B, c_out, 28, 28)
 
-def make_unet(conditional=False):
-    """The handout's U-Net; a conditional one (section 6) reads the ten digits' labels too."""
-    return UNet(n_classes=10 if conditional else 0)
+def make_unet(conditional=False, predict="v", schedule="cosine"):
+    """The handout's U-Net; a conditional one (section 6) reads the ten digits' labels too.
+    predict="blend" (section 8): its output is a blend of the velocity and the digit along
+    `schedule`, turned into the velocity by Blend."""
+    net = UNet(n_classes=10 if conditional else 0)
+    return Blend(net, get_schedule(schedule)) if predict == "blend" else net
 
 # =============================================================================
 # the chapters' maths, in the README's order
@@ -178,7 +181,7 @@ def make_unet(conditional=False):
 # -----------------------------------------------------------------------------
 # where training looks: the distribution of t (section 3; fm_loss's default is the handout's)
 
-T_DISTS = ("uniform", "logit-normal", "u-shaped", "half-zero", "zero", "tail")
+T_DISTS = ("uniform", "logit-normal", "u-shaped", "half-zero", "zero", "tail", "elbo")
 TAIL = 1e-3  # "tail": the smallest 1 - t it draws
 
 def draw_t(n, dist="uniform", mean=0.0, device="cpu"):
@@ -197,7 +200,10 @@ def draw_t(n, dist="uniform", mean=0.0, device="cpu"):
       proportional to 1 / (1 - t)): many samples where 1 - t is as small as a grey level and
       a model's density is made. A heuristic: near t = 1 its density follows the weight
       t / (1 - t) under which the linear path's loss bounds a diffusion model's likelihood
-      (Kingma et al. 2021), not the density of the ODE that section 8 measures."""
+      (Kingma et al. 2021), not the density of the ODE that section 8 measures;
+    - "elbo" (section 8): density proportional to t / (1 - t) on [0, 1 - TAIL], that weight
+      itself: the linear path's loss is then, up to a constant, the diffusion model's bound
+      (1 - t log-uniform as in "tail", each kept with probability t)."""
     if dist == "uniform":
         return torch.rand(n, device=device)
     if dist == "logit-normal":
@@ -212,6 +218,13 @@ def draw_t(n, dist="uniform", mean=0.0, device="cpu"):
     if dist == "tail":  # 1 - TAIL^u for u ~ U(0, 1): log(1 - t) uniform in [log TAIL, 0]
         tail = 1 - TAIL ** torch.rand(n, device=device)
         return torch.where(torch.rand(n, device=device) < 0.5, torch.rand_like(tail), tail)
+    if dist == "elbo":  # t / (1 - t) = t * 1 / (1 - t): draw by the second, keep with prob. t
+        t, left = torch.zeros(n, device=device), torch.arange(n, device=device)
+        while len(left):
+            s = 1 - TAIL ** torch.rand(len(left), device=device)
+            keep = torch.rand(len(left), device=device) < s
+            t[left[keep]], left = s[keep], left[~keep]
+        return t
     raise ValueError(f"unknown distribution of t {dist!r}; known: {', '.join(T_DISTS)}")
 
 # -----------------------------------------------------------------------------
@@ -559,6 +572,30 @@ class ClippedX1(nn.Module):
         bend = torch.where(end, 0.0, (a * db - da * b) / torch.where(end, torch.ones_like(a), a))
         return v + bend * (guess.clamp(self.lo, self.hi) - guess)
 
+class Blend(nn.Module):
+    """section 8: the U-Net `net` trained to predict F = beta_t x_1 + (1 - beta_t) v, the
+    velocity v near the noise (beta_0 = 0) and the digit x_1 near the data (beta_1 = 1);
+    returns the velocity it stands for. Eq. 5 and 6 solved for x_1 (guess_x1), F = c v -
+    beta dalpha x / D with D = alpha dbeta - dalpha beta and c = 1 - beta + beta alpha / D,
+    so v = (F + beta dalpha x / D) / c; linear: v = (F - t x) / (1 - t^2). fm_loss on v weighs
+    the error of F by 1 / c^2: the same objective as predicting v. Near t = 1 the edge of the
+    digits' range is a slope of 1 / (1 - t) in v, only a kink in F. Past t_max (by default
+    1 - TAIL, the smallest 1 - t that "tail" and "elbo" draw) the field is the one at t_max
+    (at t = 1, c = 0); always in float32 at least (bf16's rounding of F, divided by c, would
+    reach v up to 500 times larger at 1 - TAIL: linear; about 1,000: cosine)."""
+    def __init__(self, net, schedule, t_max=1 - TAIL):
+        super().__init__()
+        self.net, self.schedule, self.t_max = net, schedule, t_max
+
+    def forward(self, x, t, y=None):
+        x = x.to(torch.promote_types(x.dtype, torch.float32))  # float32, or float64 if given
+        t = t.to(x.dtype).clamp(max=self.t_max)
+        with torch.autocast(x.device.type, enabled=False):
+            f = self.net(x, t, y)
+        a, b, da, db = (s.view(-1, *[1] * (x.dim() - 1)) for s in self.schedule(t))
+        D = a * db - da * b
+        return (f + b * da * x / D) / (1 - b + b * a / D)
+
 def dequantize(x, generator=None):
     """Images in [-1, 1] on the grid of 256 levels (pixel / 127.5 - 1) made continuous: each
     value moved uniformly within its bin, [value - 1/255, value + 1/255) (width 2/255, one
@@ -826,10 +863,10 @@ def restore(model, weights, path):
     return model
 
 def load_model(path, device, raw=False, script=None, hint=None):
-    """The U-Net of a checkpoint, for sampling: its moving average where it has one, unless
-    raw, and the settings it was trained with. With script (one, or a tuple), a checkpoint
-    another script wrote is refused (check_script). channels_last: the layout fast conv
-    kernels want."""
+    """The U-Net of a checkpoint (in a Blend where it predicts one), for sampling: its moving
+    average where it has one, unless raw, and the settings it was trained with. With script
+    (one, or a tuple), a checkpoint another script wrote is refused (check_script).
+    channels_last: the layout fast conv kernels want."""
     ckpt = load_checkpoint(path)
     if script:
         check_script(ckpt, path, script, hint)
@@ -840,7 +877,8 @@ def load_model(path, device, raw=False, script=None, hint=None):
         weights = ckpt.get("ema" if "ema" in ckpt and not raw else "model")
     config = (ckpt.get("config") if isinstance(ckpt, dict) else None) or {}
     model = MeanFlowUNet() if written_by(ckpt) == "meanflow.py" else \
-        make_unet(config.get("conditional"))
+        make_unet(config.get("conditional"), config.get("predict", "v"),
+                  config.get("schedule", "cosine"))
     if config.get("conditional") and isinstance(weights, dict) and "label.0.weight" not in weights:
         # a conditional U-Net saved before the label entered the later blocks: with those
         # shifts at 0 (as they start) it is exactly that U-Net
@@ -856,25 +894,26 @@ def load_model(path, device, raw=False, script=None, hint=None):
 # settings newer than some checkpoints, by script: what a run saved before them trained with
 OLDER = {"mnist.py": {"t_dist": "uniform", "t_mean": 0.0, "warmup": None, "clip": None,
                       "pairing": "random", "conditional": False, "label_drop": 0.1,
-                      "dequantize": False},
+                      "dequantize": False, "predict": "v"},
          "translate.py": {"t_dist": "uniform", "t_mean": 0.0, "warmup": None, "clip": None,
                           "pairing": "random", "conditional": False, "label_drop": 0.1,
                           "sigma": 0.0},
          "reflow.py": {}, "meanflow.py": {}}
 
 def resume(path, args, script):
-    """--resume: returns the checkpoint at path, the run's settings and its U-Net with the
-    trained weights. The settings are the checkpoint's (with OLDER[script] for settings it
-    predates; those the script no longer has left out), but --epochs, --out, --data,
-    --device, --dtype, --nfe, --guidance and --guidance-shape as given now. What cannot be
-    resumed is one line."""
+    """--resume: returns the checkpoint at path, the run's settings and its U-Net (in a Blend
+    where it predicts one) with the trained weights. The settings are the checkpoint's (with
+    OLDER[script] for settings it predates; those the script no longer has left out), but
+    --epochs, --out, --data, --device, --dtype, --nfe, --guidance and --guidance-shape as
+    given now. What cannot be resumed is one line."""
     ckpt = load_checkpoint(path)
     check_script(ckpt, path, script)
     if isinstance(ckpt, dict) and "config" in ckpt and "optimizer" not in ckpt:
         die(f"{path} holds weights only, no optimiser state: it can --sample, not --resume")
     config = ckpt.get("config") if isinstance(ckpt, dict) else None
-    conditional = isinstance(config, dict) and config.get("conditional")
-    model = MeanFlowUNet() if script == "meanflow.py" else make_unet(conditional)
+    known = config if isinstance(config, dict) else {}
+    model = MeanFlowUNet() if script == "meanflow.py" else make_unet(
+        known.get("conditional"), known.get("predict", "v"), known.get("schedule", "cosine"))
     model = restore(model, ckpt.get("model") if isinstance(ckpt, dict) else None, path)
     if not isinstance(config, dict):
         die(f"{path} has no training settings to resume from")

@@ -7,7 +7,8 @@ Numbers for image quality: score generated digits with a small MNIST classifier.
     python evaluate.py noise --n 1000    # 1000 images of uniform noise: far away
     python evaluate.py out/mnist-cosine --n 1000   # a run folder: quality against the number
                                    # of network evaluations, every solver on every time grid
-                                   # (nfe.csv, nfe.png; with --raw: nfe-raw.csv, nfe-raw.png)
+                                   # (nfe.csv, nfe.png; with --raw: nfe-raw.*; with
+                                   # --clip-x1, ClippedX1's field: nfe-clip.*, nfe-raw-clip.*)
     python evaluate.py out/mnist-cosine --curve    # quality against epochs (curve.csv, .png)
     python evaluate.py out/mnist-cosine --path     # how the flow moves along 100 Euler steps
     python evaluate.py out/mnist-cosine --bpd      # the model as a density: bits per dimension
@@ -97,8 +98,9 @@ add("--first", action="store_true", help="with --bpd: the first N test images in
     "section 8's settings were chosen on")
 add("--digits", type=int, nargs="+", metavar="I", help="with --bpd: these test images instead "
     "(their indices, as bpd.csv gives them: to look again at the holes a run found)")
-add("--clip-x1", action="store_true", help="with --bpd: the field with its guess of x1 held to the "
-    "dequantised digits' range (common.ClippedX1; README, section 8)")
+add("--clip-x1", action="store_true", help="with --bpd, or a run folder's sweep of solvers: the "
+    "field with its guess of x1 held to the dequantised digits' range (common.ClippedX1; "
+    "README, section 8; the sweep writes nfe-clip.csv)")
 add("--steps", type=positive_int, default=100, help="with --bpd: midpoint steps from t = 1 back to "
     "t = 0 (default: %(default)s)")
 add("--also", nargs="+", metavar="RUN", help="more runs in the same picture: with --curve, their "
@@ -332,9 +334,10 @@ def write_csv(rows, path):
 def sweep(args, model, config, device, classifier, cache):
     """Sample the run's model with every solver on every time grid of --grids at each number
     of network evaluations, from the same starting points (starting_points), and score each.
-    Writes RUN/nfe.csv and RUN/nfe.png (nfe-raw.* with --raw)."""
+    Writes RUN/nfe.csv and RUN/nfe.png (nfe-raw.* with --raw, nfe-clip.* or nfe-raw-clip.* with
+    --clip-x1)."""
     n, run = args.n or 1000, args.samples
-    name = os.path.join(run, "nfe-raw" if args.raw else "nfe")
+    name = os.path.join(run, "nfe" + "-raw" * args.raw + "-clip" * args.clip_x1)
     dtype, schedule = pick_dtype(args.dtype, device), config.get("schedule", "cosine")
     rows = []
     for seed, x0 in starting_points(args, n, sigma=config.get("sigma", 0.0)).items():
@@ -353,7 +356,8 @@ def sweep(args, model, config, device, classifier, cache):
                                  "coverage": round(r["coverage"], 4), "seconds": round(seconds, 1)})
                     print(" ".join(f"{k}={v}" for k, v in rows[-1].items()), flush=True)
     write_csv(rows, name + ".csv")
-    plot_sweep(rows, name + ".png", f"{run}{' (raw weights)' if args.raw else ''}, n = {n}")
+    plot_sweep(rows, name + ".png", f"{run}{' (raw weights)' * args.raw}"
+               f"{', the guess of x1 clipped' * args.clip_x1}, n = {n}")
     print(f"wrote {name}.csv and {name}.png")
     return rows
 
@@ -717,9 +721,13 @@ def main(argv=None):
             f"steps (--seed: its dequantisation and probes)")
     if args.steps != parser.get_default("steps") and not args.bpd:
         die("--steps is for --bpd")
-    for k in ("first", "digits", "clip_x1"):
+    for k in ("first", "digits"):
         if getattr(args, k) and not args.bpd:
-            die(f"--{k.replace('_', '-')} is for --bpd")
+            die(f"--{k} is for --bpd")
+    if args.clip_x1 and (args.translation or args.curve or args.also or args.path
+                         or args.guidance):
+        die("--clip-x1 is for --bpd or the sweep of one run folder of digits (not with "
+            "--translation, --curve, --also, --path or --guidance)")
     if args.digits and (args.first or args.n):
         die(f"--{'first' if args.first else 'n'} and --digits: --digits names the test images")
     if args.digits and len(args.digits) < 2:
@@ -743,12 +751,12 @@ def main(argv=None):
                 f"or its samples.pt")
         if args.guidance:
             return guidance_sweep(args, model, config, device, *load_classifier(args))
+        if args.clip_x1:  # the field whose guess of x1 stays in the digits' range
+            model = ClippedX1(model, get_schedule(config.get("schedule", "cosine")))
         if args.bpd:
             if config.get("conditional"):
                 die(f"--bpd: {args.samples} is a conditional run; --bpd measures an "
                     f"unconditional model's density")
-            if args.clip_x1:  # the field whose guess of x1 stays in the digits' range
-                model = ClippedX1(model, get_schedule(config.get("schedule", "cosine")))
             return bits(args, model, device)
         if config.get("conditional"):
             die(f"{args.samples} is a conditional run: score it with --guidance W..., or draw "

@@ -77,11 +77,14 @@ HANDOUT = {"t_dist": "uniform", "batch_size": 128, "ema": 0.0, "solver": "euler"
            "grid": "uniform"}
 add("--handout", action="store_true", help="the handout's recipe as we run it: " + " ".join(
     f"--{k.replace('_', '-')} {v}" for k, v in HANDOUT.items()) + "; a setting given wins")
-# the chapters: OT pairs (README, section 4), dequantised digits (8), labels and guidance (6)
+# the chapters: OT pairs (README, section 4), dequantising and Blend (8), labels, guidance (6)
 add("--pairing", default="random", choices=["random", "ot"], help="noise and digits paired "
     "independently, or re-paired in each batch by optimal transport (--conditional: by class)")
 add("--dequantize", action="store_true", help="each digit's pixels moved uniformly within their "
     "grey level's bin, afresh every batch")
+add("--predict", default="v", choices=["v", "blend"], help="what the U-Net's output is: the "
+    "velocity v, or beta_t x1 + (1 - beta_t) v, the digit near the data (section 8's Blend; "
+    "always float32)")
 add("--conditional", action="store_true", help="learn each digit's class too (ten one-hot maps, "
     "a learned shift at each later block), 'no label' with probability --label-drop")
 add("--label-drop", type=probability, default=0.1, metavar="P", help="how often a label is dropped")
@@ -107,7 +110,7 @@ def main(argv=None):
     # -------------------------------------------------------------------------
     # set-up: a fresh U-Net, or with --resume the one in OUT/ckpt.pt and its settings
     torch.manual_seed(args.seed)
-    model, ckpt = make_unet(args.conditional), None
+    model, ckpt = make_unet(args.conditional, args.predict, args.schedule), None
     if args.resume:
         ckpt, args, model = resume(ckpt_path, args, "mnist.py")
     elif os.path.exists(ckpt_path):
@@ -132,6 +135,8 @@ def main(argv=None):
     ema = copy.deepcopy(model).requires_grad_(False) if args.ema else None
     start = restore_state(ckpt, opt, ema, device) if ckpt else 0  # epochs done
     schedule = get_schedule(args.schedule)
+    if args.predict == "blend":  # section 8: Blend runs in float32 whatever --dtype says
+        dtype = torch.float32
     print(f"device {device}, dtype {str(dtype)[6:]}, schedule {args.schedule}, seed {args.seed}, "
           f"{N} training images, {sum(p.numel() for p in model.parameters())} parameters")
     # the sampler of the pictures: --nfe's (a conditional model's guided by --guidance)

@@ -1084,23 +1084,29 @@ def test_evaluate_refuses_what_it_would_ignore_and_images_that_are_not_finite(tm
 
 @pytest.mark.parametrize("t_dist,below_01", [("uniform", 0.1), ("logit-normal", 0.0140),
                                               ("u-shaped", 0.1725), ("tail", 0.0576),
-                                              ("half-zero", 0.55), ("zero", 1.0)])
+                                              ("half-zero", 0.55), ("zero", 1.0),
+                                              ("elbo", 0.0009)])
 def test_the_distribution_of_t_in_training(t_dist, below_01):
     # P(t < 0.1): 0.1 for U(0, 1); Phi(logit(0.1)) = Phi(-2.197) = 0.0140 for sigmoid(N(0, 1));
     # density 4 cosh(4 (t - 1/2)) / (2 sinh 2): (e^0.4 - 1 + e^4 - e^3.6) / (2 (e^4 - 1)) = 0.1725;
     # half U(0, 1), half 1 - 0.001^u: 0.05 + 0.5 ln 0.9 / ln 0.001 = 0.0576, the mean
     # 1/4 + (1 - 0.999 / ln 1000) / 2 = 0.6777, and P(t > 0.99) = 0.005 + 0.5 * 1/3 = 0.1717;
-    # half at 0, half U(0, 1): 0.5 + 0.5 * 0.1 = 0.55, and the mean 1/4; all at 0: 1, mean 0
+    # half at 0, half U(0, 1): 0.5 + 0.5 * 0.1 = 0.55, and the mean 1/4; all at 0: 1, mean 0;
+    # t / (1 - t) on [0, 0.999]: CDF (-t - ln(1 - t)) / Z, Z = ln 1000 - 0.999 = 5.9088, so
+    # (ln(1 / 0.9) - 0.1) / Z = 0.0009, P(t > 0.99) = 1 - (ln 100 - 0.99) / Z = 0.3882, and the
+    # mean (ln 1000 - 0.999 - 0.999^2 / 2) / Z = 0.9155
     torch.manual_seed(0)
     t = common.draw_t(200_000, t_dist)
     at_0 = {"half-zero": 0.5, "zero": 1.0}.get(t_dist, 0.0)  # the share exactly at t = 0
     assert 0 <= t.min() and t.max() < 1
     assert (t == 0).double().mean().item() == pytest.approx(at_0, abs=0.003)
-    assert (t < 0.1).double().mean().item() == pytest.approx(below_01, abs=0.004)  # 3.6 sd
-    mean = {"half-zero": 0.25, "zero": 0.0, "tail": 0.6777}.get(t_dist, 0.5)  # others: 1/2
+    tol = 3e-4 if t_dist == "elbo" else 0.004  # 3.6 sd (elbo: 4.5 sd)
+    assert (t < 0.1).double().mean().item() == pytest.approx(below_01, abs=tol)
+    mean = {"half-zero": 0.25, "zero": 0.0, "tail": 0.6777, "elbo": 0.9155}.get(t_dist, 0.5)
     assert t.mean().item() == pytest.approx(mean, abs=0.003)
-    if t_dist == "tail":
-        assert (t > 0.99).double().mean().item() == pytest.approx(0.1717, abs=0.004)
+    if t_dist in ("tail", "elbo"):
+        above = {"tail": 0.1717, "elbo": 0.3882}[t_dist]
+        assert (t > 0.99).double().mean().item() == pytest.approx(above, abs=0.004)
 
 def test_unknown_distribution_of_t_is_a_clear_error():
     with pytest.raises(ValueError,
@@ -2025,6 +2031,106 @@ def test_evaluate_bpd_clipped_of_a_field_whose_guess_stays_in_range(evaluated, t
     assert run(str(out), "--bpd", "--n", "2", "--steps", "20", "--clip-x1")["bpd"] != pytest.approx(
         plain, abs=0.01)
 
+def blend_of(field, sched):
+    """The network a Blend needs to give `field`: F = beta x1_hat + (1 - beta) v, x1_hat the
+    field's guess of x1."""
+    def net(x, t, y=None):
+        v = field(x, t)
+        beta = sched(t.view(-1, *[1] * (x.dim() - 1)))[1]
+        return beta * common.guess_x1(sched, t.view(-1, *[1] * (x.dim() - 1)), x, v) + \
+            (1 - beta) * v
+    return net
+
+@pytest.mark.parametrize("sched", SCHEDULES)
+def test_blend_of_the_exact_field_is_the_field_and_its_likelihood_the_closed_form(sched):
+    # the exact field carrying N(0, I) to a Gaussian as narrow as a grey level, predicted as
+    # a blend: Blend gives the field back wherever training looks, t <= 1 - TAIL, and the
+    # field at 1 - TAIL beyond it (at t = 1 it would divide by 0)
+    d = 784
+    m1 = torch.linspace(-1, 1, d, dtype=torch.float64)
+    field, log_p = gaussian_flow(0.0, 1.0, m1, 0.005, sched)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, d, generator=g, dtype=torch.float64)
+    t = torch.tensor([0.0, 0.3, 0.7, 0.99, 1 - common.TAIL], dtype=torch.float64)
+    blend = common.Blend(blend_of(field, sched), sched).double()
+    torch.testing.assert_close(blend(x, t), field(x, t))
+    last = torch.full((5,), 1 - common.TAIL, dtype=torch.float64)
+    torch.testing.assert_close(blend(x, torch.ones(5, dtype=torch.float64)), field(x, last))
+    # and its density, with the field held only past 1 - 1e-7: the closed form
+    x1 = m1 + 0.005 * torch.randn(8, d, generator=g, dtype=torch.float64)
+    t0, t1 = torch.zeros(1, dtype=torch.float64), torch.ones(1, dtype=torch.float64)
+    probe = common.rademacher(x1.shape).double()  # exact here: the Jacobian is a multiple of I
+    held = common.Blend(blend_of(field, sched), sched, t_max=1 - 1e-7).double()
+    log_p1 = common.log_likelihood(held, x1, 100, probe, lambda x: log_p(x, t0))
+    assert (log_p1 - log_p(x1, t1)).abs().max().item() / (d * math.log(2)) < 0.001
+
+@pytest.mark.parametrize("sched", SCHEDULES)
+def test_fm_loss_of_a_blend_weighs_the_error_of_its_prediction_by_one_over_c_squared(sched):
+    g = torch.Generator().manual_seed(0)
+    x0, x1 = torch.randn(2, 6, 10, generator=g, dtype=torch.float64)
+    t = torch.rand(6, generator=g, dtype=torch.float64) * (1 - common.TAIL)
+    out = torch.randn(6, 10, generator=g, dtype=torch.float64)  # any prediction F
+    net = lambda x, t, y=None: out
+    a, b, da, db = (s.view(-1, 1) for s in sched(t))
+    xt = a * x0 + b * x1
+    target = b * x1 + (1 - b) * (da * x0 + db * x1)  # the blend of x1 and the velocity
+    c = 1 - b + b * a / (a * db - da * b)
+    if sched is common.linear:
+        torch.testing.assert_close(c, 1 - t.view(-1, 1) ** 2)
+    loss = common.fm_loss(common.Blend(net, sched), x0, x1, sched, t)
+    assert loss.item() == pytest.approx(((out - target) / c).pow(2).mean().item(), rel=1e-9)
+    # and Blend's velocity turned back into a blend is the prediction
+    v = common.Blend(net, sched)(xt, t)
+    torch.testing.assert_close(b * common.guess_x1(sched, t.view(-1, 1), xt, v) + (1 - b) * v, out)
+
+def test_blend_runs_in_float32_under_bf16_autocast():
+    torch.manual_seed(0)
+    model = common.make_unet(predict="blend", schedule="linear")
+    x, t = torch.randn(2, 1, 28, 28), torch.tensor([0.5, 0.99])
+    plain = model(x, t)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cast = model(x, t)
+    assert cast.dtype == torch.float32 and torch.equal(cast, plain)
+
+def test_mnist_predicts_a_blend_resumes_samples_and_is_scored(evaluated, tmp_path, capsys):
+    run, data = evaluated[:2]
+    out = tmp_path / "blend"
+    flags = ["--schedule", "linear", "--predict", "blend", "--dequantize", "--t-dist", "tail"]
+    capsys.readouterr()
+    run_mnist(data, out, "--epochs", "1", "--limit", "32", "--dtype", "bfloat16", *flags)
+    assert "dtype float32," in capsys.readouterr().out  # Blend runs in float32: said so
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["config"]["predict"] == "blend" and "net.out.weight" in ckpt["ema"]
+    run_mnist(data, out, "--epochs", "2", "--resume")  # the blend again, from its settings
+    assert torch.load(out / "ckpt.pt", weights_only=True)["epoch"] == 2
+    model, _ = common.load_model(str(out / "ckpt.pt"), torch.device("cpu"))
+    assert isinstance(model, common.Blend) and model.schedule is common.linear
+    run_mnist(data, out, "--sample", "4")
+    assert torch.load(out / "samples.pt", weights_only=True).shape == (4, 1, 28, 28)
+    r = run(str(out), "--bpd", "--n", "2", "--steps", "4")
+    assert math.isfinite(r["bpd"])
+
+def test_evaluate_sweeps_the_clipped_field(evaluated, tmp_path):
+    # dx/dt = -3 x from the noise: the guess of x1, (1 - 3 (1 - t)) x, leaves the digits' range,
+    # so --clip-x1 samples another field: ClippedX1's, from the same noise
+    run = evaluated[0]
+    out = tmp_path / "run"
+    out.mkdir()
+    model = linear_unet(-3.0, 0.0)
+    torch.save({"script": "mnist.py", "ema": model.state_dict(), "config": {"schedule": "linear"}},
+               out / "ckpt.pt")
+    flags = ["--nfe", "4", "--grids", "uniform", "--n", "20", "--seeds", "0", "--dtype", "float32"]
+    plain, clipped = run(str(out), *flags), run(str(out), *flags, "--clip-x1")
+    with open(out / "nfe-clip.csv") as f:
+        assert [r["fid"] for r in csv.DictReader(f)] == [str(r["fid"]) for r in clipped]
+    assert plain[0]["solver"] == clipped[0]["solver"] == "euler"
+    x = common.generate(common.ClippedX1(model, common.linear), common.fixed_noise(20, 0), 4,
+                        torch.device("cpu"), torch.float32, "euler",
+                        common.time_grid("uniform", 4, "linear"))
+    torch.save(x, tmp_path / "samples.pt")
+    assert run(str(tmp_path / "samples.pt"))["fid"] == pytest.approx(clipped[0]["fid"], abs=1e-3)
+    assert clipped[0]["fid"] != pytest.approx(plain[0]["fid"], abs=1e-3)
+
 def test_evaluate_bpd_of_a_run(evaluated, tmp_path, capsys):
     import evaluate
     run, data = evaluated[:2]
@@ -2081,7 +2187,8 @@ def test_evaluate_bpd_of_a_run(evaluated, tmp_path, capsys):
     expect_error("--bpd is for a run folder", run, "real", "--bpd")
     expect_error("--first is for --bpd", run, str(out), "--first")
     expect_error("--digits is for --bpd", run, str(out), "--digits", "1", "2")
-    expect_error("--clip-x1 is for --bpd", run, str(out), "--clip-x1")
+    expect_error("--clip-x1 is for --bpd or the sweep of one run folder of digits", run,
+                 str(out), "--clip-x1", "--curve")
     expect_error("--first and --digits: --digits names the test images", run, str(out), "--bpd",
                  "--first", "--digits", "1", "2")
     expect_error("--digits: MNIST's test images are 0 to 199", run, str(out), "--bpd", "--digits",
@@ -2338,14 +2445,15 @@ def test_a_kill_while_a_checkpoint_is_written_leaves_the_last_one_whole(mnist_da
 @pytest.mark.parametrize("script", ["mnist", "translate"])
 def test_a_checkpoint_older_than_a_setting_resumes_with_what_it_trained_with(both_data, tmp_path,
                                                                              script):
-    # a run from before --t-dist, --t-mean, --warmup, --clip, --pairing (--sigma) trained with
-    # what common.OLDER says, not today's defaults; it resumes as the run that gave them
-    # explicitly
+    # a run from before --t-dist, --t-mean, --warmup, --clip, --pairing (--sigma; --dequantize,
+    # --predict) trained with what common.OLDER says, not today's defaults; it resumes as the
+    # run that gave them explicitly
     run = {"mnist": run_mnist, "translate": run_translate}[script]
     older = common.OLDER[f"{script}.py"]
     assert older == {"t_dist": "uniform", "t_mean": 0.0, "warmup": None, "clip": None,
                      "pairing": "random", "conditional": False, "label_drop": 0.1,
-                     **({"sigma": 0.0} if script == "translate" else {"dequantize": False})}
+                     **({"sigma": 0.0} if script == "translate" else
+                        {"dequantize": False, "predict": "v"})}
     flags = ["--t-dist", "uniform", "--t-mean", "0", "--pairing", "random",
              *(["--sigma", "0"] if script == "translate" else [])]  # (no warm-up, no clipping)
     run(both_data, tmp_path / "straight", "--epochs", "2", *flags)
@@ -2432,7 +2540,8 @@ DIFFERENCES = {  # dest: (mnist.py's default, translate.py's, why)
 
 # and each script's own settings: the likelihood of digits (evaluate.py --bpd) is mnist.py's;
 # noise on a Gaussian source would only change its variance
-MNIST_ONLY = {"dequantize": "each digit moved within its grey levels' bins"}
+MNIST_ONLY = {"dequantize": "each digit moved within its grey levels' bins",
+              "predict": "section 8's blend, made for the density of digits"}
 TRANSLATE_ONLY = {"sigma": "Gaussian noise on the garments"}
 
 def settings(parser):
@@ -2466,7 +2575,7 @@ def test_reflow_takes_mnist_py_s_settings_but_for_its_own():
     import mnist, reflow
     m, r = settings(mnist.parser), settings(reflow.parser)
     assert r.keys() - m.keys() == {"teacher", "pairs"}
-    assert m.keys() - r.keys() == {"data", "limit", "handout", "pairing", "dequantize",
+    assert m.keys() - r.keys() == {"data", "limit", "handout", "pairing", "dequantize", "predict",
                                    "conditional", "label_drop", "guidance", "guidance_shape",
                                    "digit"}
     own = {"schedule": "linear", "t_dist": "half-zero", "out": "out/mnist-reflow", "nfe": 20}
