@@ -223,7 +223,8 @@ def draw_t(n, dist="uniform", mean=0.0, device="cpu"):
         while len(left):
             s = 1 - TAIL ** torch.rand(len(left), device=device)
             keep = torch.rand(len(left), device=device) < s
-            t[left[keep]], left = s[keep], left[~keep]
+            t[left[keep]] = s[keep]
+            left = left[~keep]
         return t
     raise ValueError(f"unknown distribution of t {dist!r}; known: {', '.join(T_DISTS)}")
 
@@ -862,6 +863,14 @@ def restore(model, weights, path):
         die(f"{path} does not hold weights for this script's {type(model).__name__}")
     return model
 
+def network_for(config, script):
+    """The untrained network that a run's settings (config) and script describe: a mean
+    flow's, or make_unet's (its labels, its Blend)."""
+    if script == "meanflow.py":
+        return MeanFlowUNet()
+    return make_unet(config.get("conditional"), config.get("predict", "v"),
+                     config.get("schedule", "cosine"))
+
 def load_model(path, device, raw=False, script=None, hint=None):
     """The U-Net of a checkpoint (in a Blend where it predicts one), for sampling: its moving
     average where it has one, unless raw, and the settings it was trained with. With script
@@ -876,9 +885,7 @@ def load_model(path, device, raw=False, script=None, hint=None):
     if isinstance(ckpt, dict):
         weights = ckpt.get("ema" if "ema" in ckpt and not raw else "model")
     config = (ckpt.get("config") if isinstance(ckpt, dict) else None) or {}
-    model = MeanFlowUNet() if written_by(ckpt) == "meanflow.py" else \
-        make_unet(config.get("conditional"), config.get("predict", "v"),
-                  config.get("schedule", "cosine"))
+    model = network_for(config, written_by(ckpt))
     if config.get("conditional") and isinstance(weights, dict) and "label.0.weight" not in weights:
         # a conditional U-Net saved before the label entered the later blocks: with those
         # shifts at 0 (as they start) it is exactly that U-Net
@@ -911,9 +918,7 @@ def resume(path, args, script):
     if isinstance(ckpt, dict) and "config" in ckpt and "optimizer" not in ckpt:
         die(f"{path} holds weights only, no optimiser state: it can --sample, not --resume")
     config = ckpt.get("config") if isinstance(ckpt, dict) else None
-    known = config if isinstance(config, dict) else {}
-    model = MeanFlowUNet() if script == "meanflow.py" else make_unet(
-        known.get("conditional"), known.get("predict", "v"), known.get("schedule", "cosine"))
+    model = network_for(config if isinstance(config, dict) else {}, script)
     model = restore(model, ckpt.get("model") if isinstance(ckpt, dict) else None, path)
     if not isinstance(config, dict):
         die(f"{path} has no training settings to resume from")

@@ -711,7 +711,9 @@ def main(argv=None):
                 if getattr(args, k) != parser.get_default(k)]
         if mine:
             die(f"--{mine[0]} is not for runs side by side (--also without --curve)")
-    if args.bpd and (args.translation or args.curve or args.also or args.path or args.guidance):
+    # --bpd and --clip-x1 are for one run folder of digits, not with another mode
+    other_mode = args.translation or args.curve or args.also or args.path or args.guidance
+    if args.bpd and other_mode:
         die("--bpd is for one run folder of digits alone (not with --translation, --curve, "
             "--also, --path or --guidance)")
     sampling = [k for k in ("nfe", "grids", "seeds", "dtype")
@@ -724,8 +726,7 @@ def main(argv=None):
     for k in ("first", "digits"):
         if getattr(args, k) and not args.bpd:
             die(f"--{k} is for --bpd")
-    if args.clip_x1 and (args.translation or args.curve or args.also or args.path
-                         or args.guidance):
+    if args.clip_x1 and other_mode:
         die("--clip-x1 is for --bpd or the sweep of one run folder of digits (not with "
             "--translation, --curve, --also, --path or --guidance)")
     if args.digits and (args.first or args.n):
