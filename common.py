@@ -53,17 +53,19 @@ def get_schedule(name):
 # -----------------------------------------------------------------------------
 # training: the loss, and the moving average of the weights that sampling uses
 
-def fm_loss(model, x0, x1, schedule, t=None):
+def fm_loss(model, x0, x1, schedule, t=None, reduce=True):
     """The flow matching loss (Eq. 4, generalised by Eq. 6) for one batch x0 ~ mu_0,
     x1 ~ mu_1, both (B, ...): each sample at its own time t (B,), by default t ~ U(0, 1)
-    as in the handout (the scripts draw t with draw_t, in the chapters below)."""
+    as in the handout (the scripts draw t with draw_t, in the chapters below). reduce=False:
+    each sample's own loss (B,) (section 8's ImportanceT weighs them)."""
     if t is None:
         t = torch.rand(len(x0), device=x0.device, dtype=x0.dtype)
     alpha, beta, dalpha, dbeta = (s.view(-1, *[1] * (x0.dim() - 1)) for s in schedule(t))
     xt = alpha * x0 + beta * x1          # a point on the path, Eq. 5
     target = dalpha * x0 + dbeta * x1    # its velocity dX_t/dt, Eq. 6 (X_1 - X_0 for linear)
     # under bf16 autocast the network answers in bf16; the error is taken in x0's precision
-    return (model(xt, t).to(target.dtype) - target).pow(2).mean()
+    error = (model(xt, t).to(target.dtype) - target).pow(2)
+    return error.mean() if reduce else error.flatten(1).mean(1)
 
 @torch.no_grad()
 def update_ema(ema, model, decay):
@@ -134,21 +136,23 @@ class UNet(nn.Module):
     n_classes > 0 (--conditional, make_unet) a label y enters the same way, as n_classes
     constant one-hot channels, and again at the input of each later block, as a learned
     number per channel and class added to every pixel (README, section 6); y = n_classes is
-    "no label": all of them 0."""
-    def __init__(self, c_in=1, c_out=1, n_classes=0):
+    "no label": all of them 0. width (section 8, --width): the channels of the first and last
+    blocks, twice as many in the middle; the handout's is 32."""
+    def __init__(self, c_in=1, c_out=1, n_classes=0, width=32):
         super().__init__()
         self.n_classes = n_classes
-        self.enc1 = DoubleConv(c_in + 1 + n_classes, 32)
-        self.enc2 = DoubleConv(32, 64)
-        self.mid = DoubleConv(64, 64)
-        self.up2 = nn.ConvTranspose2d(64, 64, 2, stride=2)
-        self.dec2 = DoubleConv(64, 32)
-        self.up1 = nn.ConvTranspose2d(32, 32, 2, stride=2)
-        self.dec1 = DoubleConv(32, 32)
-        self.out = nn.Conv2d(32, c_out, 1)
+        w, w2 = width, 2 * width  # the handout's 32 and 64
+        self.enc1 = DoubleConv(c_in + 1 + n_classes, w)
+        self.enc2 = DoubleConv(w, w2)
+        self.mid = DoubleConv(w2, w2)
+        self.up2 = nn.ConvTranspose2d(w2, w2, 2, stride=2)
+        self.dec2 = DoubleConv(w2, w)
+        self.up1 = nn.ConvTranspose2d(w, w, 2, stride=2)
+        self.dec1 = DoubleConv(w, w)
+        self.out = nn.Conv2d(w, c_out, 1)
         if n_classes:  # (n_classes + 1, channels) for enc2, mid, dec2, dec1; start at 0
             self.label = nn.ModuleList(nn.Embedding(n_classes + 1, c, padding_idx=n_classes)
-                                       for c in (32, 64, 64, 32))
+                                       for c in (w, w2, w2, w))
             for table in self.label:
                 nn.init.zeros_(table.weight)
 
@@ -167,11 +171,11 @@ class UNet(nn.Module):
         d1 = self.dec1(self.up1(d2) + e1 + shift[3])  # (B, 32, 28, 28), additive skip
         return self.out(d1)                           # (B, c_out, 28, 28)
 
-def make_unet(conditional=False, predict="v", schedule="cosine"):
+def make_unet(conditional=False, predict="v", schedule="cosine", width=32):
     """The handout's U-Net; a conditional one (section 6) reads the ten digits' labels too.
     predict="blend" (section 8): its output is a blend of the velocity and the digit along
-    `schedule`, turned into the velocity by Blend."""
-    net = UNet(n_classes=10 if conditional else 0)
+    `schedule`, turned into the velocity by Blend. width (section 8): UNet's."""
+    net = UNet(n_classes=10 if conditional else 0, width=width)
     return Blend(net, get_schedule(schedule)) if predict == "blend" else net
 
 # =============================================================================
@@ -615,6 +619,115 @@ def bits_per_dim(log_p, d):
     otherwise (papers: [0, 256) / 256) shift log p by their Jacobian: the same figure."""
     return math.log2(255 / 2) - log_p / (d * math.log(2))
 
+class ImportanceT:
+    """section 8: importance sampling of t for the linear path's likelihood bound J = int
+    lambda(t) E[L_t] dt, lambda = t / (1 - t) on [0, 1 - TAIL] (bound_variance). t is drawn
+    from q and each sample's loss weighted by lambda / (Z q), Z = int lambda, so the weighted
+    loss estimates J / Z (the scale of "elbo"'s loss, q = lambda / Z); q is learned as
+    training goes towards the q of least variance, proportional to lambda sqrt(E[L_t^2])
+    (Nichol and Dhariwal 2021; Song et al. 2021's q is "elbo"'s). t = 1 - TAIL^u with u in
+    n_bins equal bins (lambda dt/du = t ln(1 / TAIL)); bin k is drawn with probability p_k
+    proportional to the root mean square of t L_t over its last `history` losses, with a
+    share `floor` spread evenly, and evenly until every bin holds `history` losses: the
+    LossSecondMomentResampler of openai/improved-diffusion (resample.py; history 10, a share
+    of 0.001 where ours is 0.01), on bins of a continuous t."""
+    def __init__(self, n_bins=64, history=10, floor=0.01):
+        self.sq = torch.zeros(n_bins, history, dtype=torch.float64)  # (t L_t)^2, the last ones
+        self.seen = torch.zeros(n_bins, dtype=torch.long)  # losses recorded, by bin
+        self.floor = floor
+
+    def probabilities(self):
+        n_bins, history = self.sq.shape
+        if (self.seen < history).any():
+            return torch.full((n_bins,), 1 / n_bins, dtype=torch.float64)
+        p = self.sq.mean(1).sqrt()
+        return (1 - self.floor) * p / p.sum() + self.floor / n_bins
+
+    def draw(self, n, device="cpu"):
+        """n times (n,) and their weights lambda / (Z q) (n,)."""
+        p = self.probabilities()
+        k = torch.multinomial(p, n, replacement=True)
+        t = 1 - TAIL ** ((k + torch.rand(n, dtype=torch.float64)) / len(p))
+        Z = math.log(1 / TAIL) - (1 - TAIL)
+        weight = t * math.log(1 / TAIL) / (len(p) * p[k] * Z)  # lambda / (Z q), q in t
+        return t.float().to(device), weight.float().to(device)
+
+    def weigh(self, t, weight, losses):
+        """The batch's loss, the mean of weight * losses (each sample's, fm_loss's reduce=False),
+        after recording each (t L_t)^2 in its bin."""
+        n_bins, history = self.sq.shape
+        t, each = t.detach().cpu().double(), losses.detach().cpu().double()
+        bins = (torch.log1p(-t) / math.log(TAIL) * n_bins).long().clamp(0, n_bins - 1)
+        for k, v in zip(bins.tolist(), (t * each).pow(2).tolist()):
+            self.sq[k, self.seen[k] % history] = v
+            self.seen[k] += 1
+        return (weight * losses).mean()
+
+    def state_dict(self):
+        return {"sq": self.sq.clone(), "seen": self.seen.clone()}
+
+    def load_state_dict(self, state):
+        self.sq, self.seen = state["sq"].clone(), state["seen"].clone()
+
+def weighted_bits(log_p, d):
+    """bits_per_dim of log mean_k p_k, from log_p (K, n): K dequantisations of each of n
+    images. The uniform dequantisation as a proposal in importance weighting (Burda et al.
+    2016): log P(image) >= E log mean_k p(x + u_k) + d log(2/255), a bound that tightens as K
+    grows (for K = 1, bits_per_dim's) and reaches the model's own log P as K -> infinity.
+    The K = 1 figure lies above the model's own by at least its distance from this one (in
+    expectation): that looseness of the uniform dequantisation's bound is the most a better
+    dequantising distribution (Ho et al. 2019) could give back without retraining.
+    Hutchinson's estimate makes each p_k noisy, which biases log mean_k p_k up and the
+    distance with it; one probe for all K keeps their errors alike."""
+    return bits_per_dim(torch.logsumexp(log_p, 0) - math.log(len(log_p)), d)
+
+@torch.no_grad()
+def bound_variance(model, x1, n_t=64, batch=256, t_mean=-0.5, generator=None):
+    """section 8, importance sampling of t: how noisy one sample of the linear path's
+    likelihood bound J = int_0^(1 - TAIL) lambda(t) E[L_t] dt is, lambda(t) = t / (1 - t)
+    (Kingma et al. 2021; L_t: one pair's loss at t, fm_loss's mean square), when t is drawn
+    from q and weighted by lambda / q: V_q = int lambda^2 E[L_t^2] / q dt - J^2. Returned as
+    V_q / J^2 for the q of draw_t's "uniform", "logit-normal" (mean t_mean), "tail" and
+    "elbo" (q = lambda / Z, Song et al. 2021's importance sampling), and for "optimal": q
+    proportional to lambda sqrt(E[L_t^2]), the least variance (what ImportanceT learns from
+    the losses' second moment, Nichol and Dhariwal 2021), V = (int lambda sqrt(E[L_t^2]))^2
+    - J^2.
+    The integrals by the midpoint rule on n_t times t = 1 - TAIL^u, u uniform; E[L_t] and
+    E[L_t^2] each from `batch` pairs: x0 ~ N(0, I), x1 drawn from x1 (N, ...)."""
+    u = (torch.arange(n_t, dtype=torch.float64) + 0.5) / n_t
+    t = 1 - TAIL ** u
+    dt = (1 - t) * math.log(1 / TAIL) / n_t  # each time's share of [0, 1 - TAIL]
+    m, m2 = torch.zeros(n_t, dtype=torch.float64), torch.zeros(n_t, dtype=torch.float64)
+    for k in range(n_t):
+        b = x1[torch.randint(len(x1), (batch,), generator=generator)]
+        x0 = torch.randn(b.shape, generator=generator).to(b)
+        tk = torch.full((batch,), float(t[k])).to(b)
+        a, bt, da, db = (s.view(-1, *[1] * (b.dim() - 1)) for s in linear(tk))
+        loss = (model(a * x0 + bt * b, tk).to(b) - (da * x0 + db * b)).pow(2).flatten(1).mean(1)
+        m[k], m2[k] = loss.double().mean(), loss.double().pow(2).mean()
+    lam = t / (1 - t)
+    J = (lam * m * dt).sum()
+    out = {}
+    for dist in ("uniform", "logit-normal", "tail", "elbo"):
+        q = t_density(t, dist, t_mean)
+        out[dist] = float((lam ** 2 * m2 / q * dt).sum() / J ** 2 - 1)
+    out["optimal"] = float((lam * m2.sqrt() * dt).sum() ** 2 / J ** 2 - 1)
+    return out
+
+def t_density(t, dist, mean=0.0):
+    """The density of draw_t(n, dist, mean) at t in (0, 1 - TAIL], for "uniform",
+    "logit-normal", "tail" and "elbo"."""
+    if dist == "uniform":
+        return torch.ones_like(t)
+    if dist == "logit-normal":  # z = logit(t) ~ N(mean, 1), dz/dt = 1 / (t (1 - t))
+        z = torch.logit(t) - mean
+        return torch.exp(-z ** 2 / 2) / math.sqrt(2 * math.pi) / (t * (1 - t))
+    if dist == "tail":  # half U(0, 1), half 1 - t log-uniform in [TAIL, 1]
+        return 0.5 + 0.5 / ((1 - t) * math.log(1 / TAIL))
+    if dist == "elbo":  # t / (1 - t) / Z, Z = its integral over [0, 1 - TAIL]
+        return t / (1 - t) / (math.log(1 / TAIL) - (1 - TAIL))
+    raise ValueError(f"no density for the distribution of t {dist!r}")
+
 # =============================================================================
 # plumbing: what the scripts need around the maths, which a learner can skip
 # =============================================================================
@@ -869,7 +982,7 @@ def network_for(config, script):
     if script == "meanflow.py":
         return MeanFlowUNet()
     return make_unet(config.get("conditional"), config.get("predict", "v"),
-                     config.get("schedule", "cosine"))
+                     config.get("schedule", "cosine"), config.get("width", 32))
 
 def load_model(path, device, raw=False, script=None, hint=None):
     """The U-Net of a checkpoint (in a Blend where it predicts one), for sampling: its moving
@@ -901,7 +1014,7 @@ def load_model(path, device, raw=False, script=None, hint=None):
 # settings newer than some checkpoints, by script: what a run saved before them trained with
 OLDER = {"mnist.py": {"t_dist": "uniform", "t_mean": 0.0, "warmup": None, "clip": None,
                       "pairing": "random", "conditional": False, "label_drop": 0.1,
-                      "dequantize": False, "predict": "v"},
+                      "dequantize": False, "predict": "v", "width": 32, "importance": False},
          "translate.py": {"t_dist": "uniform", "t_mean": 0.0, "warmup": None, "clip": None,
                           "pairing": "random", "conditional": False, "label_drop": 0.1,
                           "sigma": 0.0},

@@ -52,7 +52,7 @@ from common import (GRIDS, GUIDANCE_SHAPE, SHAPES, SOLVERS, ClippedX1, MeanFlowU
                     generate_mean, get_schedule, guess_x1, load_checkpoint, load_images,
                     load_model, log_likelihood, nfe, non_negative_float, pick_device, pick_dtype,
                     plan, positive_int, rademacher, save_grid, steps_within, straightness,
-                    time_grid)
+                    time_grid, weighted_bits)
 
 GARMENTS = ["T-shirt", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
             "Boot"]
@@ -101,6 +101,10 @@ add("--digits", type=int, nargs="+", metavar="I", help="with --bpd: these test i
 add("--clip-x1", action="store_true", help="with --bpd, or a run folder's sweep of solvers: the "
     "field with its guess of x1 held to the dequantised digits' range (common.ClippedX1; "
     "README, section 8; the sweep writes nfe-clip.csv)")
+add("--draws", type=positive_int, default=1, metavar="K", help="with --bpd: K dequantisations of "
+    "each digit, one probe, K times the time: the figures are their mean, and beside it the "
+    "bound importance-weighted over them, log mean_k p (Burda et al. 2016; README, section 8), "
+    "tighter with K (default: %(default)s)")
 add("--steps", type=positive_int, default=100, help="with --bpd: midpoint steps from t = 1 back to "
     "t = 0 (default: %(default)s)")
 add("--also", nargs="+", metavar="RUN", help="more runs in the same picture: with --curve, their "
@@ -118,7 +122,7 @@ add("--epochs", type=positive_int, default=2, help="the classifier's training ep
 add("--seed", type=int, default=0, help="seeds the classifier's training, the 'noise' images "
     "and --bpd's dequantisation and probes")
 RUN_ONLY = ("nfe", "grids", "seeds", "raw", "path", "curve", "also", "dtype", "guidance",
-            "guidance_shape", "bpd", "steps", "first", "digits", "clip_x1")
+            "guidance_shape", "bpd", "steps", "first", "digits", "clip_x1", "draws")
 
 class Classifier(nn.Module):
     """Two conv layers and two linear ones; features() is the 128-d layer FID compares."""
@@ -462,13 +466,15 @@ def bpd_order(n_test=10000, chosen_on=100, seed=2026):
 def bits(args, model, device):
     """--bpd: N MNIST test images (--n, 100) in bpd_order's order (--first: the first N;
     --digits: those named), each dequantised (common.dequantize) and given one Rademacher
-    probe (--seed's, in that order), their log-likelihood under the flow
-    (common.log_likelihood, float32, TF32 off on GPUs; --steps midpoint steps and half as
-    many; --clip-x1: of common.ClippedX1's field) in bits per dimension. The mean, as the papers
-    give it, with its standard error (the spread of the per-image figures over sqrt(N): the
-    images', the dequantisations' and the probes' together), beside the median and the digits
-    above 4 bits per dimension (a hole in the density drags the mean far more than the
-    median). Each image's figures go into RUN/bpd.csv. The last line begins with "bpd"."""
+    probe (--seed's, in that order; --draws K: K - 1 more dequantisations after these), their
+    log-likelihood under the flow (common.log_likelihood, float32, TF32 off on GPUs; --steps
+    midpoint steps and half as many; --clip-x1: of common.ClippedX1's field) in bits per
+    dimension, averaged over the K draws. The mean, as the papers give it, with its standard
+    error (the spread of the per-image figures over sqrt(N): the images', the dequantisations'
+    and the probes' together), beside the median and the digits above 4 bits per dimension (a
+    hole in the density drags the mean far more than the median). With K > 1 also the bound
+    importance-weighted over the draws, log mean_k p_k (common.weighted_bits). Each image's
+    figures go into RUN/bpd.csv. The last line begins with "bpd"."""
     n, steps = len(args.digits) if args.digits else args.n or 100, args.steps
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     g = torch.Generator().manual_seed(args.seed)
@@ -479,29 +485,41 @@ def bits(args, model, device):
         die(f"--digits: MNIST's test images are 0 to {len(x) - 1}")
     index = torch.tensor(args.digits) if args.digits else \
         torch.arange(n) if args.first else bpd_order(len(x))[:n]
-    x = dequantize(x[index], g)
-    probe = rademacher(x.shape, g)
+    draws = [dequantize(x[index], g)]
+    probe = rademacher(draws[0].shape, g)  # one probe for all draws: its error moves them alike
+    draws += [dequantize(x[index], g) for _ in range(args.draws - 1)]
     d, t0, out = x[0].numel(), time.time(), {}
     for k in (steps // 2, steps):
-        log_p = torch.cat([log_likelihood(model, xc.to(device), k, zc.to(device)).cpu()
-                           for xc, zc in zip(x.split(100), probe.split(100))])
-        out[k] = bits_per_dim(log_p.double(), d)
+        log_p = torch.stack([torch.cat([log_likelihood(model, xc.to(device), k, zc.to(device))
+                                        .cpu() for xc, zc in zip(xs.split(100), probe.split(100))])
+                             for xs in draws]).double()  # (K, n)
+        out[k] = bits_per_dim(log_p, d).mean(0)
     b, seconds = out[steps], time.time() - t0
-    write_csv([{"digit": i, "bpd": round(v, 4), "bpd_half_steps": round(h, 4)}
-               for i, v, h in zip(index.tolist(), b.tolist(), out[steps // 2].tolist())],
+    weighted = weighted_bits(log_p, d)
+    write_csv([{"digit": i, "bpd": round(v, 4), "bpd_half_steps": round(h, 4),
+                **({"bpd_weighted": round(w, 4)} if args.draws > 1 else {})}
+               for i, v, h, w in zip(index.tolist(), b.tolist(), out[steps // 2].tolist(),
+                                     weighted.tolist())],
               os.path.join(args.samples, "bpd.csv"))
     holes = index[b > 4].tolist()
-    print(f"{n} images, {seconds:.0f} s{', the guess of x1 clipped' * args.clip_x1}; bits per "
+    print(f"{n} images{f' x {args.draws} dequantisations' * (args.draws > 1)}, {seconds:.0f} s"
+          f"{', the guess of x1 clipped' * args.clip_x1}; bits per "
           f"dimension: {out[steps // 2].mean():.4f} at {steps // 2} steps, {b.mean():.4f} at "
           f"{steps}; median {b.quantile(0.5):.4f}; "
           f"{len(holes)} above 4{f' (test digits {holes[:10]})' if holes else ''}; "
           f"each digit's in {os.path.join(args.samples, 'bpd.csv')}")
+    if args.draws > 1:
+        print(f"{args.draws} dequantisations of each digit: importance-weighted over them "
+              f"{weighted.mean():.4f} +- {weighted.std() / math.sqrt(n):.4f} bits per dimension, "
+              f"{(b - weighted).mean():.4f} +- {(b - weighted).std() / math.sqrt(n):.4f} below "
+              f"their mean (at {steps} steps)")
     print(f"bpd {b.mean():.4f} +- {b.std() / math.sqrt(n):.4f} (standard error over the images, "
           f"dequantisations and probes; {steps} midpoint steps moved it by "
           f"{b.mean() - out[steps // 2].mean():+.4f} from {steps // 2})")
     return {"bpd": b.mean().item(), "se": (b.std() / math.sqrt(n)).item(),
             "half": out[steps // 2].mean().item(), "median": b.quantile(0.5).item(),
-            "holes": holes, "digits": index.tolist(), "seconds": seconds}
+            "holes": holes, "digits": index.tolist(), "seconds": seconds,
+            "weighted": weighted.mean().item()}
 
 def read_scores(path):
     """The scores of an earlier curve.csv by the row's key (curve_key). A row that does not
@@ -721,8 +739,9 @@ def main(argv=None):
     if args.bpd and sampling:  # the density: float32, its own steps and --seed's probes
         die(f"--{sampling[0]} is for sampling; --bpd integrates in float32 with --steps midpoint "
             f"steps (--seed: its dequantisation and probes)")
-    if args.steps != parser.get_default("steps") and not args.bpd:
-        die("--steps is for --bpd")
+    for k in ("steps", "draws"):
+        if getattr(args, k) != parser.get_default(k) and not args.bpd:
+            die(f"--{k} is for --bpd")
     for k in ("first", "digits"):
         if getattr(args, k) and not args.bpd:
             die(f"--{k} is for --bpd")

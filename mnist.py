@@ -24,9 +24,11 @@ import torch
 
 # the lesson: the handout's maths, and our recipe's moving average (common.py's first part)
 from common import SCHEDULES, fm_loss, get_schedule, make_unet, update_ema
-# the chapters: t (README, section 3), samplers (appendix D), OT (4), labels (6), dequantising (8)
+# the chapters: t (README, section 3), samplers (appendix D), OT (4), labels (6), dequantising
+# and importance sampling (8)
 from common import (GRIDS, GUIDANCE, GUIDANCE_SHAPE, GUIDED_NFE, SHAPES, SOLVERS,
-                    STRIP, T_DISTS, dequantize, draw_t, drop_labels, ot_pairing, plan, time_grid)
+                    STRIP, T_DISTS, ImportanceT, dequantize, draw_t, drop_labels, ot_pairing, plan,
+                    time_grid)
 # plumbing, which a learner can skip
 from common import (Help, atomic_save, autocast, check_guidance_flags, check_loss, check_memory,
                     check_weights, decay, die, finite_float, fixed_noise, generate, guidance,
@@ -77,7 +79,7 @@ HANDOUT = {"t_dist": "uniform", "batch_size": 128, "ema": 0.0, "solver": "euler"
            "grid": "uniform"}
 add("--handout", action="store_true", help="the handout's recipe as we run it: " + " ".join(
     f"--{k.replace('_', '-')} {v}" for k, v in HANDOUT.items()) + "; a setting given wins")
-# the chapters: OT pairs (README, section 4), dequantising and Blend (8), labels, guidance (6)
+# the chapters: OT pairs (README, section 4), dequantising, Blend, width (8), labels, guidance (6)
 add("--pairing", default="random", choices=["random", "ot"], help="noise and digits paired "
     "independently, or re-paired in each batch by optimal transport (--conditional: by class)")
 add("--dequantize", action="store_true", help="each digit's pixels moved uniformly within their "
@@ -85,6 +87,11 @@ add("--dequantize", action="store_true", help="each digit's pixels moved uniform
 add("--predict", default="v", choices=["v", "blend"], help="what the U-Net's output is: the "
     "velocity v, or beta_t x1 + (1 - beta_t) v, the digit near the data (section 8's Blend; "
     "always float32)")
+add("--importance", action="store_true", help="instead of --t-dist (with --schedule linear): t "
+    "for the likelihood's bound, drawn in proportion to the root mean square of its weighted "
+    "terms, each loss weighted (section 8's ImportanceT)")
+add("--width", type=positive_int, default=32, help="the U-Net's channels in its first and last "
+    "blocks, twice as many in the middle (the handout's: 32; section 8)")
 add("--conditional", action="store_true", help="learn each digit's class too (ten one-hot maps, "
     "a learned shift at each later block), 'no label' with probability --label-drop")
 add("--label-drop", type=probability, default=0.1, metavar="P", help="how often a label is dropped")
@@ -106,15 +113,23 @@ def main(argv=None):
     if args.sample:  # no training: draw from a trained run
         return draw(args, ckpt_path, device, dtype)
     check_guidance_flags(args)  # --digit is for --sample, --guidance for a conditional model
+    if args.importance and args.schedule != "linear":
+        die("--importance weighs t by the linear schedule's bound: add --schedule linear")
+    if args.importance and any(a.startswith(("--t-dist", "--t-mean"))
+                               for a in (sys.argv[1:] if argv is None else argv)):
+        die("--importance draws t itself: leave out --t-dist and --t-mean")
 
     # -------------------------------------------------------------------------
     # set-up: a fresh U-Net, or with --resume the one in OUT/ckpt.pt and its settings
     torch.manual_seed(args.seed)
-    model, ckpt = make_unet(args.conditional, args.predict, args.schedule), None
+    ckpt = None
     if args.resume:
         ckpt, args, model = resume(ckpt_path, args, "mnist.py")
     elif os.path.exists(ckpt_path):
         die(f"{ckpt_path} exists: add --resume to continue that run, or choose another --out")
+    else:  # about 200 W^2 parameters, each held 5 times: weights, gradients, Adam's 2, average
+        check_memory(5 * 4 * 200 * args.width ** 2, f"--width {args.width}", device)
+        model = make_unet(args.conditional, args.predict, args.schedule, args.width)
     make_dir(args.out)
 
     # -------------------------------------------------------------------------
@@ -134,6 +149,9 @@ def main(argv=None):
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     ema = copy.deepcopy(model).requires_grad_(False) if args.ema else None
     start = restore_state(ckpt, opt, ema, device) if ckpt else 0  # epochs done
+    learned = ImportanceT() if args.importance else None  # section 8: where t is drawn
+    if learned and ckpt:
+        learned.load_state_dict(ckpt["importance"])
     schedule = get_schedule(args.schedule)
     if args.predict == "blend":  # section 8: Blend runs in float32 whatever --dtype says
         dtype = torch.float32
@@ -165,9 +183,14 @@ def main(argv=None):
                 if args.conditional:         # section 6: the class, or "no label" (--label-drop)
                     y = drop_labels(y, args.label_drop)
                     net = lambda xt, t: model(xt, t, y)
-                t = draw_t(len(x1), args.t_dist, args.t_mean, device)  # each sample's time
+                if learned:                  # section 8: t for the bound, and each one's weight
+                    t, weight = learned.draw(len(x1), device)
+                else:
+                    t = draw_t(len(x1), args.t_dist, args.t_mean, device)  # each sample's time
                 with autocast(device, dtype):
-                    loss = fm_loss(net, x0, x1, schedule, t)            # Eq. 4
+                    loss = fm_loss(net, x0, x1, schedule, t, reduce=not learned)  # Eq. 4
+                if learned:                  # the weighted mean; each loss tells q where to look
+                    loss = learned.weigh(t, weight, loss)
                 total += loss.item() * len(idx)
                 check_loss(total, loss, step, epoch + 1, args.lr)  # before it can spoil the weights
                 opt.zero_grad(set_to_none=True)
@@ -196,11 +219,13 @@ def main(argv=None):
                 "script": "mnist.py", "model": model.state_dict(),
                 "optimizer": opt.state_dict(), "config": vars(args),
                 **({"ema": ema.state_dict()} if ema is not None else {}),
+                **({"importance": learned.state_dict()} if learned else {}),
                 "epoch": epoch + 1, "rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else [],
             }, ckpt_path)
             saved = epoch + 1
-            # and the sampling weights alone (0.8 MB), one file per epoch: evaluate.py --curve
+            # and the sampling weights alone (0.8 MB at --width 32), one file per epoch, for
+            # evaluate.py --curve
             atomic_save({"script": "mnist.py", "ema" if ema is not None else "model":
                          sampler.state_dict(), "config": vars(args), "epoch": epoch + 1},
                         os.path.join(args.out, f"epoch{epoch + 1:03d}.pt"))

@@ -191,6 +191,9 @@ def load_teacher(run, device):
                                  script=("mnist.py", "reflow.py"), hint="")
     if config.get("conditional"):
         die(f"--teacher {run} is a conditional run; reflow learns an unconditional one")
+    if config.get("width", 32) != 32 or config.get("predict", "v") != "v":
+        die(f"--teacher {run} is not the handout's U-Net (--width or --predict); the student "
+            f"starts as the teacher, a U-Net of width 32 that predicts the velocity")
     return teacher, config
 
 def make_pairs(args, device, dtype):

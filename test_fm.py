@@ -394,11 +394,11 @@ def test_mnist_resumed_after_a_kill_ends_with_the_same_weights(mnist_data, tmp_p
     run_mnist(mnist_data, tmp_path / "a", "--epochs", "3", *extra)  # never interrupted
     # the same run, killed in the middle of epoch 2 (48 images / 16 = 3 steps an epoch)
     calls = {"n": 0}
-    def dying_loss(*a):
+    def dying_loss(*a, **kw):
         calls["n"] += 1
         if calls["n"] == 5:
             raise Killed  # as if the process were killed: nothing after this line runs
-        return fm_loss(*a)
+        return fm_loss(*a, **kw)
     monkeypatch.setattr(mnist, "fm_loss", dying_loss)
     with pytest.raises(Killed):
         run_mnist(mnist_data, tmp_path / "b", "--epochs", "3", *extra)
@@ -1108,6 +1108,105 @@ def test_the_distribution_of_t_in_training(t_dist, below_01):
         above = {"tail": 0.1717, "elbo": 0.3882}[t_dist]
         assert (t > 0.99).double().mean().item() == pytest.approx(above, abs=0.004)
 
+@pytest.mark.parametrize("t_dist", ["uniform", "logit-normal", "tail", "elbo"])
+def test_t_density_is_the_density_draw_t_draws_from(t_dist):
+    # the share of 400,000 draws in each interval against t_density's integral over it
+    torch.manual_seed(0)
+    t = common.draw_t(400_000, t_dist, -0.5)
+    edges = [0.05, 0.3, 0.6, 0.9, 0.99, 0.998]
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        grid = torch.linspace(lo, hi, 100_001, dtype=torch.float64)
+        mass = torch.trapezoid(common.t_density(grid, t_dist, -0.5), grid).item()
+        assert ((t >= lo) & (t < hi)).double().mean().item() == pytest.approx(mass, abs=0.004)
+
+def test_the_variance_of_the_bound_s_estimator_closed_forms():
+    # x1 = 0 in d = 784 dimensions, linear path: the target is -x0 and L_t = g(t)^2 |x0|^2 / d
+    # for a model that leaves g(t) of it, so E[L_t] = g^2 and E[L_t^2] = g^4 (1 + 2 / d). With
+    # lambda = t / (1 - t) on [0, b], b = 1 - T, T = TAIL: Z = int lambda = ln(1 / T) - b.
+    # g = 1 (the zero model): elbo's q = lambda / Z and the optimal one both leave 2 / d, and
+    # U(0, 1) (1 + 2 / d) Z^-2 int lambda^2 - 1, int lambda^2 = 1 / T + 2 ln T - T;
+    # g = 1 - t: the optimal q still 2 / d, elbo's (1 + 2 / d) Z A / B^2 - 1, where
+    # A = int lambda g^4 = 1/20 - T^4 / 4 + T^5 / 5 and B = int lambda g^2 = b^2 / 2 - b^3 / 3
+    class Left(torch.nn.Module):  # the model whose error is g(t) times the target's
+        def __init__(self, g):
+            super().__init__()
+            self.g = g
+
+        def forward(self, x, t):
+            t = t.view(-1, 1, 1)
+            return -x / (1 - t) * (1 - self.g(t))  # (1 - g) times -x0 = -x / (1 - t)
+    T, d = common.TAIL, 784
+    b, Z = 1 - T, math.log(1 / T) - (1 - T)
+    x1 = torch.zeros(8, 1, d)
+    v = common.bound_variance(Left(lambda t: torch.ones_like(t)), x1,
+                              generator=torch.Generator().manual_seed(0))
+    assert v["uniform"] == pytest.approx((1 + 2 / d) * (1 / T + 2 * math.log(T) - T) / Z ** 2
+                                         - 1, rel=0.01)
+    assert v["elbo"] == pytest.approx(2 / d, rel=0.15)
+    assert v["optimal"] == pytest.approx(2 / d, rel=0.15)
+    assert v["logit-normal"] > 1e6  # it almost never looks where lambda is large
+    v = common.bound_variance(Left(lambda t: 1 - t), x1,
+                              generator=torch.Generator().manual_seed(0))
+    A, B = 1 / 20 - T ** 4 / 4 + T ** 5 / 5, b ** 2 / 2 - b ** 3 / 3
+    assert v["elbo"] == pytest.approx((1 + 2 / d) * Z * A / B ** 2 - 1, rel=0.02)
+    assert v["optimal"] == pytest.approx(2 / d, rel=0.15)
+    # an error of 1 - t on every pixel, whatever x0: L_t = (1 - t)^2 exactly, so the optimal q
+    # leaves no variance at all, elbo's Z A / B^2 - 1, U(0, 1)'s C / B^2 - 1 with C = int
+    # lambda^2 (1 - t)^4 = b^3 / 3 - b^4 / 2 + b^5 / 5
+    off = lambda x, t: -x / (1 - t.view(-1, 1, 1)) + (1 - t.view(-1, 1, 1))
+    v = common.bound_variance(off, x1, generator=torch.Generator().manual_seed(0))
+    C = b ** 3 / 3 - b ** 4 / 2 + b ** 5 / 5
+    assert abs(v["optimal"]) < 1e-9
+    assert v["elbo"] == pytest.approx(Z * A / B ** 2 - 1, rel=0.01)
+    # (U(0, 1)'s integrand t^2 (1 - t)^3 dt/du lies mostly in the first 5 of the 64 times in u)
+    assert v["uniform"] == pytest.approx(C / B ** 2 - 1, rel=0.05)
+
+def test_importance_sampling_of_t_is_unbiased_and_learns_the_least_variance():
+    # L_t = 1 - t, linear path: the bound's loss J / Z = int_0^b t dt / Z = b^2 / (2 Z), b = 1 - T
+    torch.manual_seed(0)
+    T = common.TAIL
+    Z = math.log(1 / T) - (1 - T)
+    learned = common.ImportanceT(history=500)
+    t, w = learned.draw(200_000)
+    assert torch.allclose(learned.probabilities(), torch.full((64,), 1 / 64, dtype=torch.float64))
+    assert 0 <= t.min() and t.max() <= 1 - T
+    assert (w * (1 - t)).mean().item() == pytest.approx((1 - T) ** 2 / (2 * Z), rel=0.01)
+    assert w.mean().item() == pytest.approx(1, rel=0.01)  # L = 1: J / Z = 1
+    loss = learned.weigh(t, w, 1 - t)  # every bin now holds 500 losses: q is learned
+    assert loss.item() == pytest.approx((w * (1 - t)).mean().item())
+    # p_k proportional to the root mean square of t L_t = t (1 - t) in bin k, 1% spread evenly
+    u = (torch.arange(64, dtype=torch.float64) + 0.5) / 64
+    mid = 1 - T ** u
+    p = learned.probabilities()
+    rms = (p - 0.01 / 64) / 0.99
+    assert rms[1:].tolist() == pytest.approx((mid * (1 - mid) / (mid * (1 - mid)).sum()
+                                              * rms.sum())[1:].tolist(), rel=0.01)
+    t, w = learned.draw(200_000)
+    estimate = w * (1 - t)
+    assert estimate.mean().item() == pytest.approx((1 - T) ** 2 / (2 * Z), rel=0.01)
+    # against "elbo"'s q = lambda / Z, whose weight is 1: the estimate is L_t itself
+    elbo = 1 - common.draw_t(200_000, "elbo")
+    assert estimate.var().item() < 0.01 * elbo.var().item()  # measured: 0.0016 times
+    state = learned.state_dict()
+    again = common.ImportanceT(history=500)
+    again.load_state_dict(state)
+    assert torch.equal(again.probabilities(), p)
+    # the second moment, not the mean: L_t = (1 - t) B / s, B ~ Bernoulli(s), s = 1/2 in the
+    # first 32 bins and 1 in the others: E[L_t] = 1 - t everywhere, E[L_t^2] = (1 - t)^2 / s
+    learned = common.ImportanceT(history=2000)  # each bin's last 2000 of about 3,125
+    t, w = learned.draw(200_000)
+    s = torch.where(torch.log1p(-t) / math.log(T) < 0.5, 0.5, 1.0)
+    learned.weigh(t, w, (1 - t) * (torch.rand(len(t)) < s) / s)
+    rms = (learned.probabilities() - 0.01 / 64) / 0.99
+    expect = mid * (1 - mid) * torch.where(u < 0.5, math.sqrt(2), 1.0)
+    assert rms[1:].tolist() == pytest.approx((expect / expect.sum() * rms.sum())[1:].tolist(),
+                                             rel=0.05)
+    # fm_loss's reduce=False: each sample's loss, whose mean is the loss
+    model, x0, x1 = common.MLP(), torch.randn(5, 2), torch.randn(5, 2)
+    each = common.fm_loss(model, x0, x1, linear, t[:5], reduce=False)
+    assert each.shape == (5,) and each.mean().item() == pytest.approx(
+        common.fm_loss(model, x0, x1, linear, t[:5]).item())
+
 def test_unknown_distribution_of_t_is_a_clear_error():
     with pytest.raises(ValueError,
                        match="unknown distribution of t 'beta'; known: uniform, logit-normal"):
@@ -1685,6 +1784,9 @@ def test_reflow_bad_input_is_one_line(mnist_data, tmp_path):
     run_mnist(mnist_data, tmp_path / "cond", "--epochs", "1", "--conditional", "--limit", "16")
     expect_error("is a conditional run; reflow learns an unconditional one", run_reflow,
                  tmp_path / "o", "--teacher", str(tmp_path / "cond"))
+    run_mnist(mnist_data, tmp_path / "wide", "--epochs", "1", "--width", "8", "--limit", "16")
+    expect_error("is not the handout's U-Net (--width or --predict)", run_reflow,
+                 tmp_path / "o", "--teacher", str(tmp_path / "wide"))
     run_translate(write_idx(mnist_data, "FashionMNIST", n_train=40, n_test=24, seed=1),
                   tmp_path / "t", "--epochs", "1", "--limit", "16")
     expect_error("is a run of translate.py, not of mnist.py or reflow.py", run_reflow,
@@ -1946,9 +2048,9 @@ def test_dequantize_trains_on_each_digit_moved_within_its_grey_levels_bins(mnist
                                                                           monkeypatch):
     import mnist
     targets = []
-    def recording_loss(model, x0, x1, *rest):
+    def recording_loss(model, x0, x1, *rest, **kw):
         targets.append(x1.flatten(1))
-        return fm_loss(model, x0, x1, *rest)
+        return fm_loss(model, x0, x1, *rest, **kw)
     monkeypatch.setattr(mnist, "fm_loss", recording_loss)
     run_mnist(mnist_data, tmp_path / "o", "--epochs", "2", "--dequantize")
     x1 = torch.cat(targets)
@@ -2006,30 +2108,65 @@ def test_the_clipped_field_ends_at_the_clipped_guess(sched):
     v, div = common.divergence(common.ClippedX1(field, sched), x, torch.tensor(1.0).double())
     assert torch.isfinite(v).all() and torch.isfinite(div).all()
 
+def linear_run(folder, lam):
+    """A run folder of mnist.py, linear schedule, whose field is dx/dt = lam x (linear_unet)."""
+    folder.mkdir(exist_ok=True)
+    torch.save({"script": "mnist.py", "ema": linear_unet(lam, 0.0).state_dict(),
+                "config": {"schedule": "linear"}}, folder / "ckpt.pt")
+    return str(folder)
+
 def test_evaluate_bpd_clipped_of_a_field_whose_guess_stays_in_range(evaluated, tmp_path, capsys):
     # dx/dt = -x (linear schedule): run back from x_1, x_t = x_1 e^(1 - t), and the guess of x1,
     # x + (1 - t) v = t e^(1 - t) x_1, is never larger than x_1: clipping leaves the field alone,
     # so --clip gives the closed form log p_1(x_1) = log N(e x_1; 0, I) + 784
     run, data = evaluated[:2]
-    out = tmp_path / "run"
-    out.mkdir()
-    torch.save({"script": "mnist.py", "ema": linear_unet(-1.0, 0.0).state_dict(),
-                "config": {"schedule": "linear"}}, out / "ckpt.pt")
+    out = linear_run(tmp_path / "run", -1.0)
     capsys.readouterr()
-    r = run(str(out), "--bpd", "--n", "4", "--steps", "40", "--clip-x1")
+    r = run(out, "--bpd", "--n", "4", "--steps", "40", "--clip-x1")
     assert ", the guess of x1 clipped;" in capsys.readouterr().out
     x1 = common.dequantize(common.load_images("MNIST", str(data), train=False)[r["digits"]],
                            torch.Generator().manual_seed(0)).double()
     log_p = common.standard_normal_log_density(x1 * math.e) + 784
     exact = math.log2(127.5) - log_p / (784 * math.log(2))
     assert r["bpd"] == pytest.approx(exact.mean().item(), abs=3e-3)  # float32, 40 steps
-    assert r["bpd"] == run(str(out), "--bpd", "--n", "4", "--steps", "40")["bpd"]  # untouched
+    assert r["bpd"] == run(out, "--bpd", "--n", "4", "--steps", "40")["bpd"]  # untouched
     # dx/dt = -3 x: the guess (1 - 3 (1 - t)) e^(3 (1 - t)) x_1 leaves the range: --clip-x1 bends it
-    torch.save({"script": "mnist.py", "ema": linear_unet(-3.0, 0.0).state_dict(),
-                "config": {"schedule": "linear"}}, out / "ckpt.pt")
-    plain = run(str(out), "--bpd", "--n", "2", "--steps", "20")["bpd"]
-    assert run(str(out), "--bpd", "--n", "2", "--steps", "20", "--clip-x1")["bpd"] != pytest.approx(
+    out = linear_run(tmp_path / "run", -3.0)
+    plain = run(out, "--bpd", "--n", "2", "--steps", "20")["bpd"]
+    assert run(out, "--bpd", "--n", "2", "--steps", "20", "--clip-x1")["bpd"] != pytest.approx(
         plain, abs=0.01)
+
+def test_evaluate_bpd_importance_weighted_over_dequantisations(evaluated, tmp_path, capsys):
+    # dx/dt = -x (linear schedule): log p_1(x_1) = log N(e x_1; 0, I) + 784 for any x_1, so
+    # each of the K draws' figures, their mean and the bound weighted over them, bits_per_dim
+    # of log mean_k p_k, are closed forms; the weighted one is below the mean (Jensen)
+    run, data = evaluated[:2]
+    out = linear_run(tmp_path / "run", -1.0)
+    capsys.readouterr()
+    r = run(out, "--bpd", "--n", "4", "--steps", "40", "--draws", "3")
+    assert "3 dequantisations of each digit: importance-weighted over them " in \
+        capsys.readouterr().out
+    g = torch.Generator().manual_seed(0)  # --seed 0: the first draw, the probe, the others
+    x = common.load_images("MNIST", str(data), train=False)[r["digits"]]
+    draws = [common.dequantize(x, g)]
+    common.rademacher(x.shape, g)
+    draws += [common.dequantize(x, g) for _ in range(2)]
+    log_p = torch.stack([common.standard_normal_log_density(x1.double() * math.e) + 784
+                         for x1 in draws])  # (3, 4)
+    each = math.log2(127.5) - log_p / (784 * math.log(2))
+    weighted = math.log2(127.5) - (log_p.logsumexp(0) - math.log(3)) / (784 * math.log(2))
+    assert r["bpd"] == pytest.approx(each.mean().item(), abs=3e-3)  # float32, 40 steps
+    assert r["weighted"] == pytest.approx(weighted.mean().item(), abs=3e-3)
+    gain = (each.mean(0) - weighted).mean().item()
+    assert gain > 1e-4 and r["bpd"] - r["weighted"] == pytest.approx(gain, rel=0.05)
+    with open(os.path.join(out, "bpd.csv")) as f:
+        rows = list(csv.DictReader(f))
+    assert [float(row["bpd_weighted"]) for row in rows] == pytest.approx(weighted.tolist(),
+                                                                         abs=3e-3)
+    assert r["bpd"] == pytest.approx(  # the first draw alone is --draws 1's figure
+        run(out, "--bpd", "--n", "4", "--steps", "40")["bpd"] + (each.mean() - each[0].mean())
+        .item(), abs=1e-4)
+    expect_error("--draws is for --bpd", run, out, "--draws", "2")
 
 def blend_of(field, sched):
     """The network a Blend needs to give `field`: F = beta x1_hat + (1 - beta) v, x1_hat the
@@ -2091,6 +2228,38 @@ def test_blend_runs_in_float32_under_bf16_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         cast = model(x, t)
     assert cast.dtype == torch.float32 and torch.equal(cast, plain)
+
+def test_mnist_importance_and_width_train_and_resume_exactly(mnist_data, tmp_path, monkeypatch):
+    # a narrow U-Net (--width 8) trained with t from ImportanceT (2 bins of 2 losses, so that q
+    # is learned within the first epoch): 2 epochs straight, and 1 then --resume 1 more, end
+    # with the same weights and the same learned sampler
+    import mnist
+    monkeypatch.setattr(mnist, "ImportanceT", lambda: common.ImportanceT(n_bins=2, history=2))
+    flags = ["--schedule", "linear", "--dequantize", "--importance", "--width", "8",
+             "--limit", "32"]
+    run_mnist(mnist_data, tmp_path / "a", "--epochs", "2", *flags)
+    run_mnist(mnist_data, tmp_path / "b", "--epochs", "1", *flags)
+    run_mnist(mnist_data, tmp_path / "b", "--epochs", "2", "--resume")
+    a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in "ab")
+    assert a["model"]["enc1.net.0.weight"].shape[0] == 8 and b["config"]["width"] == 8
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert a["importance"]["seen"].sum() == 2 * 32 and torch.equal(a["importance"]["sq"],
+                                                                   b["importance"]["sq"])
+    learned = common.ImportanceT(n_bins=2, history=2)
+    learned.load_state_dict(b["importance"])
+    assert learned.probabilities()[0] != 0.5  # learned, not the even start
+    # what it cannot do is one line, and no run folder
+    expect_error("--importance weighs t by the linear schedule's bound: add --schedule linear",
+                 run_mnist, mnist_data, tmp_path / "c", "--importance")
+    for flag in ("--t-dist", "--t-mean"):
+        expect_error("--importance draws t itself: leave out --t-dist and --t-mean", run_mnist,
+                     mnist_data, tmp_path / "c", "--importance", "--schedule", "linear", flag,
+                     "tail" if flag == "--t-dist" else "0")
+    expect_error("--width 1000000 needs", run_mnist, mnist_data, tmp_path / "c", "--width",
+                 "1000000")
+    assert not (tmp_path / "c").exists()
+    model, _ = common.load_model(str(tmp_path / "b" / "ckpt.pt"), torch.device("cpu"))
+    assert model.out.weight.shape == (1, 8, 1, 1)  # the width the run was trained with
 
 def test_mnist_predicts_a_blend_resumes_samples_and_is_scored(evaluated, tmp_path, capsys):
     run, data = evaluated[:2]
@@ -2291,7 +2460,7 @@ def test_a_training_batch_that_cannot_fit_is_refused_before_any_step(mnist_data,
     # a full MNIST batch of 60,000 images needs more than this machine's 24 GiB
     assert common.step_memory(UNet(), 60_000) > 24 * 2**30
     monkeypatch.setattr(common, "free_memory", lambda device: 20 * per_image)  # 20 images' room
-    monkeypatch.setattr(mnist, "fm_loss", lambda *a: pytest.fail("a step was taken"))
+    monkeypatch.setattr(mnist, "fm_loss", lambda *a, **kw: pytest.fail("a step was taken"))
     expect_error(f"--batch-size 32 needs {32 * per_image / 2**30:.1f} GiB of memory", run_mnist,
                  mnist_data, tmp_path / "o", "--batch-size", "32", "--epochs", "1")
     assert not (tmp_path / "o" / "ckpt.pt").exists()
@@ -2350,9 +2519,9 @@ def test_a_diverging_run_stops_at_once_and_keeps_the_last_good_checkpoint(mnist_
     run_mnist(mnist_data, tmp_path / "late", "--epochs", "1")
     before = (tmp_path / "late" / "ckpt.pt").read_bytes()
     calls = {"n": 0}
-    def nan_later(*a):
+    def nan_later(*a, **kw):
         calls["n"] += 1
-        return fm_loss(*a) * (float("nan") if calls["n"] == 2 else 1)
+        return fm_loss(*a, **kw) * (float("nan") if calls["n"] == 2 else 1)
     monkeypatch.setattr(mnist, "fm_loss", nan_later)
     expect_error("the loss is nan at step 2 of epoch 2: the run diverged", run_mnist, mnist_data,
                  tmp_path / "late", "--epochs", "3", "--resume")
@@ -2446,14 +2615,15 @@ def test_a_kill_while_a_checkpoint_is_written_leaves_the_last_one_whole(mnist_da
 def test_a_checkpoint_older_than_a_setting_resumes_with_what_it_trained_with(both_data, tmp_path,
                                                                              script):
     # a run from before --t-dist, --t-mean, --warmup, --clip, --pairing (--sigma; --dequantize,
-    # --predict) trained with what common.OLDER says, not today's defaults; it resumes as the
-    # run that gave them explicitly
+    # --predict, --width, --importance) trained with what common.OLDER says, not today's
+    # defaults; it resumes as the run that gave them explicitly
     run = {"mnist": run_mnist, "translate": run_translate}[script]
     older = common.OLDER[f"{script}.py"]
     assert older == {"t_dist": "uniform", "t_mean": 0.0, "warmup": None, "clip": None,
                      "pairing": "random", "conditional": False, "label_drop": 0.1,
                      **({"sigma": 0.0} if script == "translate" else
-                        {"dequantize": False, "predict": "v"})}
+                        {"dequantize": False, "predict": "v", "width": 32,
+                         "importance": False})}
     flags = ["--t-dist", "uniform", "--t-mean", "0", "--pairing", "random",
              *(["--sigma", "0"] if script == "translate" else [])]  # (no warm-up, no clipping)
     run(both_data, tmp_path / "straight", "--epochs", "2", *flags)
@@ -2541,7 +2711,9 @@ DIFFERENCES = {  # dest: (mnist.py's default, translate.py's, why)
 # and each script's own settings: the likelihood of digits (evaluate.py --bpd) is mnist.py's;
 # noise on a Gaussian source would only change its variance
 MNIST_ONLY = {"dequantize": "each digit moved within its grey levels' bins",
-              "predict": "section 8's blend, made for the density of digits"}
+              "predict": "section 8's blend, made for the density of digits",
+              "width": "section 8's wider U-Net, a lever on the density of digits",
+              "importance": "section 8's t for the likelihood's bound"}
 TRANSLATE_ONLY = {"sigma": "Gaussian noise on the garments"}
 
 def settings(parser):
@@ -2576,8 +2748,8 @@ def test_reflow_takes_mnist_py_s_settings_but_for_its_own():
     m, r = settings(mnist.parser), settings(reflow.parser)
     assert r.keys() - m.keys() == {"teacher", "pairs"}
     assert m.keys() - r.keys() == {"data", "limit", "handout", "pairing", "dequantize", "predict",
-                                   "conditional", "label_drop", "guidance", "guidance_shape",
-                                   "digit"}
+                                   "width", "importance", "conditional", "label_drop",
+                                   "guidance", "guidance_shape", "digit"}
     own = {"schedule": "linear", "t_dist": "half-zero", "out": "out/mnist-reflow", "nfe": 20}
     for dest in r.keys() - {"teacher", "pairs", "help"}:
         assert r[dest][:5] == m[dest][:5], dest
