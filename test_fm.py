@@ -2168,6 +2168,22 @@ def test_evaluate_bpd_importance_weighted_over_dequantisations(evaluated, tmp_pa
         .item(), abs=1e-4)
     expect_error("--draws is for --bpd", run, out, "--draws", "2")
 
+def test_evaluate_bpd_gives_every_draw_of_a_digit_the_same_probe(evaluated, tmp_path,
+                                                                 monkeypatch):
+    # the field dx/dt = -x makes any probe exact, so the figures cannot show it: look at the
+    # probes log_likelihood is given, and the points
+    import evaluate
+    run = evaluated[0]
+    seen = []
+    def spy(model, x1, steps, probe=None, *rest):
+        seen.append((x1.clone(), probe.clone()))
+        return common.log_likelihood(model, x1, steps, probe, *rest)
+    monkeypatch.setattr(evaluate, "log_likelihood", spy)
+    run(linear_run(tmp_path / "run", -1.0), "--bpd", "--n", "3", "--steps", "4", "--draws", "3")
+    assert len(seen) == 6  # 3 draws at 2 and at 4 steps
+    assert all(torch.equal(probe, seen[0][1]) for _, probe in seen)
+    assert not torch.equal(seen[0][0], seen[1][0])  # three dequantisations, one probe
+
 def blend_of(field, sched):
     """The network a Blend needs to give `field`: F = beta x1_hat + (1 - beta) v, x1_hat the
     field's guess of x1."""
