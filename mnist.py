@@ -88,8 +88,8 @@ add("--predict", default="v", choices=["v", "blend"], help="what the U-Net's out
     "velocity v, or beta_t x1 + (1 - beta_t) v, the digit near the data (section 8's Blend; "
     "always float32)")
 add("--importance", action="store_true", help="instead of --t-dist (with --schedule linear): t "
-    "for the likelihood's bound, drawn in proportion to the root mean square of its weighted "
-    "terms, each loss weighted (section 8's ImportanceT)")
+    "for the diffusion bound of the likelihood, drawn in proportion to the root mean square of "
+    "its weighted terms, each loss weighted (section 8's ImportanceT)")
 add("--width", type=positive_int, default=32, help="the U-Net's channels in its first and last "
     "blocks, twice as many in the middle (the handout's: 32; section 8)")
 add("--conditional", action="store_true", help="learn each digit's class too (ten one-hot maps, "

@@ -2729,7 +2729,7 @@ DIFFERENCES = {  # dest: (mnist.py's default, translate.py's, why)
 MNIST_ONLY = {"dequantize": "each digit moved within its grey levels' bins",
               "predict": "section 8's blend, made for the density of digits",
               "width": "section 8's wider U-Net, a lever on the density of digits",
-              "importance": "section 8's t for the likelihood's bound"}
+              "importance": "section 8's t for the diffusion bound of the likelihood"}
 TRANSLATE_ONLY = {"sigma": "Gaussian noise on the garments"}
 
 def settings(parser):
