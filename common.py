@@ -187,6 +187,7 @@ def make_unet(conditional=False, predict="v", schedule="cosine", width=32):
 
 T_DISTS = ("uniform", "logit-normal", "u-shaped", "half-zero", "zero", "tail", "elbo")
 TAIL = 1e-3  # "tail": the smallest 1 - t it draws
+ELBO_Z = math.log(1 / TAIL) - (1 - TAIL)  # int_0^(1 - TAIL) t / (1 - t) dt: "elbo"'s normaliser
 
 def draw_t(n, dist="uniform", mean=0.0, device="cpu"):
     """n training times (n,) in [0, 1], by one of T_DISTS:
@@ -648,8 +649,7 @@ class ImportanceT:
         p = self.probabilities()
         k = torch.multinomial(p, n, replacement=True)
         t = 1 - TAIL ** ((k + torch.rand(n, dtype=torch.float64)) / len(p))
-        Z = math.log(1 / TAIL) - (1 - TAIL)
-        weight = t * math.log(1 / TAIL) / (len(p) * p[k] * Z)  # lambda / (Z q), q in t
+        weight = t * math.log(1 / TAIL) / (len(p) * p[k] * ELBO_Z)  # lambda / (Z q), q in t
         return t.float().to(device), weight.float().to(device)
 
     def weigh(self, t, weight, losses):
@@ -701,9 +701,7 @@ def bound_variance(model, x1, n_t=64, batch=256, t_mean=-0.5, generator=None):
     for k in range(n_t):
         b = x1[torch.randint(len(x1), (batch,), generator=generator)]
         x0 = torch.randn(b.shape, generator=generator).to(b)
-        tk = torch.full((batch,), float(t[k])).to(b)
-        a, bt, da, db = (s.view(-1, *[1] * (b.dim() - 1)) for s in linear(tk))
-        loss = (model(a * x0 + bt * b, tk).to(b) - (da * x0 + db * b)).pow(2).flatten(1).mean(1)
+        loss = fm_loss(model, x0, b, linear, torch.full((batch,), float(t[k])).to(b), reduce=False)
         m[k], m2[k] = loss.double().mean(), loss.double().pow(2).mean()
     lam = t / (1 - t)
     J = (lam * m * dt).sum()
@@ -725,7 +723,7 @@ def t_density(t, dist, mean=0.0):
     if dist == "tail":  # half U(0, 1), half 1 - t log-uniform in [TAIL, 1]
         return 0.5 + 0.5 / ((1 - t) * math.log(1 / TAIL))
     if dist == "elbo":  # t / (1 - t) / Z, Z = its integral over [0, 1 - TAIL]
-        return t / (1 - t) / (math.log(1 / TAIL) - (1 - TAIL))
+        return t / (1 - t) / ELBO_Z
     raise ValueError(f"no density for the distribution of t {dist!r}")
 
 # =============================================================================

@@ -485,9 +485,10 @@ def bits(args, model, device):
         die(f"--digits: MNIST's test images are 0 to {len(x) - 1}")
     index = torch.tensor(args.digits) if args.digits else \
         torch.arange(n) if args.first else bpd_order(len(x))[:n]
-    draws = [dequantize(x[index], g)]
-    probe = rademacher(draws[0].shape, g)  # one probe for all draws: its error moves them alike
-    draws += [dequantize(x[index], g) for _ in range(args.draws - 1)]
+    x = x[index]
+    draws = [dequantize(x, g)]
+    probe = rademacher(x.shape, g)  # one probe for all draws: its error moves them alike
+    draws += [dequantize(x, g) for _ in range(args.draws - 1)]
     d, t0, out = x[0].numel(), time.time(), {}
     for k in (steps // 2, steps):
         log_p = torch.stack([torch.cat([log_likelihood(model, xc.to(device), k, zc.to(device))
