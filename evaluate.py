@@ -37,6 +37,7 @@ holds the figures as name=value pairs:
 import argparse
 import csv
 import glob
+import hashlib
 import math
 import os
 import sys
@@ -93,7 +94,8 @@ add("--curve", action="store_true", help="run folder: quality against epochs ins
 add("--bpd", action="store_true", help="a run folder of digits: the model as a density instead: "
     "bits per dimension of N MNIST test images (--n, default 100) in a fixed random order "
     "(bpd_order; --n 10000: all), uniformly dequantised: the mean with its standard error, the "
-    "median, the digits above 4, the figure at half the steps; each digit's in RUN/bpd.csv")
+    "median, the digits above 4, the figure at half the steps; each digit's in RUN/bpd.csv. "
+    "Stopped, the same command goes on from RUN/bpd-part.pt (more than 100 images)")
 add("--first", action="store_true", help="with --bpd: the first N test images instead, those "
     "section 8's settings were chosen on")
 add("--digits", type=int, nargs="+", metavar="I", help="with --bpd: these test images instead "
@@ -463,6 +465,15 @@ def bpd_order(n_test=10000, chosen_on=100, seed=2026):
     return torch.cat([chosen_on + torch.randperm(n_test - chosen_on, generator=g),
                       torch.arange(chosen_on)])
 
+BPD_CHUNK = 100  # digits integrated at once; a --bpd of more keeps its figures after each
+
+def weights_digest(model):
+    """A fingerprint of a model's weights: an unfinished --bpd goes on only with the same."""
+    h = hashlib.sha256()
+    for v in model.state_dict().values():
+        h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
 def bits(args, model, device):
     """--bpd: N MNIST test images (--n, 100) in bpd_order's order (--first: the first N;
     --digits: those named), each dequantised (common.dequantize) and given one Rademacher
@@ -474,7 +485,12 @@ def bits(args, model, device):
     and the probes' together), beside the median and the digits above 4 bits per dimension (a
     hole in the density drags the mean far more than the median). With K > 1 also the bound
     importance-weighted over the draws, log mean_k p_k (common.weighted_bits). Each image's
-    figures go into RUN/bpd.csv. The last line begins with "bpd"."""
+    figures go into RUN/bpd.csv. The last line begins with "bpd".
+
+    The images go BPD_CHUNK at a time. With more than that, RUN/bpd-part.pt keeps the figures
+    after each chunk, with what they depend on (the images, --seed, --steps, --draws,
+    --clip-x1, the weights): the same command, stopped (Ctrl-C, a lost machine), goes on from
+    there, to the very figures of a run without a stop; done, the file goes."""
     n, steps = len(args.digits) if args.digits else args.n or 100, args.steps
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     g = torch.Generator().manual_seed(args.seed)
@@ -489,19 +505,49 @@ def bits(args, model, device):
     draws = [dequantize(x, g)]
     probe = rademacher(x.shape, g)  # one probe for all draws: its error moves them alike
     draws += [dequantize(x, g) for _ in range(args.draws - 1)]
-    d, t0, out = x[0].numel(), time.time(), {}
-    for k in (steps // 2, steps):
-        log_p = torch.stack([torch.cat([log_likelihood(model, xc.to(device), k, zc.to(device))
-                                        .cpu() for xc, zc in zip(xs.split(100), probe.split(100))])
-                             for xs in draws]).double()  # (K, n)
-        out[k] = bits_per_dim(log_p, d).mean(0)
-    b, seconds = out[steps], time.time() - t0
+    d, t0, c = x[0].numel(), time.time(), BPD_CHUNK
+    log_p = {k: torch.zeros(args.draws, n, dtype=torch.float64) for k in (steps // 2, steps)}
+    # plumbing: the figures so far of the same command, stopped
+    part, done, before = os.path.join(args.samples, "bpd-part.pt"), 0, 0.0
+    key = {"digits": index.tolist(), "seed": args.seed, "steps": steps, "draws": args.draws,
+           "clip_x1": bool(args.clip_x1), "weights": weights_digest(model)}
+    if n > c and os.path.exists(part):
+        kept = load_checkpoint(part)
+        if kept.get("key") != key:
+            die(f"{part} holds an unfinished --bpd of other images, settings or weights: go "
+                f"on with its own command, or delete it")
+        done, before = kept["done"], kept["seconds"]
+        for k in log_p:
+            log_p[k][:, :done] = kept["log_p"][k]
+        print(f"going on from {part}: {done} of {n} images scored")
+    try:
+        for j in range(done, n, c):
+            for k in log_p:  # half the steps, then all
+                for i, xs in enumerate(draws):
+                    log_p[k][i, j:j + c] = log_likelihood(model, xs[j:j + c].to(device), k,
+                                                          probe[j:j + c].to(device)).cpu()
+            done = min(j + c, n)
+            if done < n:
+                atomic_save({"key": key, "done": done, "seconds": before + time.time() - t0,
+                             "log_p": {k: v[:, :done].clone() for k, v in log_p.items()}}, part)
+    except KeyboardInterrupt:
+        if done == 0:
+            raise
+        print(f"{os.path.basename(sys.argv[0]) or 'evaluate.py'}: interrupted after {done} of "
+              f"{n} images; {part} keeps them: the same command goes on from there",
+              file=sys.stderr)
+        raise SystemExit(130)
+    out = {k: bits_per_dim(v, d).mean(0) for k, v in log_p.items()}
+    log_p = log_p[steps]
+    b, seconds = out[steps], before + time.time() - t0
     weighted = weighted_bits(log_p, d)
     write_csv([{"digit": i, "bpd": round(v, 4), "bpd_half_steps": round(h, 4),
                 **({"bpd_weighted": round(w, 4)} if args.draws > 1 else {})}
                for i, v, h, w in zip(index.tolist(), b.tolist(), out[steps // 2].tolist(),
                                      weighted.tolist())],
               os.path.join(args.samples, "bpd.csv"))
+    if n > c and os.path.exists(part):  # done: the figures are in bpd.csv
+        os.remove(part)
     holes = index[b > 4].tolist()
     print(f"{n} images{f' x {args.draws} dequantisations' * (args.draws > 1)}, {seconds:.0f} s"
           f"{', the guess of x1 clipped' * args.clip_x1}; bits per "

@@ -2185,6 +2185,60 @@ def test_evaluate_bpd_gives_every_draw_of_a_digit_the_same_probe(evaluated, tmp_
     assert all(torch.equal(probe, seen[0][1]) for _, probe in seen)
     assert not torch.equal(seen[0][0], seen[1][0])  # three dequantisations, one probe
 
+def test_evaluate_bpd_stopped_goes_on_to_the_figures_of_a_run_without_a_stop(
+        evaluated, tmp_path, monkeypatch, capsys):
+    # more images than BPD_CHUNK: RUN/bpd-part.pt keeps the figures after each chunk; the same
+    # command, stopped, integrates only the rest, with the same points and probes, and writes
+    # the very bpd.csv of a run without a stop
+    import evaluate
+    run = evaluated[0]
+    monkeypatch.setattr(evaluate, "BPD_CHUNK", 3)
+    flags = ["--bpd", "--n", "8", "--steps", "4", "--draws", "2"]
+    seen = []
+    def spy(model, x1, steps, probe=None, *rest):
+        seen.append((steps, x1.clone(), probe.clone()))
+        if len(seen) == stop_at:
+            raise KeyboardInterrupt
+        return common.log_likelihood(model, x1, steps, probe, *rest)
+    monkeypatch.setattr(evaluate, "log_likelihood", spy)
+    stop_at = None
+    whole = linear_run(tmp_path / "whole", -0.5)
+    r = run(whole, *flags)
+    everything, seen = seen, []
+    assert [len(x1) for _, x1, _ in everything] == [3] * 8 + [2] * 4  # 2 steps x 2 draws each
+    with open(os.path.join(whole, "bpd.csv")) as f:
+        expected = f.read()
+    assert not os.path.exists(os.path.join(whole, "bpd-part.pt"))
+    out = linear_run(tmp_path / "run", -0.5)
+    part = os.path.join(out, "bpd-part.pt")
+    stop_at = 6  # in the second chunk
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        run(out, *flags)
+    assert e.value.code == 130
+    assert "interrupted after 3 of 8 images; " in capsys.readouterr().err
+    assert torch.load(part, weights_only=True)["done"] == 3
+    # another command, or other weights, is told in one line, and the file is kept; a --bpd of
+    # one chunk leaves it alone
+    expect_error("holds an unfinished --bpd of other images, settings or weights", run, out,
+                 *flags[:-1], "3")
+    linear_run(tmp_path / "run", -1.0)
+    expect_error("holds an unfinished --bpd of other images", run, out, *flags)
+    linear_run(tmp_path / "run", -0.5)
+    stop_at, seen = None, []
+    run(out, "--bpd", "--n", "2", "--steps", "4")
+    assert os.path.exists(part)
+    seen = []
+    r2 = run(out, *flags)
+    assert "going on from" in capsys.readouterr().out
+    assert len(seen) == 8 and all(
+        s == s2 and torch.equal(x, x2) and torch.equal(z, z2)
+        for (s, x, z), (s2, x2, z2) in zip(seen, everything[4:]))
+    with open(os.path.join(out, "bpd.csv")) as f:
+        assert f.read() == expected
+    assert (r2["bpd"], r2["weighted"], r2["half"]) == (r["bpd"], r["weighted"], r["half"])
+    assert not os.path.exists(part)
+
 def blend_of(field, sched):
     """The network a Blend needs to give `field`: F = beta x1_hat + (1 - beta) v, x1_hat the
     field's guess of x1."""
