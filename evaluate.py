@@ -489,8 +489,9 @@ def bits(args, model, device):
 
     The images go BPD_CHUNK at a time. With more than that, RUN/bpd-part.pt keeps the figures
     after each chunk, with what they depend on (the images, --seed, --steps, --draws,
-    --clip-x1, the weights): the same command, stopped (Ctrl-C, a lost machine), goes on from
-    there, to the very figures of a run without a stop; done, the file goes."""
+    --clip-x1, the weights, the device's kind): the same command, stopped (Ctrl-C, a lost
+    machine), goes on from there, to the very figures of a run without a stop; done, the file
+    goes."""
     n, steps = len(args.digits) if args.digits else args.n or 100, args.steps
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     g = torch.Generator().manual_seed(args.seed)
@@ -510,12 +511,13 @@ def bits(args, model, device):
     # plumbing: the figures so far of the same command, stopped
     part, done, before = os.path.join(args.samples, "bpd-part.pt"), 0, 0.0
     key = {"digits": index.tolist(), "seed": args.seed, "steps": steps, "draws": args.draws,
-           "clip_x1": bool(args.clip_x1), "weights": weights_digest(model)}
+           "clip_x1": bool(args.clip_x1), "weights": weights_digest(model), "chunk": c,
+           "device": device.type}
     if n > c and os.path.exists(part):
         kept = load_checkpoint(part)
-        if kept.get("key") != key:
-            die(f"{part} holds an unfinished --bpd of other images, settings or weights: go "
-                f"on with its own command, or delete it")
+        if not isinstance(kept, dict) or kept.get("key") != key:
+            die(f"{part} holds an unfinished --bpd of other images, settings, weights or "
+                f"device: go on with its own command, or delete it")
         done, before = kept["done"], kept["seconds"]
         for k in log_p:
             log_p[k][:, :done] = kept["log_p"][k]
@@ -526,10 +528,12 @@ def bits(args, model, device):
                 for i, xs in enumerate(draws):
                     log_p[k][i, j:j + c] = log_likelihood(model, xs[j:j + c].to(device), k,
                                                           probe[j:j + c].to(device)).cpu()
-            done = min(j + c, n)
-            if done < n:
-                atomic_save({"key": key, "done": done, "seconds": before + time.time() - t0,
-                             "log_p": {k: v[:, :done].clone() for k, v in log_p.items()}}, part)
+            scored = min(j + c, n)
+            if scored < n:
+                atomic_save({"key": key, "done": scored, "seconds": before + time.time() - t0,
+                             "log_p": {k: v[:, :scored].clone() for k, v in log_p.items()}},
+                            part)
+            done = scored  # what the file holds
     except KeyboardInterrupt:
         if done == 0:
             raise

@@ -2211,17 +2211,29 @@ def test_evaluate_bpd_stopped_goes_on_to_the_figures_of_a_run_without_a_stop(
     assert not os.path.exists(os.path.join(whole, "bpd-part.pt"))
     out = linear_run(tmp_path / "run", -0.5)
     part = os.path.join(out, "bpd-part.pt")
-    stop_at = 6  # in the second chunk
+    # stopped while the first chunk's figures are being written: no file, and none claimed
+    real_save = evaluate.atomic_save
+    def stopped_save(obj, path):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(evaluate, "atomic_save", stopped_save)
+    with pytest.raises(KeyboardInterrupt):
+        run(out, *flags)
+    assert not os.path.exists(part) and "keeps them" not in capsys.readouterr().err
+    monkeypatch.setattr(evaluate, "atomic_save", real_save)
+    stop_at, seen = 6, []  # in the second chunk
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
         run(out, *flags)
     assert e.value.code == 130
     assert "interrupted after 3 of 8 images; " in capsys.readouterr().err
-    assert torch.load(part, weights_only=True)["done"] == 3
+    kept = torch.load(part, weights_only=True)
+    assert kept["done"] == 3
     # another command, or other weights, is told in one line, and the file is kept; a --bpd of
     # one chunk leaves it alone
-    expect_error("holds an unfinished --bpd of other images, settings or weights", run, out,
-                 *flags[:-1], "3")
+    for other in (["--draws", "3"], ["--steps", "6"], ["--seed", "1"], ["--clip-x1"],
+                  ["--first"]):
+        expect_error("holds an unfinished --bpd of other images, settings, weights or device",
+                     run, out, "--bpd", "--n", "8", "--steps", "4", "--draws", "2", *other)
     linear_run(tmp_path / "run", -1.0)
     expect_error("holds an unfinished --bpd of other images", run, out, *flags)
     linear_run(tmp_path / "run", -0.5)
@@ -2237,6 +2249,7 @@ def test_evaluate_bpd_stopped_goes_on_to_the_figures_of_a_run_without_a_stop(
     with open(os.path.join(out, "bpd.csv")) as f:
         assert f.read() == expected
     assert (r2["bpd"], r2["weighted"], r2["half"]) == (r["bpd"], r["weighted"], r["half"])
+    assert r2["seconds"] >= kept["seconds"]  # the time of the whole score, both parts
     assert not os.path.exists(part)
 
 def blend_of(field, sched):
