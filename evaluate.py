@@ -510,10 +510,10 @@ def bits(args, model, device):
     log_p = {k: torch.zeros(args.draws, n, dtype=torch.float64) for k in (steps // 2, steps)}
     # plumbing: the figures so far of the same command, stopped
     part, done, before = os.path.join(args.samples, "bpd-part.pt"), 0, 0.0
-    key = {"digits": index.tolist(), "seed": args.seed, "steps": steps, "draws": args.draws,
-           "clip_x1": bool(args.clip_x1), "weights": weights_digest(model), "chunk": c,
-           "device": device.type}
-    if n > c and os.path.exists(part):
+    key = n > c and {"digits": index.tolist(), "seed": args.seed, "steps": steps,
+                     "draws": args.draws, "clip_x1": bool(args.clip_x1), "chunk": c,
+                     "weights": weights_digest(model), "device": device.type}
+    if key and os.path.exists(part):
         kept = load_checkpoint(part)
         if not isinstance(kept, dict) or kept.get("key") != key:
             die(f"{part} holds an unfinished --bpd of other images, settings, weights or "
@@ -542,9 +542,8 @@ def bits(args, model, device):
               file=sys.stderr)
         raise SystemExit(130)
     out = {k: bits_per_dim(v, d).mean(0) for k, v in log_p.items()}
-    log_p = log_p[steps]
     b, seconds = out[steps], before + time.time() - t0
-    weighted = weighted_bits(log_p, d)
+    weighted = weighted_bits(log_p[steps], d)
     write_csv([{"digit": i, "bpd": round(v, 4), "bpd_half_steps": round(h, 4),
                 **({"bpd_weighted": round(w, 4)} if args.draws > 1 else {})}
                for i, v, h, w in zip(index.tolist(), b.tolist(), out[steps // 2].tolist(),
