@@ -1014,10 +1014,11 @@ def load_model(path, device, raw=False, script=None, hint=None):
 # settings newer than some checkpoints, by script: what a run saved before them trained with
 OLDER = {"mnist.py": {"t_dist": "uniform", "t_mean": 0.0, "warmup": None, "clip": None,
                       "pairing": "random", "conditional": False, "label_drop": 0.1,
-                      "dequantize": False, "predict": "v", "width": 32, "importance": False},
+                      "dequantize": False, "predict": "v", "width": 32, "importance": False,
+                      "cooldown": None},
          "translate.py": {"t_dist": "uniform", "t_mean": 0.0, "warmup": None, "clip": None,
                           "pairing": "random", "conditional": False, "label_drop": 0.1,
-                          "sigma": 0.0},
+                          "sigma": 0.0, "cooldown": None},
          "reflow.py": {}, "meanflow.py": {}}
 
 def resume(path, args, script):
@@ -1025,7 +1026,7 @@ def resume(path, args, script):
     where it predicts one) with the trained weights. The settings are the checkpoint's (with
     OLDER[script] for settings it predates; those the script no longer has left out), but
     --epochs, --out, --data, --device, --dtype, --nfe, --guidance and --guidance-shape as
-    given now. What cannot be resumed is one line."""
+    given now, and --cooldown where given. What cannot be resumed is one line."""
     ckpt = load_checkpoint(path)
     check_script(ckpt, path, script)
     if isinstance(ckpt, dict) and "config" in ckpt and "optimizer" not in ckpt:
@@ -1041,9 +1042,31 @@ def resume(path, args, script):
     mine = vars(args)
     given = {k: mine[k] for k in ("epochs", "out", "data", "device", "dtype", "resume", "nfe",
                                   "guidance", "guidance_shape") if k in mine}
+    if mine.get("cooldown") is not None:  # given now: it replaces the saved one
+        given["cooldown"] = mine["cooldown"]
     saved = {k: v for k, v in {**OLDER[script], **config}.items() if k in mine}
+    args = argparse.Namespace(**{**mine, **saved, **given})
+    if "cooldown" in mine:
+        check_cooldown(saved, args, ckpt["epoch"], path)
     print(f"resuming {path} after epoch {ckpt['epoch']}")
-    return ckpt, argparse.Namespace(**{**mine, **saved, **given}), model
+    return ckpt, args, model
+
+def check_cooldown(saved, args, done, path):
+    """A resumed run's --cooldown: within the run, and every epoch done trained at the rate
+    learning_rate gives it under the settings now (saved: the checkpoint's)."""
+    E, C, E0, C0 = args.epochs, args.cooldown, saved.get("epochs"), saved.get("cooldown")
+    if C and C > E:
+        die(f"--cooldown {C} is longer than the run's --epochs {E}")
+    if (E0, C0) == (E, C) or not (C or C0):
+        return
+    if C0 and done > E0 - C0:
+        die(f"{path} is in its cooldown (the last {C0} of {E0} epochs): resume it with "
+            f"--epochs {E0} --cooldown {C0}" if done < E0 else
+            f"{path} ended with its cooldown (the last {C0} of {E0} epochs): it cannot go on "
+            f"at the rate a longer run would have had; train another --out")
+    if C and done > E - C:
+        die(f"--cooldown {C} of --epochs {E} would have begun after epoch {E - C}, and {path} "
+            f"holds {done} epochs without it: ask for --epochs {done + C} or more")
 
 def restore_state(ckpt, opt, ema, device):
     """The rest of a resumed run's state, so that it goes on exactly: the optimiser's
@@ -1056,6 +1079,19 @@ def restore_state(ckpt, opt, ema, device):
     if device.type == "cuda" and ckpt["cuda_rng"]:
         torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
     return ckpt["epoch"]
+
+def learning_rate(n, lr, warmup, cooldown, epochs, batches):
+    """The learning rate of optimiser step n + 1 (n done) in a run of `epochs` epochs of
+    `batches` steps: rising linearly to lr over `warmup` steps, then lr, then over the last
+    `cooldown` epochs falling linearly towards 0 (the last step's is lr / (cooldown batches)).
+    A cooldown after a constant rate (the "warmup-stable-decay" schedule; Hägele et al. 2024,
+    "Scaling laws and compute-optimal training beyond fixed training durations") leaves the
+    epochs before it as they were, so a run without one can be cooled down from any of its
+    checkpoints: --resume --epochs E --cooldown C after E - C epochs or fewer."""
+    rate = lr * min(1, (n + 1) / warmup) if warmup else lr
+    if cooldown:
+        rate *= min(1, (epochs * batches - n) / (cooldown * batches))
+    return rate
 
 def check_loss(total, loss, step, epoch, lr):
     """A non-finite loss (total: the epoch's sum so far) stops the run before the optimiser

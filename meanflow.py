@@ -34,9 +34,9 @@ from common import SCHEDULES, get_schedule, update_ema
 from common import MeanFlowUNet, draw_interval, mean_flow_loss
 # plumbing, which a learner can skip
 from common import (Help, atomic_save, check_loss, check_memory, check_weights, decay, die,
-                    finite_float, fixed_noise, generate_mean, interrupted, load_images,
-                    load_model, make_dir, pick_device, positive_float, positive_int, probability,
-                    progress, restore_state, resume, save_grid, step_memory)
+                    finite_float, fixed_noise, generate_mean, interrupted, learning_rate,
+                    load_images, load_model, make_dir, pick_device, positive_float, positive_int,
+                    probability, progress, restore_state, resume, save_grid, step_memory)
 
 # -----------------------------------------------------------------------------
 # settings: mnist.py's recipe, with the intervals of mean flows
@@ -58,6 +58,8 @@ add("--norm-p", type=finite_float, default=1.0, help="each image's error weighte
     "+ 1e-3)^p (0: plain squared error)")
 add("--ema", type=decay, default=0.999, metavar="D", help="the weights' moving average (0: none)")
 add("--warmup", type=positive_int, metavar="N", help="the learning rate rises to --lr over N steps")
+add("--cooldown", type=positive_int, metavar="N", help="the last N epochs' learning rate falls "
+    "linearly towards 0; the epochs before are a run's without it (common.learning_rate)")
 add("--clip", type=positive_float, help="clip the norm of the gradient to this")
 add("--seed", type=int, default=0, help="seeds the training and the fixed sampling noise")
 # the run
@@ -66,7 +68,7 @@ add("--out", default="out/mnist-meanflow", help="output folder")
 add("--limit", type=positive_int, help="train on the first N images only (quick runs)")
 add("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")
 add("--resume", action="store_true", help="continue OUT/ckpt.pt with its settings, but --epochs, "
-    "--data, --device and --nfe as given here")
+    "--data, --device and --nfe as given here (--cooldown where given)")
 # sampling: the pictures of every epoch, and --sample
 add("--sample", type=positive_int, metavar="N", help="no training: N digits into OUT/samples.pt")
 add("--raw", action="store_true", help="with --sample: the trained weights, not their average")
@@ -78,6 +80,9 @@ def main(argv=None):
     device = pick_device(args.device)
     if args.sample:  # no training: draw from a trained run
         return draw(args, ckpt_path, device)
+
+    if args.cooldown and args.cooldown > args.epochs:
+        die(f"--cooldown {args.cooldown} is longer than the run's --epochs {args.epochs}")
 
     # -------------------------------------------------------------------------
     # set-up: a fresh network, or with --resume the one in OUT/ckpt.pt and its settings
@@ -127,8 +132,9 @@ def main(argv=None):
                 loss.backward()
                 if args.clip:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
-                if args.warmup:  # from the step count, so that a resumed run goes on exactly
-                    opt.param_groups[0]["lr"] = args.lr * min(1, (n + 1) / args.warmup)
+                if args.warmup or args.cooldown:  # from the step count: a resumed run is exact
+                    opt.param_groups[0]["lr"] = learning_rate(n, args.lr, args.warmup,
+                                                              args.cooldown, args.epochs, batches)
                 opt.step()
                 n += 1
                 if ema is not None:  # the decay warms up as (1 + n) / (10 + n): early weights fade

@@ -36,9 +36,9 @@ from common import GRIDS, SOLVERS, T_DISTS, draw_t, plan, time_grid
 # plumbing, which a learner can skip
 from common import (Help, atomic_save, autocast, check_loss, check_memory,
                     check_weights, decay, die, finite_float, fixed_noise, generate, interrupted,
-                    load_checkpoint, load_model, make_dir, nfe, pick_device, pick_dtype,
-                    positive_float, positive_int, progress, restore_state, resume, save_flow,
-                    save_grid, step_memory)
+                    learning_rate, load_checkpoint, load_model, make_dir, nfe, pick_device,
+                    pick_dtype, positive_float, positive_int, progress, restore_state, resume,
+                    save_flow, save_grid, step_memory)
 
 # -----------------------------------------------------------------------------
 # settings: mnist.py's recipe, with the student's own schedule and t, and the teacher's pairs
@@ -60,6 +60,8 @@ add("--t-dist", default="half-zero", choices=list(T_DISTS), help="how t is drawn
 add("--t-mean", type=finite_float, default=-0.5, help="logit-normal t: the normal's mean")
 add("--ema", type=decay, default=0.999, metavar="D", help="the weights' moving average (0: none)")
 add("--warmup", type=positive_int, metavar="N", help="the learning rate rises to --lr over N steps")
+add("--cooldown", type=positive_int, metavar="N", help="the last N epochs' learning rate falls "
+    "linearly towards 0; the epochs before are a run's without it (common.learning_rate)")
 add("--clip", type=positive_float, help="clip the norm of the gradient to this")
 add("--seed", type=int, default=0, help="seeds the training, the pairs' noise (+ 12345) and the "
     "fixed sampling noise")
@@ -69,7 +71,7 @@ add("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda
 add("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="auto: bf16 "
     "autocast on a CPU with native bf16 (AVX512-BF16 or AMX), else float32 (README, appendix E)")
 add("--resume", action="store_true", help="continue OUT/ckpt.pt with its settings and pairs, "
-    "but --epochs, --device, --dtype and --nfe as given here")
+    "but --epochs, --device, --dtype and --nfe as given here (--cooldown where given)")
 # sampling: the pictures of every epoch, and --sample
 add("--sample", type=positive_int, metavar="N", help="no training: N digits into OUT/samples.pt")
 add("--raw", action="store_true", help="with --sample: the trained weights, not their average")
@@ -93,6 +95,9 @@ def main(argv=None):
         die("reflow.py needs --teacher RUN, the trained run whose samples it learns")
     if args.teacher is not None:
         args.teacher = os.path.normpath(args.teacher)  # weights/x/ and weights/x: one teacher
+
+    if args.cooldown and args.cooldown > args.epochs:
+        die(f"--cooldown {args.cooldown} is longer than the run's --epochs {args.epochs}")
 
     # -------------------------------------------------------------------------
     # set-up: the student starts as the teacher (its sampling weights), or with --resume as
@@ -150,8 +155,9 @@ def main(argv=None):
                 loss.backward()
                 if args.clip:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
-                if args.warmup:  # from the step count, so that a resumed run goes on exactly
-                    opt.param_groups[0]["lr"] = args.lr * min(1, (n + 1) / args.warmup)
+                if args.warmup or args.cooldown:  # from the step count: a resumed run is exact
+                    opt.param_groups[0]["lr"] = learning_rate(n, args.lr, args.warmup,
+                                                              args.cooldown, args.epochs, batches)
                 opt.step()
                 n += 1
                 if ema is not None:  # the decay warms up as (1 + n) / (10 + n): early weights fade

@@ -4,6 +4,7 @@ each script end to end on small settings (MNIST-shaped data is written by the te
 files), each chapter, then the plumbing. Run:
     python -m pytest
 """
+import argparse
 import contextlib
 import csv
 import io
@@ -442,6 +443,60 @@ def test_warmup_clip_and_the_mean_of_t_follow_their_definitions(mnist_data, tmp_
     torch.manual_seed(0)
     t = common.draw_t(200_000, "logit-normal", 0.5)
     assert (t > 0.5).double().mean().item() == pytest.approx(0.6915, abs=0.003)
+
+def test_learning_rate_warms_up_holds_then_cools_down_linearly():
+    # 2 epochs of 4 steps, warmed up over 2 steps, the last epoch cooled down: steps 1 to 8
+    rate = [common.learning_rate(n, 0.1, 2, 1, 2, 4) for n in range(8)]
+    assert rate == pytest.approx([0.05, 0.1, 0.1, 0.1, 0.1, 0.075, 0.05, 0.025])
+    assert [common.learning_rate(n, 0.1, None, None, 2, 4) for n in range(8)] == [0.1] * 8
+
+@pytest.mark.parametrize("script", ["mnist", "translate"])
+def test_a_run_cooled_down_on_resume_is_the_run_cooled_down_from_the_start(both_data, tmp_path,
+                                                                           monkeypatch, script):
+    run = {"mnist": run_mnist, "translate": run_translate}[script]
+    seen = []
+    real_step = torch.optim.Adam.step
+    monkeypatch.setattr(torch.optim.Adam, "step", lambda self, *a, **k: seen.append(
+        self.param_groups[0]["lr"]) or real_step(self, *a, **k))
+    # 3 steps an epoch (48 digits, or 40 garments, in batches of 16), the last 2 epochs cooled
+    run(both_data, tmp_path / "a", "--epochs", "3", "--cooldown", "2", "--lr", "0.01")
+    assert seen == pytest.approx([0.01] * 4 + [0.01 * k / 6 for k in (5, 4, 3, 2, 1)])
+    fresh, seen[:] = seen[:], []
+    run(both_data, tmp_path / "b", "--epochs", "1", "--lr", "0.01")  # no cooldown asked
+    run(both_data, tmp_path / "b", "--epochs", "3", "--cooldown", "2", "--resume")
+    assert seen == fresh
+    a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in "ab")
+    assert b["config"]["cooldown"] == 2 and b["epoch"] == 3
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+        assert torch.equal(a["ema"][k], b["ema"][k]), k
+    # what would have trained its epochs done at another rate is one line
+    expect_error("ended with its cooldown (the last 2 of 3 epochs)", run, both_data,
+                 tmp_path / "a", "--epochs", "4", "--resume")
+    expect_error("is in its cooldown (the last 2 of 2 epochs): resume it with --epochs 2",
+                 lambda: common.check_cooldown({"epochs": 2, "cooldown": 2},
+                                               argparse.Namespace(epochs=3, cooldown=2), 1, "c"))
+    run(both_data, tmp_path / "d", "--epochs", "2")
+    expect_error("would have begun after epoch 1, and", run, both_data, tmp_path / "d",
+                 "--epochs", "3", "--cooldown", "2", "--resume")
+    expect_error("ask for --epochs 4 or more", run, both_data, tmp_path / "d",
+                 "--epochs", "3", "--cooldown", "2", "--resume")
+    expect_error("--cooldown 3 is longer than the run's --epochs 2", run, both_data,
+                 tmp_path / "e", "--epochs", "2", "--cooldown", "3")
+    assert not (tmp_path / "e").exists()
+
+def test_reflow_and_meanflow_cool_down_as_mnist_py_does(mnist_data, tmp_path, monkeypatch):
+    seen = []
+    real_step = torch.optim.Adam.step
+    monkeypatch.setattr(torch.optim.Adam, "step", lambda self, *a, **k: seen.append(
+        self.param_groups[0]["lr"]) or real_step(self, *a, **k))
+    run_meanflow(mnist_data, tmp_path / "mf", "--epochs", "2", "--cooldown", "1", "--lr", "0.01")
+    assert seen == pytest.approx([0.01] * 4 + [0.01 * 2 / 3, 0.01 / 3])  # 3 steps an epoch
+    run_mnist(mnist_data, tmp_path / "teacher", "--epochs", "1")
+    seen[:] = []
+    run_reflow(tmp_path / "student", "--teacher", str(tmp_path / "teacher"), "--pairs", "32",
+               "--epochs", "2", "--cooldown", "1", "--lr", "0.01")
+    assert seen == pytest.approx([0.01] * 3 + [0.005])  # 2 steps an epoch
 
 def test_ema_in_training_follows_its_warm_up_and_sampling_uses_it(mnist_data, tmp_path,
                                                                   monkeypatch):
@@ -2698,13 +2753,14 @@ def test_a_kill_while_a_checkpoint_is_written_leaves_the_last_one_whole(mnist_da
 @pytest.mark.parametrize("script", ["mnist", "translate"])
 def test_a_checkpoint_older_than_a_setting_resumes_with_what_it_trained_with(both_data, tmp_path,
                                                                              script):
-    # a run from before --t-dist, --t-mean, --warmup, --clip, --pairing (--sigma; --dequantize,
-    # --predict, --width, --importance) trained with what common.OLDER says, not today's
-    # defaults; it resumes as the run that gave them explicitly
+    # a run from before --t-dist, --t-mean, --warmup, --clip, --pairing, --cooldown (--sigma;
+    # --dequantize, --predict, --width, --importance) trained with what common.OLDER says, not
+    # today's defaults; it resumes as the run that gave them explicitly
     run = {"mnist": run_mnist, "translate": run_translate}[script]
     older = common.OLDER[f"{script}.py"]
     assert older == {"t_dist": "uniform", "t_mean": 0.0, "warmup": None, "clip": None,
                      "pairing": "random", "conditional": False, "label_drop": 0.1,
+                     "cooldown": None,
                      **({"sigma": 0.0} if script == "translate" else
                         {"dequantize": False, "predict": "v", "width": 32,
                          "importance": False})}
