@@ -1019,7 +1019,7 @@ OLDER = {"mnist.py": {"t_dist": "uniform", "t_mean": 0.0, "warmup": None, "clip"
          "translate.py": {"t_dist": "uniform", "t_mean": 0.0, "warmup": None, "clip": None,
                           "pairing": "random", "conditional": False, "label_drop": 0.1,
                           "sigma": 0.0, "cooldown": None},
-         "reflow.py": {}, "meanflow.py": {}}
+         "reflow.py": {"cooldown": None}, "meanflow.py": {"cooldown": None}}
 
 def resume(path, args, script):
     """--resume: returns the checkpoint at path, the run's settings and its U-Net (in a Blend
@@ -1056,7 +1056,7 @@ def check_cooldown(saved, args, done, path):
     learning_rate gives it under the settings now (saved: the checkpoint's)."""
     E, C, E0, C0 = args.epochs, args.cooldown, saved.get("epochs"), saved.get("cooldown")
     if C and C > E:
-        die(f"--cooldown {C} is longer than the run's --epochs {E}")
+        die(f"a cooldown of {C} epochs is longer than the run's {E}")
     if (E0, C0) == (E, C) or not (C or C0):
         return
     if C0 and done > E0 - C0:
@@ -1065,7 +1065,7 @@ def check_cooldown(saved, args, done, path):
             f"{path} ended with its cooldown (the last {C0} of {E0} epochs): it cannot go on "
             f"at the rate a longer run would have had; train another --out")
     if C and done > E - C:
-        die(f"--cooldown {C} of --epochs {E} would have begun after epoch {E - C}, and {path} "
+        die(f"a cooldown of {C} epochs in {E} would have begun after epoch {E - C}, and {path} "
             f"holds {done} epochs without it: ask for --epochs {done + C} or more")
 
 def restore_state(ckpt, opt, ema, device):
@@ -1086,8 +1086,8 @@ def learning_rate(n, lr, warmup, cooldown, epochs, batches):
     `cooldown` epochs falling linearly towards 0 (the last step's is lr / (cooldown batches)).
     A cooldown after a constant rate (the "warmup-stable-decay" schedule; Hägele et al. 2024,
     "Scaling laws and compute-optimal training beyond fixed training durations") leaves the
-    epochs before it as they were, so a run without one can be cooled down from any of its
-    checkpoints: --resume --epochs E --cooldown C after E - C epochs or fewer."""
+    epochs before it as they were, so a run without one can be cooled down from its checkpoint
+    OUT/ckpt.pt: --resume --epochs E --cooldown C after E - C epochs or fewer."""
     rate = lr * min(1, (n + 1) / warmup) if warmup else lr
     if cooldown:
         rate *= min(1, (epochs * batches - n) / (cooldown * batches))

@@ -473,14 +473,19 @@ def test_a_run_cooled_down_on_resume_is_the_run_cooled_down_from_the_start(both_
     # what would have trained its epochs done at another rate is one line
     expect_error("ended with its cooldown (the last 2 of 3 epochs)", run, both_data,
                  tmp_path / "a", "--epochs", "4", "--resume")
-    expect_error("is in its cooldown (the last 2 of 2 epochs): resume it with --epochs 2",
-                 lambda: common.check_cooldown({"epochs": 2, "cooldown": 2},
-                                               argparse.Namespace(epochs=3, cooldown=2), 1, "c"))
+    check = lambda saved, epochs, cooldown, done: common.check_cooldown(
+        saved, argparse.Namespace(epochs=epochs, cooldown=cooldown), done, "c")
+    expect_error("c is in its cooldown (the last 2 of 2 epochs): resume it with --epochs 2 "
+                 "--cooldown 2", check, {"epochs": 2, "cooldown": 2}, 3, 2, 1)
+    expect_error("a cooldown of 4 epochs is longer than the run's 3", check, {}, 3, 4, 0)
+    # what goes on as it began: in its cooldown with its own settings; before it, longer
+    assert check({"epochs": 3, "cooldown": 2}, 3, 2, 2) is None
+    assert check({"epochs": 10, "cooldown": 2}, 12, 2, 5) is None
     run(both_data, tmp_path / "d", "--epochs", "2")
-    expect_error("would have begun after epoch 1, and", run, both_data, tmp_path / "d",
-                 "--epochs", "3", "--cooldown", "2", "--resume")
-    expect_error("ask for --epochs 4 or more", run, both_data, tmp_path / "d",
-                 "--epochs", "3", "--cooldown", "2", "--resume")
+    expect_error(f"a cooldown of 2 epochs in 3 would have begun after epoch 1, and "
+                 f"{tmp_path / 'd' / 'ckpt.pt'} holds 2 epochs without it: ask for --epochs 4 or "
+                 f"more", run, both_data, tmp_path / "d", "--epochs", "3", "--cooldown", "2",
+                 "--resume")
     expect_error("--cooldown 3 is longer than the run's --epochs 2", run, both_data,
                  tmp_path / "e", "--epochs", "2", "--cooldown", "3")
     assert not (tmp_path / "e").exists()
