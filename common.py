@@ -1046,8 +1046,7 @@ def resume(path, args, script):
         given["cooldown"] = mine["cooldown"]
     saved = {k: v for k, v in {**OLDER[script], **config}.items() if k in mine}
     args = argparse.Namespace(**{**mine, **saved, **given})
-    if "cooldown" in mine:
-        check_cooldown(saved, args, ckpt["epoch"], path)
+    check_cooldown(saved, args, ckpt["epoch"], path)  # every script that resumes has --cooldown
     print(f"resuming {path} after epoch {ckpt['epoch']}")
     return ckpt, args, model
 
